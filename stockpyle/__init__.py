@@ -1,0 +1,76 @@
+"""stockpyle: layered, write-through object storage and caching.
+
+Declare which attributes identify your objects, then store them through a
+chain of layers -- thread-local memory, process memory, memcached, any shove
+backend, an SQL database -- and read them back through the fastest layer that
+has them::
+
+    from stockpyle import ChainedStore, ProcessMemoryStore
+
+    class Foo:
+        __stockpyle_keys__ = ["key"]
+        def __init__(self, key):
+            self.key = key
+
+    store = ChainedStore([ProcessMemoryStore()])
+    store.put(Foo("k1"))
+    assert store.get(Foo, {"key": "k1"}).key == "k1"
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from . import exceptions
+from .exceptions import (
+    ConfigurationError,
+    NonUniqueKeyError,
+    StockpyleError,
+    StoreError,
+    StoreUnavailableError,
+)
+from .storable import Storable
+from .stores.base import BaseDictionaryStore, BaseStore
+from .stores.chained import ChainedStore, MultiStore
+from .stores.memory import ProcessMemoryStore, ThreadLocalStore
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .stores.memcache import MemcacheStore
+    from .stores.shove import ShoveStore
+    from .stores.sqlalchemy import SqlAlchemyStore
+
+__version__ = "0.2.0.dev0"
+
+__all__ = [
+    "BaseDictionaryStore",
+    "BaseStore",
+    "ChainedStore",
+    "ConfigurationError",
+    "MemcacheStore",
+    "MultiStore",
+    "NonUniqueKeyError",
+    "ProcessMemoryStore",
+    "ShoveStore",
+    "SqlAlchemyStore",
+    "StockpyleError",
+    "Storable",
+    "StoreError",
+    "StoreUnavailableError",
+    "ThreadLocalStore",
+    "exceptions",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # backend stores live in modules that import optional drivers: load on first use
+    if name in ("MemcacheStore", "ShoveStore", "SqlAlchemyStore"):
+        from . import stores
+
+        value = getattr(stores, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

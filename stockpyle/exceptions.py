@@ -1,0 +1,121 @@
+"""The stockpyle exception tree.
+
+Every error stockpyle raises on purpose derives from :class:`StockpyleError`.
+Errors that describe misuse also derive from the matching built-in
+(``ValueError``, ``TypeError``, ``KeyError``), so existing ``except`` clauses
+keep working::
+
+    StockpyleError
+    ├── ConfigurationError (ValueError)       bad constructor arguments, empty chain
+    ├── KeyDeclarationError (TypeError)       malformed ``__stockpyle_keys__``
+    ├── NotStorableError (TypeError)          object/class without ``__stockpyle_keys__``
+    ├── MissingKeyAttributeError (AttributeError)  object lacks a declared key attribute
+    ├── UnsupportedKeyValueError (TypeError)  key value of a type that cannot be encoded
+    ├── UnknownKeyError (KeyError)            lookup dict matches no declared key
+    ├── NonUniqueKeyError                     a lookup matched more than one object
+    ├── StoreNotBoundError                    Storable class used before bind_store()
+    ├── SerializationError                    value could not be (de)serialized
+    │   └── SignatureError                    signed entry failed verification
+    └── StoreError                            a backend failed
+        ├── StoreUnavailableError             server down, refused, timed out
+        └── ValueTooLargeError (ValueError)   backend refused the value's size
+
+Driver exceptions (pymemcache, socket, SQLAlchemy) are mapped into this tree
+with ``raise ... from exc`` so the original is kept as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ConfigurationError",
+    "KeyDeclarationError",
+    "MissingKeyAttributeError",
+    "NonUniqueKeyError",
+    "NotStorableError",
+    "SerializationError",
+    "SignatureError",
+    "StockpyleError",
+    "StoreError",
+    "StoreNotBoundError",
+    "StoreUnavailableError",
+    "UnknownKeyError",
+    "UnsupportedKeyValueError",
+    "ValueTooLargeError",
+]
+
+
+class StockpyleError(Exception):
+    """Base class of every error raised by stockpyle."""
+
+
+class ConfigurationError(StockpyleError, ValueError):
+    """A store or helper was constructed or configured with invalid arguments."""
+
+
+class KeyDeclarationError(StockpyleError, TypeError):
+    """A class declares ``__stockpyle_keys__`` in a form stockpyle cannot use."""
+
+
+class NotStorableError(StockpyleError, TypeError):
+    """The object or class has no ``__stockpyle_keys__`` declaration."""
+
+
+class MissingKeyAttributeError(StockpyleError, AttributeError):
+    """An object lacks an attribute named in its class's ``__stockpyle_keys__``."""
+
+
+class UnsupportedKeyValueError(StockpyleError, TypeError):
+    """A key value has a type that has no canonical encoding."""
+
+
+class UnknownKeyError(StockpyleError, KeyError):
+    """A lookup dictionary does not match any key declared by the class."""
+
+    def __str__(self) -> str:
+        # KeyError.__str__ repr()s its argument; we want the readable message.
+        return str(self.args[0]) if self.args else ""
+
+
+class NonUniqueKeyError(StockpyleError):
+    """A lookup matched more than one stored object.
+
+    :param klass: the class that was queried.
+    :param key: the lookup dictionary that matched several rows.
+    """
+
+    def __init__(self, klass: type, key: Any, message: str | None = None) -> None:
+        self.klass = klass
+        self.key = key
+        if message is None:
+            name = getattr(klass, "__qualname__", repr(klass))
+            message = (
+                f"more than one {name} matches {key!r}; look it up by a key "
+                "declared unique in __stockpyle_keys__"
+            )
+        super().__init__(message)
+
+
+class StoreNotBoundError(StockpyleError):
+    """A :class:`~stockpyle.Storable` class was used before ``bind_store()``."""
+
+
+class SerializationError(StockpyleError):
+    """A value could not be serialized, or a stored entry could not be decoded."""
+
+
+class SignatureError(SerializationError):
+    """A signed entry failed verification (forged, corrupted or for another key)."""
+
+
+class StoreError(StockpyleError):
+    """A storage backend failed while carrying out an operation."""
+
+
+class StoreUnavailableError(StoreError):
+    """The backend could not be reached: refused, timed out, or connection lost."""
+
+
+class ValueTooLargeError(StoreError, ValueError):
+    """The backend refused a value because of its size."""

@@ -1,0 +1,253 @@
+"""In-process stores: :class:`ProcessMemoryStore` and :class:`ThreadLocalStore`.
+
+Both keep the objects themselves (not copies): a ``get`` returns the very
+instance that was ``put``.  Lifetimes are measured on the monotonic clock with
+sub-second precision; an expired object is never returned, and expired
+entries are reclaimed as writes happen (a heap ordered by expiry time), so
+entries that are never read again do not accumulate.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, TypeVar
+
+from ..exceptions import ConfigurationError
+from ..keys import _MODELS, Key, canonical_value, lookup_key, object_keys
+from ..lifetimes import LifetimeCallback
+from .base import BaseStore, KeyDict, MemoryTable, _check_storable
+
+__all__ = ["ProcessMemoryStore", "ThreadLocalStore"]
+
+T = TypeVar("T")
+_monotonic = time.monotonic
+
+
+def _check_maxsize(maxsize: Any) -> int | None:
+    if maxsize is None:
+        return None
+    if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+        raise ConfigurationError(f"maxsize must be a positive int (number of objects) or None; got {maxsize!r}")
+    return maxsize
+
+
+class _ExpiringTable(MemoryTable):
+    """A :class:`MemoryTable` that reclaims expired records as writes happen."""
+
+    __slots__ = ("heap", "_seq")
+
+    def __init__(self, maxsize: int | None) -> None:
+        super().__init__(maxsize, _monotonic)
+        self.heap: list[tuple[float, int, Any]] = []
+        self._seq = itertools.count()
+
+    def put(self, obj: object, keys: list[Key], expires: float | None) -> None:
+        super().put(obj, keys, expires)
+        if expires is not None:
+            rec = self.records.get(id(obj))
+            if rec is not None:
+                heapq.heappush(self.heap, (expires, next(self._seq), rec))
+        if self.heap and self.heap[0][0] <= _monotonic():
+            self.reclaim()
+
+    def reclaim(self) -> None:
+        now = _monotonic()
+        heap = self.heap
+        while heap and heap[0][0] <= now:
+            _, _, rec = heapq.heappop(heap)
+            if self.records.get(id(rec.obj)) is rec:
+                self.drop(rec)
+                self.expirations += 1
+
+    def clear(self) -> None:
+        super().clear()
+        self.heap.clear()
+
+
+def _lookup(klass: type, keydict: KeyDict) -> Key:
+    # The hit path of get() is the hottest code in stockpyle: this inlines the
+    # common case of lookup_key() (a single str-valued key of a known class).
+    model = _MODELS.get(klass)
+    if model is not None and len(keydict) == 1:
+        for name, value in keydict.items():
+            spec = model._by_names.get((name,))
+            if spec is not None:
+                return (klass, spec, value if type(value) is str else canonical_value(value))
+    return lookup_key(klass, keydict)
+
+
+class _InProcessStore(BaseStore):
+    """Shared write path of the two in-process stores."""
+
+    def __init__(
+        self,
+        *,
+        polymorphic: bool = False,
+        lifetime_cb: LifetimeCallback | None = None,
+        maxsize: int | None = None,
+    ) -> None:
+        super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb)
+        self.maxsize = _check_maxsize(maxsize)
+
+    def _locked_table(self) -> AbstractContextManager[_ExpiringTable]:
+        raise NotImplementedError
+
+    def _prepare(self, obj: object) -> tuple[object, list[Key], float | None]:
+        _check_storable(obj)
+        keys = object_keys(obj, self.polymorphic)
+        lifetimes = self.lifetimes
+        expires = None if lifetimes.trivial else lifetimes.expires_at(obj, _monotonic)
+        return obj, keys, expires
+
+    def _keys(self, obj: object) -> tuple[object, list[Key]]:
+        _check_storable(obj)
+        return obj, object_keys(obj, self.polymorphic)
+
+    def put(self, obj: object) -> None:
+        prepared = self._prepare(obj)
+        with self._locked_table() as table:
+            table.put(*prepared)
+
+    def batch_put(self, objs: Iterable[object]) -> None:
+        prepared = [self._prepare(obj) for obj in objs]
+        with self._locked_table() as table:
+            for item in prepared:
+                table.put(*item)
+
+    def delete(self, obj: object) -> None:
+        prepared = self._keys(obj)
+        with self._locked_table() as table:
+            table.delete(*prepared)
+
+    def batch_delete(self, objs: Iterable[object]) -> None:
+        prepared = [self._keys(obj) for obj in objs]
+        with self._locked_table() as table:
+            for item in prepared:
+                table.delete(*item)
+
+    def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
+        get = self.get
+        return [get(klass, kd) for kd in keydicts]
+
+    def clear(self) -> None:
+        """Remove every object (for ThreadLocalStore: of the calling thread)."""
+        with self._locked_table() as table:
+            table.clear()
+
+    def reclaim_expired(self) -> int:
+        """Remove expired objects now; returns how many were removed."""
+        with self._locked_table() as table:
+            before = table.expirations
+            table.reclaim()
+            return table.expirations - before
+
+    def release(self) -> None:
+        self.clear()
+
+
+class ProcessMemoryStore(_InProcessStore):
+    """A thread-safe store in this process's memory; the fastest layer.
+
+    :param polymorphic: also index objects under their storable base classes.
+    :param lifetime_cb: ``obj -> lifetime``; see :mod:`stockpyle.lifetimes`.
+    :param maxsize: keep at most this many objects, evicting the least
+        recently used; ``None`` (default) for no bound.
+    """
+
+    def __init__(
+        self,
+        *,
+        polymorphic: bool = False,
+        lifetime_cb: LifetimeCallback | None = None,
+        maxsize: int | None = None,
+    ) -> None:
+        super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb, maxsize=maxsize)
+        self._table = _ExpiringTable(self.maxsize)
+        self._index = self._table.index
+        self._lock = threading.RLock()
+
+    @contextmanager
+    def _locked_table(self) -> Iterator[_ExpiringTable]:
+        with self._lock:
+            yield self._table
+
+    def __len__(self) -> int:
+        """Number of objects stored (expired ones may be counted until reclaimed)."""
+        return len(self._table)
+
+    @property
+    def evictions(self) -> int:
+        """Objects evicted so far because of ``maxsize``."""
+        return self._table.evictions
+
+    def get(self, klass: type[T], keydict: KeyDict) -> T | None:
+        rec = self._index.get(_lookup(klass, keydict))
+        if rec is None:
+            return None
+        expires = rec.expires
+        if expires is not None and expires <= _monotonic():
+            with self._lock:
+                if self._table.index.get(rec.keys[0]) is rec:
+                    self._table.drop(rec)
+                    self._table.expirations += 1
+            return None
+        if self.maxsize is not None:
+            with self._lock:
+                self._table.touch(rec)
+        return rec.obj  # type: ignore[no-any-return]
+
+
+class ThreadLocalStore(_InProcessStore):
+    """A store whose contents are private to each thread.
+
+    Objects put by one thread are invisible to every other thread; a thread's
+    contents are freed when the thread ends.
+
+    :param polymorphic: also index objects under their storable base classes.
+    :param lifetime_cb: ``obj -> lifetime``; see :mod:`stockpyle.lifetimes`.
+    :param maxsize: per-thread bound on the number of objects (LRU), or ``None``.
+    """
+
+    def __init__(
+        self,
+        *,
+        polymorphic: bool = False,
+        lifetime_cb: LifetimeCallback | None = None,
+        maxsize: int | None = None,
+    ) -> None:
+        super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb, maxsize=maxsize)
+        # threading.local frees a thread's __dict__ (and so its table) when the thread ends
+        self._local = threading.local()
+
+    def _table(self) -> _ExpiringTable:
+        try:
+            return self._local.table  # type: ignore[no-any-return]
+        except AttributeError:
+            table = self._local.table = _ExpiringTable(self.maxsize)
+            return table
+
+    def _locked_table(self) -> AbstractContextManager[_ExpiringTable]:
+        # only the owning thread ever sees its table: no lock needed
+        return nullcontext(self._table())
+
+    def __len__(self) -> int:
+        """Number of objects stored for the calling thread."""
+        return len(self._table())
+
+    def get(self, klass: type[T], keydict: KeyDict) -> T | None:
+        table = self._table()
+        rec = table.index.get(_lookup(klass, keydict))
+        if rec is None:
+            return None
+        if rec.expires is not None and rec.expires <= _monotonic():
+            table.drop(rec)
+            table.expirations += 1
+            return None
+        if self.maxsize is not None:
+            table.touch(rec)
+        return rec.obj  # type: ignore[no-any-return]

@@ -1,0 +1,439 @@
+"""The store contract as a reusable pytest suite.
+
+Every stockpyle store -- and any third-party store -- proves it honours the
+contract by subclassing :class:`StoreContract` in a test module::
+
+    from stockpyle.testing import StoreContract
+
+    class TestMyStore(StoreContract):
+        def make_store(self, **options):
+            return MyStore(**options)
+
+``make_store`` receives the store options a test needs (``polymorphic=``,
+``lifetime_cb=``) and must return a store with an empty namespace of its own.
+Class attributes describe capabilities so the suite asks only what applies:
+
+* :attr:`~StoreContract.expires` -- the store honours lifetimes;
+* :attr:`~StoreContract.short_lifetime` / :attr:`~StoreContract.expiry_wait` --
+  how long the expiry tests let objects live and how long they wait (memcached
+  works in whole seconds);
+* :attr:`~StoreContract.type_faithful` -- ``123`` and ``"123"`` are different keys;
+* :attr:`~StoreContract.polymorphic_always` -- the store always answers
+  queries for a base class (SQL single-table inheritance does);
+* :attr:`~StoreContract.models` -- the classes stored (SQL stores supply mapped
+  versions with the same constructors and attributes);
+* :attr:`~StoreContract.hostile_values` -- awkward key strings that must round-trip.
+
+Requires pytest (``pip install stockpyle[test]``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pytest
+
+from .exceptions import (
+    MissingKeyAttributeError,
+    NotStorableError,
+    StockpyleError,
+    UnknownKeyError,
+    UnsupportedKeyValueError,
+)
+
+__all__ = [
+    "Automobile",
+    "Car",
+    "ContractModels",
+    "DEFAULT_MODELS",
+    "Falsy",
+    "HOSTILE_VALUES",
+    "Item",
+    "StoreContract",
+    "Truck",
+    "Unkeyed",
+]
+
+
+class _Plain:
+    """Equality by class and attributes, so copies from a backend compare equal."""
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+    def __repr__(self) -> str:
+        attrs = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()))
+        return f"{type(self).__name__}({attrs})"
+
+
+class Item(_Plain):
+    """Found by ``key`` and by the composite ``(zap, bar)``."""
+
+    __stockpyle_keys__: ClassVar[list[Any]] = ["key", ("zap", "bar")]
+
+    def __init__(self, key: Any, zap: Any, bar: Any, payload: Any = None) -> None:
+        self.key = key
+        self.zap = zap
+        self.bar = bar
+        self.payload = payload
+
+
+class Automobile(_Plain):
+    """A storable base class (for polymorphic storage)."""
+
+    __stockpyle_keys__: ClassVar[list[Any]] = ["license_plate"]
+
+    def __init__(self, license_plate: Any, color: Any = None) -> None:
+        self.license_plate = license_plate
+        self.color = color
+
+
+class Car(Automobile):
+    """Inherits its keys from :class:`Automobile`."""
+
+
+class Truck(Automobile):
+    """Inherits its keys from :class:`Automobile`."""
+
+
+class Falsy(_Plain):
+    """An object that is false in a boolean context; stores must still find it."""
+
+    __stockpyle_keys__: ClassVar[list[Any]] = ["key"]
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+
+    def __len__(self) -> int:
+        return 0
+
+    def __bool__(self) -> bool:
+        return False
+
+
+class Unkeyed:
+    """A class without ``__stockpyle_keys__``: no store may accept it."""
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+
+
+@dataclass(frozen=True)
+class ContractModels:
+    """The classes the contract stores; replace them with mapped classes for SQL stores."""
+
+    Item: type
+    Automobile: type
+    Car: type
+    Truck: type
+    Falsy: type
+
+
+DEFAULT_MODELS = ContractModels(Item=Item, Automobile=Automobile, Car=Car, Truck=Truck, Falsy=Falsy)
+
+#: Key strings that must round-trip through every store (or be refused with a
+#: clear error by a store that documents why).
+HOSTILE_VALUES: tuple[str, ...] = (
+    "with spaces in it",
+    "line\r\nbreak",
+    "nul\x00byte",
+    "x" * 10_000,
+    "unicod\u00e9 \u65e5\u672c \U0001f600",
+    "../../etc/passwd",
+    "/absolute/path",
+    "get foo\r\nset evil 0 0 1\r\nX\r\n",
+    "",
+)
+
+
+class StoreContract:
+    """Base class of a pytest test class that checks one store against the contract."""
+
+    expires: ClassVar[bool] = True
+    short_lifetime: ClassVar[float] = 0.3
+    expiry_wait: ClassVar[float] = 0.6
+    type_faithful: ClassVar[bool] = True
+    polymorphic_always: ClassVar[bool] = False
+    same_instance: ClassVar[bool] = False
+    models: ClassVar[ContractModels] = DEFAULT_MODELS
+    hostile_values: ClassVar[tuple[str, ...]] = HOSTILE_VALUES
+
+    _created: list[Any]
+
+    def make_store(self, **options: Any) -> Any:
+        """Return a fresh, empty store built with ``options``; subclasses implement this."""
+        raise NotImplementedError("StoreContract subclasses implement make_store(**options)")
+
+    @pytest.fixture(autouse=True)
+    def _release_stores(self) -> Iterator[None]:
+        self._created = []
+        yield
+        for store in reversed(self._created):
+            store.release()
+
+    def new_store(self, **options: Any) -> Any:
+        """Build a store with :meth:`make_store`; it is released after the test."""
+        store = self.make_store(**options)
+        self._created.append(store)
+        return store
+
+    @pytest.fixture
+    def store(self) -> Any:
+        return self.new_store()
+
+    # -- helpers ------------------------------------------------------------
+
+    def item(self, key: Any = "k1", zap: Any = 1, bar: Any = 2, payload: Any = "p") -> Any:
+        return self.models.Item(key, zap, bar, payload)
+
+    def assert_item(self, found: Any, key: Any, zap: Any, bar: Any, payload: Any) -> None:
+        assert found is not None, f"expected the item {key!r}, got a miss"
+        assert isinstance(found, self.models.Item)
+        assert (found.key, found.zap, found.bar, found.payload) == (key, zap, bar, payload)
+
+    def _lifetime_store(self, lifetime_cb: Callable[[Any], Any]) -> Any:
+        if not self.expires:
+            pytest.skip("this store does not expire objects")
+        return self.new_store(lifetime_cb=lifetime_cb)
+
+    # -- the six operations -------------------------------------------------
+
+    def test_put_then_get_by_primary_key(self, store: Any) -> None:
+        obj = self.item("k1", 10, 20, "payload")
+        store.put(obj)
+        found = store.get(self.models.Item, {"key": "k1"})
+        self.assert_item(found, "k1", 10, 20, "payload")
+        if self.same_instance:
+            assert found is obj
+
+    def test_get_of_absent_object_is_none(self, store: Any) -> None:
+        assert store.get(self.models.Item, {"key": "nowhere"}) is None
+        assert store.get(self.models.Item, {"zap": 404, "bar": 404}) is None
+
+    def test_alternate_and_composite_keys_find_the_same_object(self, store: Any) -> None:
+        store.put(self.item("k1", 2, 3, "x"))
+        by_key = store.get(self.models.Item, {"key": "k1"})
+        by_pair = store.get(self.models.Item, {"zap": 2, "bar": 3})
+        by_pair_reversed = store.get(self.models.Item, {"bar": 3, "zap": 2})
+        for found in (by_key, by_pair, by_pair_reversed):
+            self.assert_item(found, "k1", 2, 3, "x")
+        assert store.get(self.models.Item, {"zap": 3, "bar": 2}) is None
+
+    def test_put_replaces_the_previous_value(self, store: Any) -> None:
+        store.put(self.item("k1", 1, 2, "old"))
+        store.put(self.item("k1", 1, 2, "new"))
+        self.assert_item(store.get(self.models.Item, {"key": "k1"}), "k1", 1, 2, "new")
+        self.assert_item(store.get(self.models.Item, {"zap": 1, "bar": 2}), "k1", 1, 2, "new")
+
+    def test_delete_removes_every_key(self, store: Any) -> None:
+        obj = self.item("k1", 5, 6)
+        store.put(obj)
+        store.put(self.item("k2", 7, 8, "other"))
+        store.delete(obj)
+        assert store.get(self.models.Item, {"key": "k1"}) is None
+        assert store.get(self.models.Item, {"zap": 5, "bar": 6}) is None
+        self.assert_item(store.get(self.models.Item, {"key": "k2"}), "k2", 7, 8, "other")
+
+    def test_delete_of_absent_object_is_harmless(self, store: Any) -> None:
+        store.delete(self.item("never-stored", 1, 1))
+        store.batch_delete([self.item("never-1", 2, 2), self.item("never-2", 3, 3)])
+        assert store.get(self.models.Item, {"key": "never-stored"}) is None
+
+    def test_batches_keep_request_order_and_report_misses_as_none(self, store: Any) -> None:
+        objs = [self.item(f"k{i}", i, i * 10, f"p{i}") for i in range(5)]
+        store.batch_put(objs)
+        found = store.batch_get(
+            self.models.Item,
+            [{"key": "k3"}, {"key": "missing"}, {"zap": 1, "bar": 10}, {"key": "k0"}, {"key": "k3"}],
+        )
+        assert len(found) == 5
+        self.assert_item(found[0], "k3", 3, 30, "p3")
+        assert found[1] is None
+        self.assert_item(found[2], "k1", 1, 10, "p1")
+        self.assert_item(found[3], "k0", 0, 0, "p0")
+        self.assert_item(found[4], "k3", 3, 30, "p3")
+        store.batch_delete(objs[:3])
+        remaining = store.batch_get(self.models.Item, [{"key": f"k{i}"} for i in range(5)])
+        assert remaining[:3] == [None, None, None]
+        self.assert_item(remaining[3], "k3", 3, 30, "p3")
+        self.assert_item(remaining[4], "k4", 4, 40, "p4")
+
+    def test_empty_batches(self, store: Any) -> None:
+        store.batch_put([])
+        store.batch_delete([])
+        assert store.batch_get(self.models.Item, []) == []
+
+    def test_batch_get_of_only_misses(self, store: Any) -> None:
+        assert store.batch_get(self.models.Item, [{"key": "a"}, {"key": "b"}]) == [None, None]
+
+    def test_context_manager_returns_the_store(self) -> None:
+        store = self.new_store()
+        with store as entered:
+            assert entered is store
+            entered.put(self.item("ctx", 1, 1, "c"))
+            self.assert_item(entered.get(self.models.Item, {"key": "ctx"}), "ctx", 1, 1, "c")
+
+    # -- keys ---------------------------------------------------------------
+
+    def test_keys_are_type_faithful(self, store: Any) -> None:
+        if not self.type_faithful:
+            pytest.skip("this store compares keys with the database's type coercion")
+        store.put(self.item("123", 1, 2, "string key"))
+        assert store.get(self.models.Item, {"key": 123}) is None
+        self.assert_item(store.get(self.models.Item, {"key": "123"}), "123", 1, 2, "string key")
+        assert store.get(self.models.Item, {"zap": 1.0, "bar": 2}) is None
+        assert store.get(self.models.Item, {"zap": True, "bar": 2}) is None
+
+    def test_changed_key_attribute_removes_the_old_entry(self, store: Any) -> None:
+        obj = self.item("k1", 1, 2, "v")
+        store.put(obj)
+        obj.zap, obj.bar = 3, 4
+        store.put(obj)
+        assert store.get(self.models.Item, {"zap": 1, "bar": 2}) is None
+        self.assert_item(store.get(self.models.Item, {"zap": 3, "bar": 4}), "k1", 3, 4, "v")
+        self.assert_item(store.get(self.models.Item, {"key": "k1"}), "k1", 3, 4, "v")
+
+    def test_new_copy_of_an_object_replaces_all_its_old_keys(self, store: Any) -> None:
+        store.put(self.item("k1", 1, 2, "first"))
+        store.put(self.item("k1", 8, 9, "second"))
+        assert store.get(self.models.Item, {"zap": 1, "bar": 2}) is None
+        self.assert_item(store.get(self.models.Item, {"zap": 8, "bar": 9}), "k1", 8, 9, "second")
+        self.assert_item(store.get(self.models.Item, {"key": "k1"}), "k1", 8, 9, "second")
+
+    def test_hostile_key_strings_round_trip(self, store: Any) -> None:
+        objs = [self.item(value, i, -i, f"hostile-{i}") for i, value in enumerate(self.hostile_values)]
+        store.batch_put(objs)
+        for i, value in enumerate(self.hostile_values):
+            self.assert_item(store.get(self.models.Item, {"key": value}), value, i, -i, f"hostile-{i}")
+        store.put(self.item("plain", 999, 999, "untouched"))
+        store.batch_delete(objs)
+        assert store.batch_get(self.models.Item, [{"key": v} for v in self.hostile_values]) == [None] * len(objs)
+        self.assert_item(store.get(self.models.Item, {"key": "plain"}), "plain", 999, 999, "untouched")
+
+    def test_falsy_objects_are_hits(self, store: Any) -> None:
+        store.put(self.models.Falsy("f1"))
+        found = store.get(self.models.Falsy, {"key": "f1"})
+        assert found is not None
+        assert not found
+        assert found.key == "f1"
+        assert store.batch_get(self.models.Falsy, [{"key": "f1"}, {"key": "f2"}])[0] is not None
+
+    # -- polymorphism -------------------------------------------------------
+
+    def test_polymorphic_store_answers_for_base_classes(self) -> None:
+        store = self.new_store(polymorphic=True)
+        store.put(self.models.Car("1234 XYZ", "red"))
+        as_car = store.get(self.models.Car, {"license_plate": "1234 XYZ"})
+        as_automobile = store.get(self.models.Automobile, {"license_plate": "1234 XYZ"})
+        for found in (as_car, as_automobile):
+            assert isinstance(found, self.models.Car)
+            assert (found.license_plate, found.color) == ("1234 XYZ", "red")
+        assert store.get(self.models.Truck, {"license_plate": "1234 XYZ"}) is None
+        store.delete(as_car)
+        assert store.get(self.models.Automobile, {"license_plate": "1234 XYZ"}) is None
+        assert store.get(self.models.Car, {"license_plate": "1234 XYZ"}) is None
+
+    def test_plain_store_indexes_only_the_exact_class(self, store: Any) -> None:
+        store.put(self.models.Car("5678 ABC", "blue"))
+        found = store.get(self.models.Car, {"license_plate": "5678 ABC"})
+        assert isinstance(found, self.models.Car)
+        assert found.color == "blue"
+        if not self.polymorphic_always:
+            assert store.get(self.models.Automobile, {"license_plate": "5678 ABC"}) is None
+
+    # -- lifetimes ----------------------------------------------------------
+
+    def test_every_lifetime_form_expires(self) -> None:
+        short = self.short_lifetime
+        now = time.time()
+        forms: dict[str, Any] = {
+            "seconds": short if short != int(short) else int(short),
+            "timedelta": _dt.timedelta(seconds=short),
+            "naive-datetime": _dt.datetime.fromtimestamp(now + short),
+            "aware-datetime": _dt.datetime.fromtimestamp(now + short, _dt.timezone(_dt.timedelta(hours=5))),
+            "never-none": None,
+            "never-zero": 0,
+        }
+        store = self._lifetime_store(lambda obj: forms[obj.payload])
+        store.batch_put([self.item(name, i, i, name) for i, name in enumerate(forms)])
+        alive = store.batch_get(self.models.Item, [{"key": name} for name in forms])
+        assert [o.key if o is not None else None for o in alive] == list(forms)
+        time.sleep(self.expiry_wait)
+        after = {name: store.get(self.models.Item, {"key": name}) for name in forms}
+        for name in ("seconds", "timedelta", "naive-datetime", "aware-datetime"):
+            assert after[name] is None, f"lifetime form {name!r} did not expire"
+        for name in ("never-none", "never-zero"):
+            self.assert_item(after[name], name, list(forms).index(name), list(forms).index(name), name)
+
+    def test_already_expired_lifetime_stores_nothing(self) -> None:
+        store = self._lifetime_store(lambda obj: -1 if obj.payload == "dead" else None)
+        store.put(self.item("k1", 1, 1, "alive"))
+        store.put(self.item("k1", 1, 1, "dead"))
+        assert store.get(self.models.Item, {"key": "k1"}) is None
+        past = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=5)
+        store2 = self._lifetime_store(lambda obj: past)
+        store2.put(self.item("k2", 2, 2))
+        assert store2.get(self.models.Item, {"key": "k2"}) is None
+
+    def test_configure_sets_lifetime_per_class_and_callback_wins(self) -> None:
+        short = self.short_lifetime
+        store = self._lifetime_store(lambda obj: 0 if getattr(obj, "payload", None) == "forever" else None)
+        store.configure(classes=[self.models.Item], lifetime=short)
+        store.configure(classes=[self.models.Automobile], lifetime=short)
+        store.put(self.item("configured", 1, 1, "configured"))
+        store.put(self.item("forever", 2, 2, "forever"))
+        store.put(self.models.Car("CAR-1", "green"))  # inherits Automobile's lifetime
+        store.put(self.models.Falsy("unconfigured"))
+        time.sleep(self.expiry_wait)
+        assert store.get(self.models.Item, {"key": "configured"}) is None
+        self.assert_item(store.get(self.models.Item, {"key": "forever"}), "forever", 2, 2, "forever")
+        assert store.get(self.models.Car, {"license_plate": "CAR-1"}) is None
+        assert store.get(self.models.Falsy, {"key": "unconfigured"}) is not None
+
+    # -- bad input ----------------------------------------------------------
+
+    def test_unkeyed_objects_are_refused_and_nothing_is_written(self, store: Any) -> None:
+        good = self.item("good", 1, 1)
+        with pytest.raises(NotStorableError, match="__stockpyle_keys__"):
+            store.put(Unkeyed("x"))
+        with pytest.raises(NotStorableError):
+            store.batch_put([good, Unkeyed("y")])
+        assert store.get(self.models.Item, {"key": "good"}) is None
+        with pytest.raises(NotStorableError):
+            store.get(Unkeyed, {"key": "x"})
+
+    def test_object_missing_a_key_attribute_is_refused(self, store: Any) -> None:
+        broken = self.item("broken", 1, 1)
+        del broken.bar
+        with pytest.raises(MissingKeyAttributeError, match="bar"):
+            store.put(broken)
+        assert store.get(self.models.Item, {"key": "broken"}) is None
+        with pytest.raises(MissingKeyAttributeError):
+            store.batch_put([self.item("fine", 2, 2), broken])
+        assert store.get(self.models.Item, {"key": "fine"}) is None
+
+    def test_unsupported_key_values_are_refused(self, store: Any) -> None:
+        with pytest.raises(UnsupportedKeyValueError, match="not supported"):
+            store.get(self.models.Item, {"key": object()})
+        with pytest.raises(UnsupportedKeyValueError):
+            store.put(self.item(["a", "list"], 1, 1))
+        assert store.get(self.models.Item, {"zap": 1, "bar": 1}) is None
+
+    def test_unknown_key_names_are_a_clear_error(self, store: Any) -> None:
+        with pytest.raises(UnknownKeyError, match="nonexistent"):
+            store.get(self.models.Item, {"nonexistent": 1})
+        with pytest.raises(UnknownKeyError):
+            store.batch_get(self.models.Item, [{"key": "k"}, {"nonexistent": 1}])
+
+    def test_errors_belong_to_the_stockpyle_tree(self, store: Any) -> None:
+        with pytest.raises(StockpyleError):
+            store.put(Unkeyed("z"))
+        with pytest.raises(TypeError):  # also a TypeError for callers that expect one
+            store.put(Unkeyed("z"))

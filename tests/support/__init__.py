@@ -1,0 +1,1 @@
+"""Test support code: real service processes and connection settings."""
