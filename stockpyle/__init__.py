@@ -17,9 +17,7 @@ has them::
     assert store.get(Foo, {"key": "k1"}).key == "k1"
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
+import typing as _typing
 
 from . import exceptions
 from .exceptions import (
@@ -34,7 +32,7 @@ from .stores.base import BaseDictionaryStore, BaseStore
 from .stores.chained import ChainedStore, MultiStore
 from .stores.memory import ProcessMemoryStore, ThreadLocalStore
 
-if TYPE_CHECKING:  # pragma: no cover
+if _typing.TYPE_CHECKING:  # pragma: no cover
     from .stores.memcache import MemcacheStore
     from .stores.shove import ShoveStore
     from .stores.sqlalchemy import SqlAlchemyStore
@@ -61,7 +59,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     # backend stores live in modules that import optional drivers: load on first use
     if name in ("MemcacheStore", "ShoveStore", "SqlAlchemyStore"):
         from . import stores

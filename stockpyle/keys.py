@@ -171,7 +171,7 @@ def _encode_canonical(canon: Any) -> str:
     if canon is None:
         return "n"
     if cls is bytes:
-        return "y:" + canon.hex()
+        return f"y:{canon.hex()}"
     if cls is tuple:
         tag, inner = canon
         if tag == "t":
@@ -185,15 +185,15 @@ def _encode_canonical(canon: Any) -> str:
         if tag == "d":
             return "d:" + ("0" if inner == 0 else str(inner.normalize()))
         if tag == "dtz":
-            return "dtz:" + inner.astimezone(_UTC).replace(tzinfo=None).isoformat()
+            return f"dtz:{inner.astimezone(_UTC).replace(tzinfo=None).isoformat()}"
     if cls is uuid.UUID:
         return "u:" + str(canon)
     if cls is _dt.datetime:
-        return "dt:" + canon.isoformat()
+        return f"dt:{canon.isoformat()}"
     if cls is _dt.date:
-        return "da:" + canon.isoformat()
+        return f"da:{canon.isoformat()}"
     if cls is _dt.time:
-        return "t:" + _escape(canon.isoformat())
+        return f"t:{_escape(canon.isoformat())}"
     raise AssertionError(f"not a canonical key value: {canon!r}")  # pragma: no cover
 
 
@@ -413,5 +413,5 @@ def encode_key(key: Key) -> str:
     tagged with their type and escaped (see :func:`encode_value`).
     """
     klass, spec = key[0], key[1]
-    parts = [f"{name}={_encode_canonical(value)}" for name, value in zip(spec, key[2:])]
+    parts = [f"{name}={_encode_canonical(value)}" for name, value in zip(spec, key[2:], strict=True)]
     return f"{class_name(klass)}:{','.join(parts)}"

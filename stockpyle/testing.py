@@ -129,11 +129,11 @@ class Unkeyed:
 class ContractModels:
     """The classes the contract stores; replace them with mapped classes for SQL stores."""
 
-    Item: type
-    Automobile: type
-    Car: type
-    Truck: type
-    Falsy: type
+    Item: type[Any]
+    Automobile: type[Any]
+    Car: type[Any]
+    Truck: type[Any]
+    Falsy: type[Any]
 
 
 DEFAULT_MODELS = ContractModels(Item=Item, Automobile=Automobile, Car=Car, Truck=Truck, Falsy=Falsy)

@@ -56,5 +56,9 @@ class TestChainOfTwo(StoreContract):
 class TestChainOfThree(StoreContract):
     def make_store(self, **options: Any) -> Any:
         return ChainedStore(
-            [ThreadLocalStore(**options), ProcessMemoryStore(maxsize=500, **options), BaseDictionaryStore({}, **options)]
+            [
+                ThreadLocalStore(**options),
+                ProcessMemoryStore(maxsize=500, **options),
+                BaseDictionaryStore({}, **options),
+            ]
         )

@@ -248,7 +248,7 @@ class BaseDictionaryStore(BaseStore):
     :param string_keys: use canonical text keys instead of tuples.
     """
 
-    clock: Callable[[], float] = staticmethod(time.time)  # type: ignore[assignment]
+    clock: Callable[[], float] = staticmethod(time.time)
 
     def __init__(
         self,
@@ -259,8 +259,9 @@ class BaseDictionaryStore(BaseStore):
         string_keys: bool = False,
     ) -> None:
         super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb)
-        if not isinstance(mapping, MutableMapping) and not all(
-            hasattr(mapping, name) for name in ("__getitem__", "__setitem__", "__delitem__")
+        candidate: object = mapping
+        if not isinstance(candidate, MutableMapping) and not all(
+            hasattr(candidate, name) for name in ("__getitem__", "__setitem__", "__delitem__")
         ):
             raise ConfigurationError(f"BaseDictionaryStore needs a MutableMapping; got {type(mapping).__name__}")
         self.mapping = mapping
@@ -350,7 +351,7 @@ class BaseDictionaryStore(BaseStore):
 
     def get(self, klass: type[T], keydict: KeyDict) -> T | None:
         found = self._read(self.map_key(lookup_key(klass, keydict)))
-        return None if found is MISS else found  # type: ignore[no-any-return]
+        return None if found is MISS else found
 
     def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
         mkeys = [self.map_key(lookup_key(klass, kd)) for kd in keydicts]

@@ -207,7 +207,7 @@ class ChainedStore(BaseStore):
                 self._failed(index, "batch_get", exc)
                 continue
             still: list[int] = []
-            for position, obj in zip(missing, answers):
+            for position, obj in zip(missing, answers, strict=True):
                 if obj is None:
                     still.append(position)
                 else:

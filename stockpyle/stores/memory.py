@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from ..exceptions import ConfigurationError
 from ..keys import _MODELS, Key, canonical_value, lookup_key, object_keys
 from ..lifetimes import LifetimeCallback
-from .base import BaseStore, KeyDict, MemoryTable, _check_storable
+from .base import BaseStore, KeyDict, MemoryTable, _check_storable, _Record
 
 __all__ = ["ProcessMemoryStore", "ThreadLocalStore"]
 
@@ -43,15 +43,15 @@ class _ExpiringTable(MemoryTable):
 
     def __init__(self, maxsize: int | None) -> None:
         super().__init__(maxsize, _monotonic)
-        self.heap: list[tuple[float, int, Any]] = []
+        self.heap: list[tuple[float, int, _Record]] = []
         self._seq = itertools.count()
 
     def put(self, obj: object, keys: list[Key], expires: float | None) -> None:
         super().put(obj, keys, expires)
         if expires is not None:
-            rec = self.records.get(id(obj))
-            if rec is not None:
-                heapq.heappush(self.heap, (expires, next(self._seq), rec))
+            stored = self.records.get(id(obj))
+            if stored is not None:
+                heapq.heappush(self.heap, (expires, next(self._seq), stored))
         if self.heap and self.heap[0][0] <= _monotonic():
             self.reclaim()
 
@@ -59,7 +59,7 @@ class _ExpiringTable(MemoryTable):
         now = _monotonic()
         heap = self.heap
         while heap and heap[0][0] <= now:
-            _, _, rec = heapq.heappop(heap)
+            rec = heapq.heappop(heap)[2]
             if self.records.get(id(rec.obj)) is rec:
                 self.drop(rec)
                 self.expirations += 1
@@ -199,7 +199,7 @@ class ProcessMemoryStore(_InProcessStore):
         if self.maxsize is not None:
             with self._lock:
                 self._table.touch(rec)
-        return rec.obj  # type: ignore[no-any-return]
+        return rec.obj  # type: ignore[return-value]
 
 
 class ThreadLocalStore(_InProcessStore):
@@ -250,4 +250,4 @@ class ThreadLocalStore(_InProcessStore):
             return None
         if self.maxsize is not None:
             table.touch(rec)
-        return rec.obj  # type: ignore[no-any-return]
+        return rec.obj  # type: ignore[return-value]

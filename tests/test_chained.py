@@ -1,0 +1,295 @@
+"""ChainedStore's exact semantics: who is asked, what is back-filled, write order, failures."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import pytest
+
+from stockpyle import ChainedStore, MultiStore, ProcessMemoryStore, ThreadLocalStore
+from stockpyle.exceptions import (
+    ConfigurationError,
+    NotStorableError,
+    SerializationError,
+    StoreError,
+    StoreUnavailableError,
+)
+
+
+class Foo:
+    __stockpyle_keys__: ClassVar[list[Any]] = ["key", ("zap", "bar")]
+
+    def __init__(self, key: Any, zap: Any = None, bar: Any = 0, payload: Any = None) -> None:
+        # by default the composite key follows the primary key, so objects stay distinct
+        self.key, self.zap, self.bar, self.payload = key, key if zap is None else zap, bar, payload
+
+
+class Recording:
+    """A real store (process memory) that records every call made to it; duck-typed, no BaseStore."""
+
+    def __init__(self, name: str, log: list[tuple[str, str, Any]], **options: Any) -> None:
+        self.name = name
+        self.log = log
+        self.inner = ProcessMemoryStore(**options)
+        self.released = False
+
+    def _note(self, op: str, arg: Any) -> None:
+        self.log.append((self.name, op, arg))
+
+    def put(self, obj: Any) -> None:
+        self._note("put", obj.key)
+        self.inner.put(obj)
+
+    def get(self, klass: type, keydict: Any) -> Any:
+        self._note("get", dict(keydict))
+        return self.inner.get(klass, keydict)
+
+    def delete(self, obj: Any) -> None:
+        self._note("delete", obj.key)
+        self.inner.delete(obj)
+
+    def batch_put(self, objs: Any) -> None:
+        objs = list(objs)
+        self._note("batch_put", [o.key for o in objs])
+        self.inner.batch_put(objs)
+
+    def batch_get(self, klass: type, keydicts: Any) -> Any:
+        keydicts = list(keydicts)
+        self._note("batch_get", [dict(kd) for kd in keydicts])
+        return self.inner.batch_get(klass, keydicts)
+
+    def batch_delete(self, objs: Any) -> None:
+        objs = list(objs)
+        self._note("batch_delete", [o.key for o in objs])
+        self.inner.batch_delete(objs)
+
+    def release(self) -> None:
+        self.released = True
+
+
+class Broken(Recording):
+    """A cache whose backend is down: every operation fails like an unreachable server."""
+
+    def __init__(self, name: str, log: list[tuple[str, str, Any]], error: Exception | None = None) -> None:
+        super().__init__(name, log)
+        self.error = error or StoreUnavailableError("connection refused")
+
+    def _note(self, op: str, arg: Any) -> None:
+        super()._note(op, arg)
+        raise self.error
+
+
+@pytest.fixture
+def calls() -> list[tuple[str, str, Any]]:
+    return []
+
+
+def layers(calls: list[Any], *names: str) -> list[Recording]:
+    return [Recording(n, calls) for n in names]
+
+
+def test_multistore_is_chainedstore() -> None:
+    assert MultiStore is ChainedStore
+
+
+def test_empty_chain_and_non_stores_are_rejected() -> None:
+    with pytest.raises(ConfigurationError, match="at least one store"):
+        ChainedStore([])
+    with pytest.raises(ConfigurationError, match="lacks"):
+        ChainedStore([ProcessMemoryStore(), object()])
+    with pytest.raises(ConfigurationError, match="list of stores"):
+        ChainedStore(ProcessMemoryStore())  # type: ignore[arg-type]
+
+
+def test_get_asks_top_down_once_each_and_backfills_above_the_hit(calls: list[Any]) -> None:
+    l1, l2, l3 = layers(calls, "L1", "L2", "L3")
+    l3.inner.put(Foo("a", 1, 2))
+    chain = ChainedStore([l1, l2, l3])
+    found = chain.get(Foo, {"key": "a"})
+    assert found is not None and found.key == "a"
+    assert calls == [
+        ("L1", "get", {"key": "a"}),
+        ("L2", "get", {"key": "a"}),
+        ("L3", "get", {"key": "a"}),
+        ("L2", "put", "a"),
+        ("L1", "put", "a"),
+    ]
+    calls.clear()
+    assert chain.get(Foo, {"zap": 1, "bar": 2}) is found
+    assert calls == [("L1", "get", {"zap": 1, "bar": 2})]  # lower layers untouched
+
+
+def test_hit_in_middle_leaves_lower_layers_untouched(calls: list[Any]) -> None:
+    l1, l2, l3 = layers(calls, "L1", "L2", "L3")
+    l2.inner.put(Foo("m"))
+    ChainedStore([l1, l2, l3]).get(Foo, {"key": "m"})
+    assert [c[0] for c in calls] == ["L1", "L2", "L1"]
+
+
+def test_backfill_uses_each_layers_own_lifetime(calls: list[Any]) -> None:
+    fast = Recording("L1", calls, lifetime_cb=lambda o: 0.05)
+    slow = Recording("L2", calls)
+    slow.inner.put(Foo("t"))
+    chain = ChainedStore([fast, slow])
+    chain.get(Foo, {"key": "t"})
+    import time
+
+    time.sleep(0.1)
+    assert fast.inner.get(Foo, {"key": "t"}) is None  # expired in L1 by its own lifetime
+    assert slow.inner.get(Foo, {"key": "t"}) is not None
+
+
+def test_batch_get_asks_each_layer_only_for_what_is_missing(calls: list[Any]) -> None:
+    l1, l2, l3 = layers(calls, "L1", "L2", "L3")
+    l1.inner.put(Foo("a"))
+    l2.inner.put(Foo("b"))
+    l3.inner.batch_put([Foo("c"), Foo("d")])
+    chain = ChainedStore([l1, l2, l3])
+    got = chain.batch_get(Foo, [{"key": k} for k in ("a", "b", "c", "x", "d")])
+    assert [o.key if o else None for o in got] == ["a", "b", "c", None, "d"]
+    assert calls == [
+        ("L1", "batch_get", [{"key": k} for k in ("a", "b", "c", "x", "d")]),
+        ("L2", "batch_get", [{"key": k} for k in ("b", "c", "x", "d")]),
+        ("L3", "batch_get", [{"key": k} for k in ("c", "x", "d")]),
+        ("L2", "batch_put", ["c", "d"]),
+        ("L1", "batch_put", ["c", "d", "b"]),
+    ]
+
+
+def test_batch_get_stops_when_nothing_is_missing(calls: list[Any]) -> None:
+    l1, l2 = layers(calls, "L1", "L2")
+    l1.inner.batch_put([Foo("a"), Foo("b")])
+    ChainedStore([l1, l2]).batch_get(Foo, [{"key": "a"}, {"key": "b"}])
+    assert calls == [("L1", "batch_get", [{"key": "a"}, {"key": "b"}])]
+    calls.clear()
+    ChainedStore([l1, l2]).batch_get(Foo, [])
+    assert calls == []
+
+
+def test_writes_go_to_the_system_of_record_first(calls: list[Any]) -> None:
+    chain = ChainedStore(layers(calls, "L1", "L2", "L3"))
+    obj = Foo("w")
+    chain.put(obj)
+    chain.delete(obj)
+    chain.batch_put([Foo("x"), Foo("y")])
+    chain.batch_delete([Foo("x")])
+    assert calls == [
+        ("L3", "put", "w"), ("L2", "put", "w"), ("L1", "put", "w"),
+        ("L3", "delete", "w"), ("L2", "delete", "w"), ("L1", "delete", "w"),
+        ("L3", "batch_put", ["x", "y"]), ("L2", "batch_put", ["x", "y"]), ("L1", "batch_put", ["x", "y"]),
+        ("L3", "batch_delete", ["x"]), ("L2", "batch_delete", ["x"]), ("L1", "batch_delete", ["x"]),
+    ]  # fmt: skip
+
+
+def test_invalid_objects_are_refused_before_any_layer_is_written(calls: list[Any]) -> None:
+    chain = ChainedStore(layers(calls, "L1", "L2"))
+
+    class Unkeyed:
+        key = "u"
+
+    with pytest.raises(NotStorableError):
+        chain.put(Unkeyed())
+    with pytest.raises(NotStorableError):
+        chain.batch_put([Foo("ok"), Unkeyed()])
+    assert calls == []
+
+
+@pytest.mark.parametrize("error", [StoreUnavailableError("down"), StoreError("boom"), SerializationError("bad")])
+def test_failing_cache_is_a_miss_and_is_counted_and_logged(
+    calls: list[Any], error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = Broken("L1", calls, error)
+    (l2,) = layers(calls, "L2")
+    l2.inner.put(Foo("a"))
+    chain = ChainedStore([broken, l2])
+    with caplog.at_level(logging.WARNING, logger="stockpyle.chained"):
+        found = chain.get(Foo, {"key": "a"})
+        assert found is not None and found.key == "a"
+        assert [o.key for o in chain.batch_get(Foo, [{"key": "a"}])] == ["a"]  # type: ignore[union-attr]
+        chain.put(Foo("b"))  # the write reaches the system of record despite the cache
+        chain.delete(Foo("b"))
+    assert l2.inner.get(Foo, {"key": "b"}) is None
+    stats = chain.stats()
+    assert stats[0].errors >= 4
+    assert stats[1].hits == 2
+    assert "cache layer 0" in caplog.text and "failed" in caplog.text
+
+
+def test_errors_of_the_last_layer_propagate_and_caches_are_invalidated(calls: list[Any]) -> None:
+    l1 = Recording("L1", calls)
+    dead = Broken("L2", calls)
+    l1.inner.put(Foo("stale", payload="old"))
+    chain = ChainedStore([l1, dead])
+    with pytest.raises(StoreUnavailableError):
+        chain.put(Foo("stale", payload="new"))
+    # the system of record may or may not have the write: the cache must not keep the old value
+    assert l1.inner.get(Foo, {"key": "stale"}) is None
+    with pytest.raises(StoreUnavailableError):
+        chain.get(Foo, {"key": "anything"})
+
+
+def test_cache_write_failure_still_invalidates_that_cache(calls: list[Any]) -> None:
+    class WriteFails(Recording):
+        def put(self, obj: Any) -> None:
+            raise StoreUnavailableError("timeout")
+
+    cache = WriteFails("L1", calls)
+    cache.inner.put(Foo("k", payload="old"))
+    sor = Recording("L2", calls)
+    chain = ChainedStore([cache, sor])
+    chain.put(Foo("k", payload="new"))
+    assert sor.inner.get(Foo, {"key": "k"}).payload == "new"  # type: ignore[union-attr]
+    assert cache.inner.get(Foo, {"key": "k"}) is None  # old value invalidated
+    assert chain.get(Foo, {"key": "k"}).payload == "new"  # type: ignore[union-attr]
+
+
+def test_undeclared_lookup_skips_caches_that_cannot_answer_it() -> None:
+    class SearchableStore(ProcessMemoryStore):
+        """A system of record that can look objects up by any attribute."""
+
+        def get(self, klass: Any, keydict: Any) -> Any:
+            for rec in list(self._table.records.values()):
+                if all(getattr(rec.obj, k, object()) == v for k, v in keydict.items()):
+                    return rec.obj
+            return None
+
+    sor = SearchableStore()
+    sor.put(Foo("p", payload="by payload"))
+    cache = ProcessMemoryStore()
+    chain = ChainedStore([cache, sor])
+    found = chain.get(Foo, {"payload": "by payload"})
+    assert found is not None and found.key == "p"
+    assert cache.get(Foo, {"key": "p"}) is found  # back-filled under its declared keys
+
+
+def test_stats_count_hits_misses_backfills_and_reset() -> None:
+    l1, l2 = ProcessMemoryStore(), ProcessMemoryStore()
+    l2.put(Foo("s"))
+    chain = ChainedStore([l1, l2])
+    chain.get(Foo, {"key": "s"})
+    chain.get(Foo, {"key": "s"})
+    chain.get(Foo, {"key": "none"})
+    first, second = chain.stats()
+    assert (first.hits, first.misses, first.backfills) == (1, 2, 1)
+    assert (second.hits, second.misses) == (1, 1)
+    assert first.hit_ratio == pytest.approx(1 / 3)
+    as_dict = first.as_dict()
+    assert as_dict["hits"] == 1 and as_dict["hit_ratio"] == pytest.approx(1 / 3)
+    chain.reset_stats()
+    assert [(s.hits, s.misses, s.errors, s.backfills) for s in chain.stats()] == [(0, 0, 0, 0)] * 2
+
+
+def test_release_releases_every_layer(calls: list[Any]) -> None:
+    chain_layers = layers(calls, "L1", "L2")
+    with ChainedStore(chain_layers) as chain:
+        chain.put(Foo("r"))
+    assert all(layer.released for layer in chain_layers)
+
+
+def test_configure_reaches_every_layer() -> None:
+    l1, l2 = ThreadLocalStore(), ProcessMemoryStore()
+    chain = ChainedStore([l1, l2])
+    chain.configure(classes=[Foo], lifetime=60)
+    assert l1.lifetimes.lifetime_for(Foo("x")) == 60
+    assert l2.lifetimes.lifetime_for(Foo("x")) == 60

@@ -1,0 +1,81 @@
+"""The public surface: exported names, lazy backends, the exception tree."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import stockpyle
+import stockpyle.stores
+from stockpyle import exceptions
+from stockpyle.exceptions import NonUniqueKeyError, StockpyleError
+
+PUBLIC = {
+    "BaseDictionaryStore", "BaseStore", "ChainedStore", "ConfigurationError", "MemcacheStore", "MultiStore",
+    "NonUniqueKeyError", "ProcessMemoryStore", "ShoveStore", "SqlAlchemyStore", "StockpyleError", "Storable",
+    "StoreError", "StoreUnavailableError", "ThreadLocalStore", "exceptions",
+}  # fmt: skip
+STORES_PUBLIC = {
+    "BaseDictionaryStore", "BaseStore", "ChainedStore", "LayerStats", "MemcacheStore", "MultiStore",
+    "ProcessMemoryStore", "ShoveStore", "SqlAlchemyStore", "ThreadLocalStore",
+}  # fmt: skip
+
+
+def test_all_lists_exactly_the_public_names() -> None:
+    assert set(stockpyle.__all__) == PUBLIC
+    assert sorted(stockpyle.__all__) == stockpyle.__all__
+    assert set(stockpyle.stores.__all__) == STORES_PUBLIC
+    assert sorted(stockpyle.stores.__all__) == stockpyle.stores.__all__
+    public_modules = {n for n in vars(stockpyle) if not n.startswith("_")} - PUBLIC
+    # whatever else is visible at top level is a submodule, not an undeclared name
+    assert all(isinstance(getattr(stockpyle, n), type(stockpyle)) for n in public_modules), public_modules
+
+
+def test_exception_module_exports_its_whole_tree() -> None:
+    declared = {
+        name for name, value in vars(exceptions).items()
+        if isinstance(value, type) and issubclass(value, BaseException) and value.__module__ == exceptions.__name__
+    }  # fmt: skip
+    assert declared == set(exceptions.__all__)
+    for name in exceptions.__all__:
+        assert issubclass(getattr(exceptions, name), StockpyleError)
+        assert name in (exceptions.__doc__ or ""), f"{name} missing from the drawn tree"
+
+
+def test_non_unique_key_error_carries_class_and_key() -> None:
+    class Thing:
+        pass
+
+    err = NonUniqueKeyError(Thing, {"name": "x"})
+    assert err.klass is Thing
+    assert err.key == {"name": "x"}
+    assert "Thing" in str(err) and "'name': 'x'" in str(err)
+
+
+@pytest.mark.parametrize("name", ["Storable", "ChainedStore", "MultiStore", "ProcessMemoryStore", "ThreadLocalStore"])
+def test_top_level_imports(name: str) -> None:
+    assert getattr(stockpyle, name) is getattr(stockpyle.stores, name, getattr(stockpyle, name))
+
+
+def test_importing_stockpyle_never_imports_an_optional_backend() -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        import stockpyle, stockpyle.stores, stockpyle.keys, stockpyle.lifetimes, stockpyle.storable
+        optional = {'pymemcache', 'sqlalchemy', 'shove', 'stuf', 'redis', 'memcache', 'rich'}
+        loaded = sorted(m for m in sys.modules if m.split('.')[0] in optional)
+        print(','.join(loaded))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_unknown_attribute_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError):
+        _ = stockpyle.NoSuchStore  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        _ = stockpyle.stores.NoSuchStore  # type: ignore[attr-defined]
