@@ -10,7 +10,7 @@ alternate unique keys, each an attribute name or a tuple of attribute names
 Two representations of a key exist, and both are built here so no store
 re-implements them:
 
-* :data:`Key`, a hashable tuple ``(klass, names, value, ...)`` used as the
+* :data:`Key`, a hashable tuple ``(klass, key_id, value, ...)`` used as the
   identity of an entry inside one process (dictionary stores).  Values are
   canonicalised so that equality is *type-faithful*: ``123``, ``123.0``,
   ``True`` and ``"123"`` are four different keys even though Python considers
@@ -57,7 +57,9 @@ __all__ = [
 
 #: The sorted attribute names of one declared key, e.g. ``("bar", "zap")``.
 KeyNames: TypeAlias = tuple[str, ...]
-#: In-process identity of one entry: ``(klass, names, canonical values...)``.
+#: In-process identity of one entry: ``(klass, key_id, canonical values...)``
+#: where ``key_id`` is the attribute name of a single-attribute key and the
+#: sorted tuple of names of a composite key.
 Key: TypeAlias = tuple[Any, ...]
 #: A function that derives key declarations for classes without
 #: ``__stockpyle_keys__`` (for example SQLAlchemy mapped classes), or ``None``.
@@ -242,9 +244,12 @@ class KeyModel:
         self.klass = klass
         self.name = class_name(klass)
         self.specs = specs
-        self._by_names: dict[tuple[str, ...], KeyNames] = {}
+        # names as given in a lookup dict -> key id (the name of a single
+        # attribute key, the sorted names of a composite one); grows as new
+        # orderings of composite names are seen
+        self._by_names: dict[tuple[str, ...], str | KeyNames] = {}
         for spec in specs:
-            self._by_names[spec] = spec
+            self._by_names[spec] = _key_id(spec)
         self.bases: tuple[type, ...] = tuple(
             base for base in klass.__mro__ if base is klass or _declared_specs(base) is not None
         )
@@ -256,18 +261,18 @@ class KeyModel:
             self._base_models = tuple(key_model(b) for b in self.bases)
         return self._base_models
 
-    def spec_for(self, names: tuple[str, ...]) -> KeyNames:
-        """Return the declared key matching ``names`` (in any order).
+    def spec_for(self, names: tuple[str, ...]) -> str | KeyNames:
+        """Return the key id of the declared key matching ``names`` (in any order).
 
         :raises UnknownKeyError: when no declared key has exactly these names.
         """
-        spec = self._by_names.get(names)
-        if spec is not None:
-            return spec
+        key_id = self._by_names.get(names)
+        if key_id is not None:
+            return key_id
         wanted = tuple(sorted(names))
         if len(set(wanted)) == len(wanted) and wanted in self.specs:
-            self._by_names[names] = wanted
-            return wanted
+            key_id = self._by_names[names] = _key_id(wanted)
+            return key_id
         declared = ", ".join(_describe_spec(s) for s in self.specs)
         raise UnknownKeyError(
             f"{self.klass.__qualname__} has no key {_describe_spec(wanted)}; "
@@ -279,7 +284,7 @@ class KeyModel:
         klass = self.klass
         out: list[Key] = []
         for spec in self.specs:
-            values = [klass, spec]
+            values: list[Any] = [klass, _key_id(spec)]
             for name in spec:
                 try:
                     raw = getattr(obj, name)
@@ -295,6 +300,10 @@ class KeyModel:
 
     def __repr__(self) -> str:
         return f"<KeyModel {self.name} {list(self.specs)}>"
+
+
+def _key_id(spec: KeyNames) -> str | KeyNames:
+    return spec[0] if len(spec) == 1 else spec
 
 
 def _describe_spec(spec: Sequence[str]) -> str:
@@ -371,17 +380,17 @@ def lookup_key(klass: type, keydict: Mapping[str, Any]) -> Key:
     """
     model = _MODELS.get(klass) or key_model(klass)
     try:
-        spec = model._by_names[tuple(keydict)]
+        key_id = model._by_names[tuple(keydict)]
     except (KeyError, TypeError):
         if not isinstance(keydict, Mapping):
             raise TypeError(
                 f"a lookup must be a dict of key attribute values, e.g. {{'id': 1}}; got {_short_repr(keydict)}"
             ) from None
-        spec = model.spec_for(tuple(keydict))
-    if len(spec) == 1:
-        value = keydict[spec[0]]
-        return (klass, spec, value if type(value) is str else canonical_value(value))
-    return (klass, spec, *[canonical_value(keydict[name]) for name in spec])
+        key_id = model.spec_for(tuple(keydict))
+    if type(key_id) is str:
+        value = keydict[key_id]
+        return (klass, key_id, value if type(value) is str else canonical_value(value))
+    return (klass, key_id, *[canonical_value(keydict[name]) for name in key_id])
 
 
 def object_keys(obj: object, polymorphic: bool = False) -> list[Key]:
@@ -412,6 +421,7 @@ def encode_key(key: Key) -> str:
     ``"mymodule.Foo:bar=i:3,zap=i:2"``.  Attribute names are sorted; values are
     tagged with their type and escaped (see :func:`encode_value`).
     """
-    klass, spec = key[0], key[1]
-    parts = [f"{name}={_encode_canonical(value)}" for name, value in zip(spec, key[2:], strict=True)]
+    klass, key_id = key[0], key[1]
+    names = (key_id,) if type(key_id) is str else key_id
+    parts = [f"{name}={_encode_canonical(value)}" for name, value in zip(names, key[2:], strict=True)]
     return f"{class_name(klass)}:{','.join(parts)}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping, MutableMapping, Sequence
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -155,7 +156,7 @@ class MemoryTable:
     def __init__(self, maxsize: int | None, clock: Callable[[], float]) -> None:
         self.index: dict[Key, _Record] = {}
         # insertion/recency order doubles as the LRU order
-        self.records: dict[int, _Record] = {}
+        self.records: OrderedDict[int, _Record] = OrderedDict()
         self.maxsize = maxsize
         self.clock = clock
         self.evictions = 0
@@ -192,7 +193,7 @@ class MemoryTable:
         self.records[id(obj)] = rec
         if self.maxsize is not None:
             while len(self.records) > self.maxsize:
-                self.drop(next(iter(self.records.values())))
+                self.drop(self.records.popitem(last=False)[1])
                 self.evictions += 1
 
     def delete(self, obj: object, keys: list[Key]) -> None:
@@ -206,13 +207,15 @@ class MemoryTable:
                 self.drop(other)
 
     def touch(self, rec: _Record) -> None:
-        """Mark ``rec`` most recently used (bounded tables only)."""
-        records = self.records
-        oid = id(rec.obj)
-        if records.get(oid) is rec:
-            # dicts keep insertion order: re-inserting moves it to the end
-            del records[oid]
-            records[oid] = rec
+        """Mark ``rec`` most recently used (bounded tables only).
+
+        Safe without the store's lock: ``move_to_end`` is a single C-level
+        operation, and a record removed meanwhile simply is not found.
+        """
+        try:
+            self.records.move_to_end(id(rec.obj))
+        except KeyError:
+            pass
 
     def purge_expired(self) -> int:
         now = self.clock()
@@ -248,6 +251,8 @@ class BaseDictionaryStore(BaseStore):
     :param string_keys: use canonical text keys instead of tuples.
     """
 
+    #: The clock entries' expiry times are measured on: wall-clock unix time,
+    #: because a mapping may outlive the process (and be shared with others).
     clock: Callable[[], float] = staticmethod(time.time)
 
     def __init__(

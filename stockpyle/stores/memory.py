@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, TypeVar
 
 from ..exceptions import ConfigurationError
-from ..keys import _MODELS, Key, canonical_value, lookup_key, object_keys
+from ..keys import Key, lookup_key, object_keys
 from ..lifetimes import LifetimeCallback
 from .base import BaseStore, KeyDict, MemoryTable, _check_storable, _Record
 
@@ -67,18 +67,6 @@ class _ExpiringTable(MemoryTable):
     def clear(self) -> None:
         super().clear()
         self.heap.clear()
-
-
-def _lookup(klass: type, keydict: KeyDict) -> Key:
-    # The hit path of get() is the hottest code in stockpyle: this inlines the
-    # common case of lookup_key() (a single str-valued key of a known class).
-    model = _MODELS.get(klass)
-    if model is not None and len(keydict) == 1:
-        for name, value in keydict.items():
-            spec = model._by_names.get((name,))
-            if spec is not None:
-                return (klass, spec, value if type(value) is str else canonical_value(value))
-    return lookup_key(klass, keydict)
 
 
 class _InProcessStore(BaseStore):
@@ -170,6 +158,10 @@ class ProcessMemoryStore(_InProcessStore):
         self._table = _ExpiringTable(self.maxsize)
         self._index = self._table.index
         self._lock = threading.RLock()
+        # Lets a ChainedStore with this store on top probe the index itself on
+        # its hit path (records hold monotonic expiry times).  Bounded stores
+        # must record each use for LRU, so they do not offer it.
+        self._unbounded_index = self._index if self.maxsize is None else None
 
     @contextmanager
     def _locked_table(self) -> Iterator[_ExpiringTable]:
@@ -186,9 +178,20 @@ class ProcessMemoryStore(_InProcessStore):
         return self._table.evictions
 
     def get(self, klass: type[T], keydict: KeyDict) -> T | None:
-        rec = self._index.get(_lookup(klass, keydict))
+        # The hit path is the hottest code in stockpyle.  A single-attribute
+        # lookup with a str value is tried directly as (klass, name, value): only
+        # declared keys are ever stored, so a hit needs no validation; anything
+        # else, and every miss, goes through lookup_key(), which validates.
+        rec = None
+        if len(keydict) == 1:
+            (name,) = keydict
+            value = keydict[name]
+            if type(value) is str:
+                rec = self._index.get((klass, name, value))
         if rec is None:
-            return None
+            rec = self._index.get(lookup_key(klass, keydict))
+            if rec is None:
+                return None
         expires = rec.expires
         if expires is not None and expires <= _monotonic():
             with self._lock:
@@ -197,8 +200,7 @@ class ProcessMemoryStore(_InProcessStore):
                     self._table.expirations += 1
             return None
         if self.maxsize is not None:
-            with self._lock:
-                self._table.touch(rec)
+            self._table.touch(rec)
         return rec.obj  # type: ignore[return-value]
 
 
@@ -241,7 +243,7 @@ class ThreadLocalStore(_InProcessStore):
 
     def get(self, klass: type[T], keydict: KeyDict) -> T | None:
         table = self._table()
-        rec = table.index.get(_lookup(klass, keydict))
+        rec = table.index.get(lookup_key(klass, keydict))
         if rec is None:
             return None
         if rec.expires is not None and rec.expires <= _monotonic():
