@@ -149,11 +149,13 @@ def _canonical_subclass(value: Any) -> Any:
 # Characters escaped in the text form: the delimiters used by encode_key,
 # "%" itself, whitespace, control characters and path separators.  Everything
 # else (including non-ASCII letters) stays readable.
-_ESCAPE_RE: Final = re.compile(r"[\x00-\x20\x7f-\x9f%,=()|:/\\]")
+_ESCAPE_RE: Final = re.compile(r"[\x00-\x20\x7f-\x9f%,=()|:/\\\ud800-\udfff]")
 
 
 def _escape(text: str) -> str:
-    return _ESCAPE_RE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), text)
+    # lone surrogates (valid in a Python str, not in UTF-8) are escaped too, so
+    # the text form always encodes to UTF-8
+    return _ESCAPE_RE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode("utf-8", "surrogatepass")), text)
 
 
 def encode_value(value: Any) -> str:

@@ -202,7 +202,7 @@ def test_failing_cache_is_a_miss_and_is_counted_and_logged(
     broken = Broken("L1", calls, error)
     (l2,) = layers(calls, "L2")
     l2.inner.put(Foo("a"))
-    chain = ChainedStore([broken, l2])
+    chain = ChainedStore([broken, l2], failure_threshold=100)  # breaker: see the tests below
     with caplog.at_level(logging.WARNING, logger="stockpyle.chained"):
         found = chain.get(Foo, {"key": "a"})
         assert found is not None and found.key == "a"
@@ -293,3 +293,133 @@ def test_configure_reaches_every_layer() -> None:
     chain.configure(classes=[Foo], lifetime=60)
     assert l1.lifetimes.lifetime_for(Foo("x")) == 60
     assert l2.lifetimes.lifetime_for(Foo("x")) == 60
+
+
+class Flaky(Recording):
+    """A cache whose backend can be taken down and brought back."""
+
+    def __init__(self, name: str, log: list[tuple[str, str, Any]]) -> None:
+        super().__init__(name, log)
+        self.down = False
+
+    def _note(self, op: str, arg: Any) -> None:
+        super()._note(op, arg)
+        if self.down:
+            raise StoreUnavailableError("connection refused")
+
+
+def test_breaker_opens_after_threshold_and_skips_the_layer(calls: list[Any], caplog: pytest.LogCaptureFixture) -> None:
+    cache = Flaky("L1", calls)
+    (sor,) = layers(calls, "L2")
+    sor.inner.put(Foo("a"))
+    chain = ChainedStore([cache, sor], failure_threshold=2, cooldown=60)
+    cache.down = True
+    with caplog.at_level(logging.WARNING, logger="stockpyle.chained"):
+        for _ in range(5):
+            assert chain.get(Foo, {"key": "a"}).key == "a"  # type: ignore[union-attr]
+    calls_to_cache = [c for c in calls if c[0] == "L1"]
+    # the failing get and the failing back-fill after it open the breaker; then L1 is not called
+    assert [c[:2] for c in calls_to_cache] == [("L1", "get"), ("L1", "put")]
+    stats = chain.stats()[0]
+    assert stats.breaker_opens == 1
+    assert stats.skipped >= 3
+    assert "skipping it for 60.0s" in caplog.text
+
+
+def test_open_breaker_remembers_writes_and_invalidates_them_on_rejoin(calls: list[Any]) -> None:
+    import time
+
+    cache = Flaky("L1", calls)
+    (sor,) = layers(calls, "L2")
+    chain = ChainedStore([cache, sor], failure_threshold=1, cooldown=0.05)
+    stale = Foo("k", payload="old")
+    cache.inner.put(stale)  # the cache holds an old value...
+    cache.down = True
+    chain.put(Foo("k", payload="new"))  # ...and cannot hear about the new one
+    assert chain.stats()[0].breaker_opens == 1
+    assert chain.stats()[0].pending_invalidations == 1
+    cache.down = False  # the server comes back with its old contents (a partition, not a restart)
+    assert cache.inner.get(Foo, {"key": "k"}).payload == "old"  # type: ignore[union-attr]
+    time.sleep(0.06)
+    found = chain.get(Foo, {"key": "k"})
+    assert found is not None
+    assert found.payload == "new"  # the missed write was invalidated before the layer rejoined
+    assert cache.inner.get(Foo, {"key": "k"}).payload == "new"  # type: ignore[union-attr]
+    stats = chain.stats()[0]
+    assert stats.pending_invalidations == 0
+    assert ("L1", "batch_delete", ["k"]) in calls
+
+
+def test_probe_failure_keeps_the_breaker_open(calls: list[Any]) -> None:
+    import time
+
+    cache = Flaky("L1", calls)
+    (sor,) = layers(calls, "L2")
+    sor.inner.put(Foo("a"))
+    chain = ChainedStore([cache, sor], failure_threshold=1, cooldown=0.05)
+    cache.down = True
+    chain.get(Foo, {"key": "a"})
+    time.sleep(0.06)
+    calls.clear()
+    chain.get(Foo, {"key": "a"})  # half-open: one probe, which fails
+    assert [c[:2] for c in calls if c[0] == "L1"] == [("L1", "get")]
+    calls.clear()
+    chain.get(Foo, {"key": "a"})
+    assert [c for c in calls if c[0] == "L1"] == []  # open again: skipped
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"failure_threshold": 0}, "failure_threshold"),
+        ({"cooldown": -1}, "cooldown"),
+        ({"cooldown": "5"}, "cooldown"),
+        ({"max_pending_invalidations": None}, "max_pending_invalidations"),
+    ],
+)
+def test_breaker_settings_are_validated(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        ChainedStore([ProcessMemoryStore()], **kwargs)
+
+
+def test_backfill_never_replaces_a_newer_value() -> None:
+    """Reader misses and reads v1 below; a writer puts v2; the reader's back-fill must lose."""
+    import threading
+
+    class Gate(ProcessMemoryStore):
+        """The system of record, pausing a reader after it has read (a deterministic interleaving)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.read_done = threading.Event()
+            self.proceed = threading.Event()
+
+        def get(self, klass: Any, keydict: Any) -> Any:
+            found = super().get(klass, keydict)
+            if threading.current_thread().name == "reader":
+                self.read_done.set()
+                self.proceed.wait(5)
+            return found
+
+    for writer_action in ("put", "delete"):
+        l1, sor = ProcessMemoryStore(), Gate()
+        chain = ChainedStore([l1, sor])
+        sor.put(Foo("x", payload="v1"))
+        result: list[Any] = []
+        reader = threading.Thread(
+            target=lambda out=result, c=chain: out.append(c.get(Foo, {"key": "x"})), name="reader"
+        )
+        reader.start()
+        assert sor.read_done.wait(5)  # the reader holds v1 and has not back-filled yet
+        if writer_action == "put":
+            chain.put(Foo("x", payload="v2"))
+        else:
+            chain.delete(sor.get(Foo, {"key": "x"}))
+        sor.proceed.set()
+        reader.join(5)
+        assert result[0].payload == "v1"  # the reader returns what it read...
+        cached = l1.get(Foo, {"key": "x"})
+        if writer_action == "put":
+            assert cached is not None and cached.payload == "v2"  # ...but the cache keeps the newer value
+        else:
+            assert cached is None  # ...and does not resurrect the deleted object

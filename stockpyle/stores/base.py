@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import abc
+import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping, MutableMapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
-from ..exceptions import ConfigurationError, NotStorableError
+from ..exceptions import ConfigurationError, NotStorableError, SerializationError
 from ..keys import Key, encode_key, lookup_key, object_keys
 from ..lifetimes import LifetimeCallback, LifetimePolicy
 
 __all__ = ["MISS", "BaseDictionaryStore", "BaseStore", "KeyDict"]
+
+log = logging.getLogger("stockpyle.stores")
 
 T = TypeVar("T")
 KeyDict = Mapping[str, Any]
@@ -151,9 +155,12 @@ class MemoryTable:
     attributes changed.  Not thread-safe by itself.
     """
 
-    __slots__ = ("index", "records", "maxsize", "clock", "evictions", "expirations")
+    __slots__ = (
+        "index", "records", "maxsize", "clock", "evictions", "expirations",
+        "tombstones", "tombstone_lifetime", "_tombstone_purge_at",
+    )  # fmt: skip
 
-    def __init__(self, maxsize: int | None, clock: Callable[[], float]) -> None:
+    def __init__(self, maxsize: int | None, clock: Callable[[], float], tombstone_lifetime: float = 0.0) -> None:
         self.index: dict[Key, _Record] = {}
         # insertion/recency order doubles as the LRU order
         self.records: OrderedDict[int, _Record] = OrderedDict()
@@ -161,6 +168,11 @@ class MemoryTable:
         self.clock = clock
         self.evictions = 0
         self.expirations = 0
+        # key -> clock time until which add() must not fill that key: a
+        # back-fill racing a delete would otherwise resurrect the object
+        self.tombstones: dict[Key, float] = {}
+        self.tombstone_lifetime = tombstone_lifetime
+        self._tombstone_purge_at = 1024
 
     def __len__(self) -> int:
         return len(self.records)
@@ -175,6 +187,9 @@ class MemoryTable:
                 del index[key]
 
     def put(self, obj: object, keys: list[Key], expires: float | None) -> None:
+        if self.tombstones:
+            for key in keys:
+                self.tombstones.pop(key, None)
         old = self.records.get(id(obj))
         if old is not None:
             self.drop(old)
@@ -205,6 +220,32 @@ class MemoryTable:
             other = index.get(key)
             if other is not None:
                 self.drop(other)
+        if self.tombstone_lifetime:
+            until = self.clock() + self.tombstone_lifetime
+            tombstones = self.tombstones
+            for key in keys:
+                tombstones[key] = until
+            if len(tombstones) > self._tombstone_purge_at:
+                now = self.clock()
+                for key in [k for k, t in tombstones.items() if t <= now]:
+                    del tombstones[key]
+                self._tombstone_purge_at = max(1024, 2 * len(tombstones))
+
+    def add(self, obj: object, keys: list[Key], expires: float | None) -> bool:
+        """Put ``obj`` only if none of its keys holds a live object or a tombstone.
+
+        :returns: whether the object was stored.
+        """
+        now = self.clock()
+        index, tombstones = self.index, self.tombstones
+        for key in keys:
+            rec = index.get(key)
+            if rec is not None and (rec.expires is None or rec.expires > now):
+                return False
+            if tombstones and tombstones.get(key, 0.0) > now:
+                return False
+        self.put(obj, keys, expires)
+        return True
 
     def touch(self, rec: _Record) -> None:
         """Mark ``rec`` most recently used (bounded tables only).
@@ -228,6 +269,7 @@ class MemoryTable:
     def clear(self) -> None:
         self.index.clear()
         self.records.clear()
+        self.tombstones.clear()
 
 
 # ----------------------------------------------------------------------------
@@ -244,8 +286,14 @@ class BaseDictionaryStore(BaseStore):
 
     Mapping keys are the in-process :data:`~stockpyle.keys.Key` tuples unless
     ``string_keys=True``, which uses :func:`~stockpyle.keys.encode_key` text
-    (needed for mappings that persist or pickle their keys).  Subclasses may
-    override :meth:`map_key` for another key form.
+    (needed for mappings that persist or pickle their keys).
+
+    Subclasses adapt it to a backend by overriding a few hooks rather than the
+    operations: :meth:`map_key` (key form), :meth:`_make_entry`,
+    :meth:`_entry_keys` and :meth:`_load` (entry form and decoding),
+    :meth:`_owns` (a check that a read entry really belongs to the key),
+    :meth:`_check_value` (validation before anything is written) and the
+    :meth:`_reading` / :meth:`_writing` guards (locking, error mapping, sync).
 
     :param mapping: the mapping that holds the entries.
     :param string_keys: use canonical text keys instead of tuples.
@@ -273,74 +321,125 @@ class BaseDictionaryStore(BaseStore):
         self.string_keys = string_keys
         self._lock = threading.RLock()
 
+    # -- hooks ----------------------------------------------------------------
+
     def map_key(self, key: Key) -> Hashable:
         """The mapping key used for one stockpyle key."""
         return encode_key(key) if self.string_keys else key
+
+    def _make_entry(self, obj: object, expires: float | None, mkeys: tuple[Hashable, ...]) -> Any:
+        """The value stored under each of an object's mapping keys."""
+        return (obj, expires, mkeys)
+
+    def _entry_keys(self, entry: Any) -> Iterable[Hashable]:
+        """The mapping keys the object of a stored entry occupies."""
+        return entry[2]  # type: ignore[no-any-return]
+
+    def _load(self, mkey: Hashable) -> Any:
+        """The entry at ``mkey`` (a tuple whose first two items are the object and its expiry), or :data:`MISS`."""
+        try:
+            return self.mapping[mkey]
+        except KeyError:
+            return MISS
+
+    def _owns(self, key: Key, obj: object) -> bool:
+        """Whether ``obj``, read under ``key``, really is stored under that key."""
+        return True
+
+    def _check_value(self, obj: object, expires: float | None) -> None:
+        """Refuse, before anything is written, an object the mapping could not hold."""
+
+    def _reading(self) -> AbstractContextManager[Any]:
+        """Guard around one read (no lock by default: mappings read atomically)."""
+        return nullcontext()
+
+    def _writing(self, action: str) -> AbstractContextManager[Any]:
+        """Guard around one write operation."""
+        return self._lock
+
+    # -- shared machinery -----------------------------------------------------
 
     def _expires(self, obj: object) -> float | None:
         if self.lifetimes.trivial:
             return None
         return self.lifetimes.expires_at(obj, self.clock)
 
-    def _read(self, mkey: Hashable) -> Any:
-        try:
-            entry = self.mapping[mkey]
-        except KeyError:
-            return MISS
-        obj, expires, _keys = entry
-        if expires is not None and expires <= self.clock():
-            self._discard(mkey, entry)
-            return MISS
-        return obj
+    def _read(self, key: Key) -> Any:
+        mkey = self.map_key(key)
+        with self._reading():
+            entry = self._load(mkey)
+            if entry is MISS:
+                return MISS
+            obj, expires = entry[0], entry[1]
+            if expires is not None and expires <= self.clock():
+                self._discard(mkey)
+                return MISS
+        return obj if self._owns(key, obj) else MISS
 
-    def _discard(self, mkey: Hashable, entry: Any) -> None:
-        with self._lock:
+    def _discard(self, mkey: Hashable) -> None:
+        # remove an expired entry unless a put replaced it meanwhile; compare
+        # expiry times, not objects: backends return fresh copies, and user
+        # objects need not define __eq__
+        with self._writing("remove an expired entry"):
             try:
-                if self.mapping[mkey] is entry or self.mapping[mkey] == entry:
-                    del self.mapping[mkey]
-            except KeyError:
-                pass
-            except Exception:  # noqa: BLE001 - objects with odd __eq__: just remove
-                self.mapping.pop(mkey, None)
+                current = self._load(mkey)
+            except SerializationError:
+                return
+            if current is not MISS and current[1] is not None and current[1] <= self.clock():
+                self._remove(mkey)
+
+    def _remove(self, mkey: Hashable) -> None:
+        # del, not pop(): pop() reads (and may have to decode) the value first
+        try:
+            del self.mapping[mkey]
+        except KeyError:
+            pass
 
     def _stale_keys(self, mkeys: Sequence[Hashable]) -> set[Hashable]:
         stale: set[Hashable] = set()
         for mkey in mkeys:
             try:
-                entry = self.mapping[mkey]
-            except KeyError:
+                entry = self._load(mkey)
+            except SerializationError as exc:
+                # it is being overwritten or removed anyway
+                log.warning("stockpyle: ignoring an undecodable entry while replacing it: %s", exc)
                 continue
-            stale.update(entry[2])
+            if entry is not MISS:
+                stale.update(self._entry_keys(entry))
         return stale
+
+    def _mapping_keys(self, obj: object) -> tuple[Hashable, ...]:
+        _check_storable(obj)
+        return tuple(dict.fromkeys(self.map_key(k) for k in object_keys(obj, self.polymorphic)))
 
     def _put_many(self, objs: Iterable[object]) -> None:
         prepared = []
         for obj in objs:
-            _check_storable(obj)
-            mkeys = tuple(self.map_key(k) for k in object_keys(obj, self.polymorphic))
-            prepared.append((obj, mkeys, self._expires(obj)))
-        with self._lock:
+            mkeys = self._mapping_keys(obj)
+            expires = self._expires(obj)
+            self._check_value(obj, expires)
+            prepared.append((obj, mkeys, expires))
+        with self._writing("write"):
             now = self.clock()
             for obj, mkeys, expires in prepared:
                 for mkey in self._stale_keys(mkeys).difference(mkeys):
-                    self.mapping.pop(mkey, None)
+                    self._remove(mkey)
                 if expires is not None and expires <= now:
                     for mkey in mkeys:
-                        self.mapping.pop(mkey, None)
+                        self._remove(mkey)
                     continue
-                entry = (obj, expires, mkeys)
+                entry = self._make_entry(obj, expires, mkeys)
                 for mkey in mkeys:
                     self.mapping[mkey] = entry
 
     def _delete_many(self, objs: Iterable[object]) -> None:
-        prepared = []
-        for obj in objs:
-            _check_storable(obj)
-            prepared.append(tuple(self.map_key(k) for k in object_keys(obj, self.polymorphic)))
-        with self._lock:
+        prepared = [self._mapping_keys(obj) for obj in objs]
+        with self._writing("delete"):
             for mkeys in prepared:
                 for mkey in self._stale_keys(mkeys).union(mkeys):
-                    self.mapping.pop(mkey, None)
+                    self._remove(mkey)
+
+    # -- the operations -------------------------------------------------------
 
     def put(self, obj: object) -> None:
         self._put_many((obj,))
@@ -355,14 +454,14 @@ class BaseDictionaryStore(BaseStore):
         self._delete_many(list(objs))
 
     def get(self, klass: type[T], keydict: KeyDict) -> T | None:
-        found = self._read(self.map_key(lookup_key(klass, keydict)))
+        found = self._read(lookup_key(klass, keydict))
         return None if found is MISS else found
 
     def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
-        mkeys = [self.map_key(lookup_key(klass, kd)) for kd in keydicts]
+        keys = [lookup_key(klass, kd) for kd in keydicts]
         out: list[T | None] = []
-        for mkey in mkeys:
-            found = self._read(mkey)
+        for key in keys:
+            found = self._read(key)
             out.append(None if found is MISS else found)
         return out
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
@@ -25,6 +26,9 @@ _OPERATIONS = ("put", "get", "delete", "batch_put", "batch_get", "batch_delete")
 #: in the caller and propagates.
 _CACHE_FAILURES = (StoreError, SerializationError)
 
+#: Sentinel returned by :meth:`ChainedStore._call` when a layer was skipped or failed.
+_FAILED: Any = object()
+
 
 @dataclass
 class LayerStats:
@@ -35,6 +39,10 @@ class LayerStats:
     :ivar errors: operations on it that failed and were absorbed (cache
         layers only; the last layer's errors propagate).
     :ivar backfills: objects written into it because a lower layer had them.
+    :ivar skipped: operations not sent to it because its circuit breaker was open.
+    :ivar breaker_opens: how many times its circuit breaker opened.
+    :ivar pending_invalidations: objects written while it was unreachable,
+        to be invalidated in it when it rejoins.
     """
 
     store: Any
@@ -42,6 +50,9 @@ class LayerStats:
     misses: int = 0
     errors: int = 0
     backfills: int = 0
+    skipped: int = 0
+    breaker_opens: int = 0
+    pending_invalidations: int = 0
 
     @property
     def hit_ratio(self) -> float:
@@ -57,38 +68,93 @@ class LayerStats:
         return out
 
     def reset(self) -> None:
-        """Set the counters back to zero."""
-        self.hits = self.misses = self.errors = self.backfills = 0
+        """Set the counters back to zero (pending invalidations are kept: they are state)."""
+        self.hits = self.misses = self.errors = self.backfills = self.skipped = self.breaker_opens = 0
+
+
+class _Breaker:
+    """Circuit breaker of one cache layer.
+
+    Closed: calls go through.  After ``threshold`` consecutive failures it
+    opens for ``cooldown`` seconds, during which the layer is skipped (reads
+    are misses, writes are remembered as pending invalidations).  The first
+    call after the cool-down probes the layer (half-open); success closes the
+    breaker, after the pending invalidations have been applied, and failure
+    opens it again.
+    """
+
+    __slots__ = ("threshold", "cooldown", "failures", "open_until", "pending", "overflowed", "lock", "max_pending")
+
+    def __init__(self, threshold: int, cooldown: float, max_pending: int) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.failures = 0
+        self.open_until = 0.0  # 0.0: closed
+        self.pending: list[Any] = []
+        self.overflowed = False
+        self.max_pending = max_pending
+        self.lock = threading.Lock()
+
+    def remember(self, objs: Iterable[Any]) -> None:
+        with self.lock:
+            for obj in objs:
+                if len(self.pending) >= self.max_pending:
+                    self.overflowed = True
+                    return
+                self.pending.append(obj)
 
 
 class ChainedStore(BaseStore):
     """Layers of stores used as a write-through cache, fastest first.
 
     * ``get`` asks the layers top-down; the first hit wins and every layer
-      above it is back-filled with its own ``put`` (and so its own lifetime).
-      Layers below the hit are not touched.
+      above it is back-filled (and so gets its own lifetime).  Layers below the
+      hit are not touched.
     * ``batch_get`` asks each layer once, for only the keys still missing, and
-      back-fills the layers above with one ``batch_put`` each.
+      back-fills the layers above with one call each.
     * ``put``/``delete`` and their batch forms go to the last layer (the
       system of record) first, then up through the caches, so the caches hold
       what the database assigned (generated keys, defaults).
+    * Back-fills use a layer's ``batch_add`` when it has one: an add-only
+      write that never replaces a newer value or resurrects a deleted object
+      (deletes leave short tombstones); otherwise ``batch_put``.
 
     A cache layer (every layer but the last) that fails with a
     :class:`~stockpyle.exceptions.StoreError` is treated as a miss for reads;
-    for writes the chain tries to invalidate the object in that layer, logs the
-    failure, counts it in :meth:`stats`, and carries on.  Errors of the last
-    layer propagate: the caller must know when the system of record failed.
-    When the last layer fails a write, the object is also invalidated in the
-    caches, so no cache is left holding data the system of record lacks.
+    for writes the chain tries to invalidate the object in that layer, logs
+    the failure, counts it in :meth:`stats`, and carries on.  After
+    ``failure_threshold`` consecutive failures the layer's circuit breaker
+    opens: for ``cooldown`` seconds the layer is skipped instead of making
+    every request wait for a timeout, and the objects written meanwhile are
+    remembered; the next call after the cool-down probes the layer, and when
+    it answers, those objects are invalidated in it before it rejoins.
+
+    Errors of the last layer propagate: the caller must know when the system
+    of record failed.  When the last layer fails a write, the object is also
+    invalidated in the caches, so no cache is left holding data the system of
+    record lacks.
 
     :param stores: the layers, fastest first; any objects with the six store
         operations (they need not subclass :class:`BaseStore`).
-    :raises ConfigurationError: for an empty chain or a layer that is not a store.
+    :param failure_threshold: consecutive failures that open a layer's breaker.
+    :param cooldown: seconds an open breaker skips its layer before probing it.
+    :param max_pending_invalidations: objects remembered per layer while its
+        breaker is open; beyond that, staleness is bounded by the layer's
+        lifetimes only (a warning is logged).
+    :raises ConfigurationError: for an empty chain, a layer that is not a
+        store, or invalid breaker settings.
     """
 
     supports_expiry = True
 
-    def __init__(self, stores: Sequence[Any]) -> None:
+    def __init__(
+        self,
+        stores: Sequence[Any],
+        *,
+        failure_threshold: int = 3,
+        cooldown: float = 5.0,
+        max_pending_invalidations: int = 10_000,
+    ) -> None:
         super().__init__()
         if isinstance(stores, (str, bytes)) or not isinstance(stores, Iterable):
             raise ConfigurationError(f"ChainedStore takes a list of stores, fastest first; got {stores!r}")
@@ -98,13 +164,20 @@ class ChainedStore(BaseStore):
         for layer in layers:
             missing = [op for op in _OPERATIONS if not callable(getattr(layer, op, None))]
             if missing:
-                raise ConfigurationError(
-                    f"{layer!r} cannot be a ChainedStore layer: it lacks {', '.join(missing)}"
-                )
+                raise ConfigurationError(f"{layer!r} cannot be a ChainedStore layer: it lacks {', '.join(missing)}")
+        if isinstance(failure_threshold, bool) or not isinstance(failure_threshold, int) or failure_threshold < 1:
+            raise ConfigurationError(f"failure_threshold must be a positive int; got {failure_threshold!r}")
+        if isinstance(cooldown, bool) or not isinstance(cooldown, (int, float)) or not cooldown >= 0:
+            raise ConfigurationError(f"cooldown must be a number of seconds >= 0; got {cooldown!r}")
+        if isinstance(max_pending_invalidations, bool) or not isinstance(max_pending_invalidations, int):
+            raise ConfigurationError(f"max_pending_invalidations must be an int; got {max_pending_invalidations!r}")
         self.stores: tuple[Any, ...] = tuple(layers)
         self._stats = [LayerStats(layer) for layer in layers]
+        self._breakers = [_Breaker(failure_threshold, float(cooldown), max_pending_invalidations) for _ in layers]
+        self._last = len(layers) - 1
         self._first_get = layers[0].get
         self._first_stats = self._stats[0]
+        self._first_breaker = self._breakers[0]
         self._l1_hits = 0
         self._l1_index = getattr(layers[0], "_unbounded_index", None)
         self._single = len(layers) == 1
@@ -112,13 +185,12 @@ class ChainedStore(BaseStore):
     # -- statistics ---------------------------------------------------------
 
     def stats(self) -> list[LayerStats]:
-        """The per-layer counters, in layer order (live objects, updated by later calls to ``stats()``)."""
-        self._fold_l1_hits()
-        return list(self._stats)
-
-    def _fold_l1_hits(self) -> None:
+        """The per-layer counters, in layer order (live objects, brought up to date by each call)."""
         hits, self._l1_hits = self._l1_hits, 0
         self._first_stats.hits += hits
+        for stats, breaker in zip(self._stats, self._breakers, strict=True):
+            stats.pending_invalidations = len(breaker.pending)
+        return list(self._stats)
 
     def reset_stats(self) -> None:
         """Set every layer's counters back to zero."""
@@ -126,12 +198,79 @@ class ChainedStore(BaseStore):
         for stats in self._stats:
             stats.reset()
 
+    # -- guarded calls to cache layers --------------------------------------
+
+    def _call(self, index: int, action: str, method: Callable[..., Any], *args: Any) -> Any:
+        """Call ``method`` of cache layer ``index`` through its breaker.
+
+        :returns: the method's result, or :data:`_FAILED` when the layer was
+            skipped or failed (the failure is counted and logged).
+        """
+        breaker = self._breakers[index]
+        if breaker.open_until:
+            now = _monotonic()
+            if now < breaker.open_until:
+                self._stats[index].skipped += 1
+                return _FAILED
+            # half-open: this call probes; concurrent callers keep skipping
+            breaker.open_until = now + breaker.cooldown
+            if not self._replay(index):
+                return _FAILED
+        try:
+            result = method(*args)
+        except _CACHE_FAILURES as exc:
+            self._failed(index, action, exc)
+            return _FAILED
+        if breaker.failures:
+            self._recovered(index)
+        return result
+
     def _failed(self, index: int, action: str, exc: BaseException) -> None:
         self._stats[index].errors += 1
-        log.warning(
-            "stockpyle: cache layer %d (%r) failed to %s; continuing without it: %s",
-            index, self.stores[index], action, exc,
-        )
+        breaker = self._breakers[index]
+        breaker.failures += 1
+        if breaker.failures >= breaker.threshold:
+            was_open = bool(breaker.open_until)
+            breaker.open_until = _monotonic() + breaker.cooldown
+            if not was_open:
+                self._stats[index].breaker_opens += 1
+                log.error(
+                    "stockpyle: cache layer %d (%r) failed %d times in a row; skipping it for %.1fs: %s",
+                    index, self.stores[index], breaker.failures, breaker.cooldown, exc,
+                )
+                return
+        log.warning("stockpyle: cache layer %d (%r) failed to %s; continuing without it: %s",
+                    index, self.stores[index], action, exc)  # fmt: skip
+
+    def _recovered(self, index: int) -> None:
+        breaker = self._breakers[index]
+        if breaker.open_until:
+            log.warning("stockpyle: cache layer %d (%r) answers again; it rejoins the chain", index, self.stores[index])
+        breaker.failures = 0
+        breaker.open_until = 0.0
+
+    def _replay(self, index: int) -> bool:
+        """Invalidate in layer ``index`` what was written while it was unreachable."""
+        breaker = self._breakers[index]
+        with breaker.lock:
+            pending, breaker.pending = breaker.pending, []
+            overflowed, breaker.overflowed = breaker.overflowed, False
+        if overflowed:
+            log.warning(
+                "stockpyle: cache layer %d (%r) missed more than %d writes while unreachable; entries it still "
+                "holds for the others stay stale until their lifetime ends",
+                index, self.stores[index], breaker.max_pending,
+            )  # fmt: skip
+        if not pending:
+            return True
+        try:
+            self.stores[index].batch_delete(pending)
+        except _CACHE_FAILURES as exc:
+            breaker.remember(pending)
+            self._failed(index, "invalidate missed writes", exc)
+            return False
+        log.info("stockpyle: invalidated %d missed writes in cache layer %d", len(pending), index)
+        return True
 
     # -- reads --------------------------------------------------------------
 
@@ -150,19 +289,20 @@ class ChainedStore(BaseStore):
                 if rec is not None and (rec.expires is None or rec.expires > _monotonic()):
                     self._l1_hits += 1
                     return rec.obj  # type: ignore[no-any-return]
-        try:
+        if self._single:
             obj = self._first_get(klass, keydict)
-        except UnknownKeyError:
-            if self._single:
-                raise
-            return self._get_from(1, klass, keydict)
-        except _CACHE_FAILURES as exc:
-            if self._single:
-                raise
-            self._failed(0, "get", exc)
-            return self._get_from(1, klass, keydict)
+        elif self._first_breaker.open_until or self._first_breaker.failures:
+            return self._get_from(0, klass, keydict)
+        else:
+            try:
+                obj = self._first_get(klass, keydict)
+            except UnknownKeyError:
+                return self._get_from(1, klass, keydict)
+            except _CACHE_FAILURES as exc:
+                self._failed(0, "get", exc)
+                return self._get_from(1, klass, keydict)
         if obj is not None:
-            self._l1_hits += 1  # folded into stats() lazily: one attribute, not two
+            self._l1_hits += 1
             return obj  # type: ignore[no-any-return]
         self._first_stats.misses += 1
         if self._single:
@@ -171,63 +311,58 @@ class ChainedStore(BaseStore):
 
     def _get_from(self, start: int, klass: type[T], keydict: KeyDict) -> T | None:
         stores = self.stores
-        last = len(stores) - 1
+        last = self._last
         for index in range(start, last + 1):
             stats = self._stats[index]
             try:
-                obj = stores[index].get(klass, keydict)
+                if index == last:
+                    obj = stores[index].get(klass, keydict)
+                else:
+                    obj = self._call(index, "get", stores[index].get, klass, keydict)
+                    if obj is _FAILED:
+                        continue
             except UnknownKeyError:
                 if index == last:
                     raise
                 continue  # this cache can only look up declared keys; ask lower layers
-            except _CACHE_FAILURES as exc:
-                if index == last:
-                    raise
-                self._failed(index, "get", exc)
-                continue
             if obj is None:
                 stats.misses += 1
                 continue
             stats.hits += 1
-            self._backfill(index, [obj])
+            if index:
+                self._backfill(index, obj)
             return obj  # type: ignore[no-any-return]
         return None
 
-    def _backfill(self, found_at: int, objs: list[Any]) -> None:
-        """Write objects found at layer ``found_at`` into every layer above it."""
+    def _backfill(self, found_at: int, obj: Any) -> None:
+        """Add an object found at layer ``found_at`` to every layer above it."""
         for index in range(found_at - 1, -1, -1):
             layer = self.stores[index]
-            try:
-                if len(objs) == 1:
-                    layer.put(objs[0])
-                else:
-                    layer.batch_put(objs)
-            except _CACHE_FAILURES as exc:
-                self._failed(index, "backfill", exc)
-                continue
-            self._stats[index].backfills += len(objs)
+            add = getattr(layer, "add", None) or layer.put
+            if self._call(index, "backfill", add, obj) is not _FAILED:
+                self._stats[index].backfills += 1
 
     def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
         requests = list(keydicts)
         results: list[Any] = [None] * len(requests)
         missing = list(range(len(requests)))
         stores = self.stores
-        last = len(stores) - 1
+        last = self._last
         found_by_layer: list[list[Any]] = [[] for _ in stores]
         for index, layer in enumerate(stores):
             if not missing:
                 break
-            stats = self._stats[index]
+            asked = [requests[i] for i in missing]
             try:
-                answers = layer.batch_get(klass, [requests[i] for i in missing])
+                if index == last:
+                    answers = layer.batch_get(klass, asked)
+                else:
+                    answers = self._call(index, "batch_get", layer.batch_get, klass, asked)
+                    if answers is _FAILED:
+                        continue
             except UnknownKeyError:
                 if index == last:
                     raise
-                continue
-            except _CACHE_FAILURES as exc:
-                if index == last:
-                    raise
-                self._failed(index, "batch_get", exc)
                 continue
             still: list[int] = []
             for position, obj in zip(missing, answers, strict=True):
@@ -236,20 +371,18 @@ class ChainedStore(BaseStore):
                 else:
                     results[position] = obj
                     found_by_layer[index].append(obj)
+            stats = self._stats[index]
             stats.hits += len(missing) - len(still)
             stats.misses += len(still)
             missing = still
-        # back-fill: each upper layer gets one batch_put of everything found below it
+        # back-fill: each upper layer gets one call with everything found below it
         below: list[Any] = []
         for index in range(last, 0, -1):
             below.extend(found_by_layer[index])
             if below:
                 layer = stores[index - 1]
-                try:
-                    layer.batch_put(list(below))
-                except _CACHE_FAILURES as exc:
-                    self._failed(index - 1, "backfill", exc)
-                else:
+                add = getattr(layer, "batch_add", None) or layer.batch_put
+                if self._call(index - 1, "backfill", add, list(below)) is not _FAILED:
                     self._stats[index - 1].backfills += len(below)
         return results
 
@@ -260,7 +393,7 @@ class ChainedStore(BaseStore):
             # validate keys before anything is written anywhere
             object_keys(obj)
         stores = self.stores
-        last = len(stores) - 1
+        last = self._last
         try:
             getattr(stores[last], operation)(argument)
         except BaseException:
@@ -270,22 +403,32 @@ class ChainedStore(BaseStore):
             raise
         for index in range(last - 1, -1, -1):
             try:
-                getattr(stores[index], operation)(argument)
-            except _CACHE_FAILURES as exc:
-                self._failed(index, operation, exc)
-                if operation not in ("delete", "batch_delete"):
-                    self._invalidate([index], objs)
+                done = self._call(index, operation, getattr(stores[index], operation), argument)
             except BaseException:
                 # a bug-class error (e.g. an object this cache cannot serialize):
                 # leave no layer from here up holding the old value, then report it
                 self._invalidate(range(index, -1, -1), objs)
                 raise
+            if done is _FAILED:
+                # the layer may still hold the old value: invalidate it now if
+                # it answers, or when it rejoins
+                if operation in ("put", "batch_put"):
+                    self._invalidate([index], objs)
+                else:
+                    self._breakers[index].remember(objs)
 
     def _invalidate(self, indexes: Iterable[int], objs: list[Any]) -> None:
         for index in indexes:
+            if index == self._last:
+                continue
+            breaker = self._breakers[index]
+            if breaker.open_until and _monotonic() < breaker.open_until:
+                breaker.remember(objs)
+                continue
             try:
                 self.stores[index].batch_delete(objs)
-            except Exception as exc:  # noqa: BLE001 - best effort, already failing
+            except Exception as exc:  # noqa: BLE001 - best effort while already failing
+                breaker.remember(objs)
                 self._failed(index, "invalidate", exc)
 
     def put(self, obj: object) -> None:

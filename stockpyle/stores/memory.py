@@ -41,8 +41,8 @@ class _ExpiringTable(MemoryTable):
 
     __slots__ = ("heap", "_seq")
 
-    def __init__(self, maxsize: int | None) -> None:
-        super().__init__(maxsize, _monotonic)
+    def __init__(self, maxsize: int | None, tombstone_lifetime: float) -> None:
+        super().__init__(maxsize, _monotonic, tombstone_lifetime)
         self.heap: list[tuple[float, int, _Record]] = []
         self._seq = itertools.count()
 
@@ -78,9 +78,18 @@ class _InProcessStore(BaseStore):
         polymorphic: bool = False,
         lifetime_cb: LifetimeCallback | None = None,
         maxsize: int | None = None,
+        tombstone_lifetime: float = 5.0,
     ) -> None:
         super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb)
         self.maxsize = _check_maxsize(maxsize)
+        if isinstance(tombstone_lifetime, bool) or not isinstance(tombstone_lifetime, (int, float)) or not (
+            0 <= tombstone_lifetime < float("inf")
+        ):
+            raise ConfigurationError(f"tombstone_lifetime must be seconds >= 0; got {tombstone_lifetime!r}")
+        self.tombstone_lifetime = float(tombstone_lifetime)
+
+    def _new_table(self) -> _ExpiringTable:
+        return _ExpiringTable(self.maxsize, self.tombstone_lifetime)
 
     def _locked_table(self) -> AbstractContextManager[_ExpiringTable]:
         raise NotImplementedError
@@ -118,6 +127,26 @@ class _InProcessStore(BaseStore):
             for item in prepared:
                 table.delete(*item)
 
+    def add(self, obj: object) -> bool:
+        """Store ``obj`` only if none of its keys is in use or was deleted moments ago.
+
+        This is how a :class:`~stockpyle.ChainedStore` back-fills: a value read
+        from a lower layer must never replace a newer one written meanwhile, nor
+        bring back an object deleted meanwhile (deletes leave a tombstone for
+        ``tombstone_lifetime`` seconds).
+
+        :returns: whether the object was stored.
+        """
+        prepared = self._prepare(obj)
+        with self._locked_table() as table:
+            return table.add(*prepared)
+
+    def batch_add(self, objs: Iterable[object]) -> list[bool]:
+        """:meth:`add` for many objects; returns which were stored."""
+        prepared = [self._prepare(obj) for obj in objs]
+        with self._locked_table() as table:
+            return [table.add(*item) for item in prepared]
+
     def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
         get = self.get
         return [get(klass, kd) for kd in keydicts]
@@ -145,6 +174,8 @@ class ProcessMemoryStore(_InProcessStore):
     :param lifetime_cb: ``obj -> lifetime``; see :mod:`stockpyle.lifetimes`.
     :param maxsize: keep at most this many objects, evicting the least
         recently used; ``None`` (default) for no bound.
+    :param tombstone_lifetime: seconds a deleted key refuses back-fills
+        (:meth:`add`), so a reader racing the delete cannot resurrect the object.
     """
 
     def __init__(
@@ -153,9 +184,12 @@ class ProcessMemoryStore(_InProcessStore):
         polymorphic: bool = False,
         lifetime_cb: LifetimeCallback | None = None,
         maxsize: int | None = None,
+        tombstone_lifetime: float = 5.0,
     ) -> None:
-        super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb, maxsize=maxsize)
-        self._table = _ExpiringTable(self.maxsize)
+        super().__init__(
+            polymorphic=polymorphic, lifetime_cb=lifetime_cb, maxsize=maxsize, tombstone_lifetime=tombstone_lifetime
+        )
+        self._table = self._new_table()
         self._index = self._table.index
         self._lock = threading.RLock()
         # Lets a ChainedStore with this store on top probe the index itself on
@@ -213,6 +247,8 @@ class ThreadLocalStore(_InProcessStore):
     :param polymorphic: also index objects under their storable base classes.
     :param lifetime_cb: ``obj -> lifetime``; see :mod:`stockpyle.lifetimes`.
     :param maxsize: per-thread bound on the number of objects (LRU), or ``None``.
+    :param tombstone_lifetime: seconds a deleted key refuses back-fills (see
+        :meth:`ProcessMemoryStore.add`).
     """
 
     def __init__(
@@ -221,8 +257,11 @@ class ThreadLocalStore(_InProcessStore):
         polymorphic: bool = False,
         lifetime_cb: LifetimeCallback | None = None,
         maxsize: int | None = None,
+        tombstone_lifetime: float = 5.0,
     ) -> None:
-        super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb, maxsize=maxsize)
+        super().__init__(
+            polymorphic=polymorphic, lifetime_cb=lifetime_cb, maxsize=maxsize, tombstone_lifetime=tombstone_lifetime
+        )
         # threading.local frees a thread's __dict__ (and so its table) when the thread ends
         self._local = threading.local()
 
@@ -230,7 +269,7 @@ class ThreadLocalStore(_InProcessStore):
         try:
             return self._local.table  # type: ignore[no-any-return]
         except AttributeError:
-            table = self._local.table = _ExpiringTable(self.maxsize)
+            table = self._local.table = self._new_table()
             return table
 
     def _locked_table(self) -> AbstractContextManager[_ExpiringTable]:
