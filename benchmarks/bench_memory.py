@@ -8,8 +8,8 @@ dogpile.cache's memory region.  Peers that are not installed are skipped.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
