@@ -397,6 +397,25 @@ class StoreContract:
         assert store.get(self.models.Car, {"license_plate": "CAR-1"}) is None
         assert store.get(self.models.Falsy, {"key": "unconfigured"}) is not None
 
+    # -- statistics ---------------------------------------------------------
+
+    def test_stats_count_lookups_writes_and_reset(self, store: Any) -> None:
+        store.reset_stats()
+        store.batch_put([self.item("a", 1, 1), self.item("b", 2, 2)])
+        store.put(self.item("c", 3, 3))
+        assert store.get(self.models.Item, {"key": "a"}) is not None
+        assert store.get(self.models.Item, {"key": "nowhere"}) is None
+        found = store.batch_get(self.models.Item, [{"key": "b"}, {"key": "nowhere"}])
+        assert [o is not None for o in found] == [True, False]
+        store.delete(self.item("a", 1, 1))
+        stats = store.stats()
+        assert (stats.hits, stats.misses, stats.puts, stats.deletes) == (2, 2, 3, 1)
+        assert stats.hit_ratio == 0.5
+        assert stats.as_dict()["hits"] == 2
+        store.reset_stats()
+        stats = store.stats()
+        assert (stats.hits, stats.misses, stats.puts, stats.deletes, stats.errors) == (0, 0, 0, 0, 0)
+
     # -- bad input ----------------------------------------------------------
 
     def test_unkeyed_objects_are_refused_and_nothing_is_written(self, store: Any) -> None:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from time import perf_counter
 from typing import Any, TypeVar
 
 from ..exceptions import ConfigurationError, SerializationError, StoreError, UnknownKeyError
 from ..keys import object_keys
+from ..stats import SAMPLE_EVERY, Latency, StoreStats
 from .base import BaseStore, KeyDict
 
-__all__ = ["ChainedStore", "LayerStats", "MultiStore"]
+__all__ = ["ChainStats", "ChainedStore", "LayerStats", "MultiStore"]
 
 T = TypeVar("T")
 log = logging.getLogger("stockpyle.chained")
@@ -43,6 +45,8 @@ class LayerStats:
     :ivar breaker_opens: how many times its circuit breaker opened.
     :ivar pending_invalidations: objects written while it was unreachable,
         to be invalidated in it when it rejoins.
+    :ivar latency: sampled durations of the lookups the chain made in this
+        layer (``latency.summary()`` gives median and p99).
     """
 
     store: Any
@@ -53,6 +57,7 @@ class LayerStats:
     skipped: int = 0
     breaker_opens: int = 0
     pending_invalidations: int = 0
+    latency: Latency = field(default_factory=Latency, repr=False, compare=False)
 
     @property
     def hit_ratio(self) -> float:
@@ -62,14 +67,43 @@ class LayerStats:
 
     def as_dict(self) -> dict[str, Any]:
         """The counters as a plain dict (plus ``store`` as its repr and ``hit_ratio``)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "store"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("store", "latency")}
         out["store"] = repr(self.store)
         out["hit_ratio"] = self.hit_ratio
+        out["latency"] = self.latency.summary().as_dict()
         return out
 
     def reset(self) -> None:
         """Set the counters back to zero (pending invalidations are kept: they are state)."""
         self.hits = self.misses = self.errors = self.backfills = self.skipped = self.breaker_opens = 0
+        self.latency.clear()
+
+
+@dataclass
+class ChainStats(StoreStats):
+    """A chain's statistics: its own totals plus one :class:`LayerStats` per layer.
+
+    ``hits`` counts lookups answered by any layer and ``misses`` those no
+    layer could answer; ``errors`` the cache failures the chain absorbed.
+    It also behaves as the list of layer statistics (``stats[0].hits``).
+    """
+
+    layers: list[LayerStats] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[LayerStats]:
+        return iter(self.layers)
+
+    def __getitem__(self, index: int) -> LayerStats:
+        return self.layers[index]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Totals and per-layer statistics as plain data."""
+        out = super().as_dict()
+        out["layers"] = [layer.as_dict() for layer in self.layers]
+        return out
 
 
 class _Breaker:
@@ -146,6 +180,7 @@ class ChainedStore(BaseStore):
     """
 
     supports_expiry = True
+    _auto_stats = False  # the chain keeps ChainStats itself
 
     def __init__(
         self,
@@ -172,30 +207,40 @@ class ChainedStore(BaseStore):
         if isinstance(max_pending_invalidations, bool) or not isinstance(max_pending_invalidations, int):
             raise ConfigurationError(f"max_pending_invalidations must be an int; got {max_pending_invalidations!r}")
         self.stores: tuple[Any, ...] = tuple(layers)
-        self._stats = [LayerStats(layer) for layer in layers]
+        self._layer_stats = [LayerStats(layer) for layer in layers]
         self._breakers = [_Breaker(failure_threshold, float(cooldown), max_pending_invalidations) for _ in layers]
         self._last = len(layers) - 1
         self._first_get = layers[0].get
-        self._first_stats = self._stats[0]
+        self._first_stats = self._layer_stats[0]
         self._first_breaker = self._breakers[0]
         self._l1_hits = 0
         self._l1_index = getattr(layers[0], "_unbounded_index", None)
+        self._countdown = SAMPLE_EVERY
+        self._totals = ChainStats(layers=self._layer_stats)
         self._single = len(layers) == 1
 
     # -- statistics ---------------------------------------------------------
 
-    def stats(self) -> list[LayerStats]:
-        """The per-layer counters, in layer order (live objects, brought up to date by each call)."""
+    def stats(self) -> ChainStats:
+        """The chain's totals and per-layer counters (brought up to date by each call).
+
+        ``chain.stats()[i]`` (or ``.layers[i]``) is the :class:`LayerStats` of layer ``i``.
+        """
         hits, self._l1_hits = self._l1_hits, 0
         self._first_stats.hits += hits
-        for stats, breaker in zip(self._stats, self._breakers, strict=True):
-            stats.pending_invalidations = len(breaker.pending)
-        return list(self._stats)
+        for layer, breaker in zip(self._layer_stats, self._breakers, strict=True):
+            layer.pending_invalidations = len(breaker.pending)
+        totals = self._totals
+        totals.hits = sum(layer.hits for layer in self._layer_stats)
+        totals.misses = self._layer_stats[-1].misses
+        totals.errors = sum(layer.errors for layer in self._layer_stats)
+        return totals
 
     def reset_stats(self) -> None:
-        """Set every layer's counters back to zero."""
+        """Set the chain's and every layer's counters back to zero."""
         self._l1_hits = 0
-        for stats in self._stats:
+        self._totals.reset()
+        for stats in self._layer_stats:
             stats.reset()
 
     # -- guarded calls to cache layers --------------------------------------
@@ -210,7 +255,7 @@ class ChainedStore(BaseStore):
         if breaker.open_until:
             now = _monotonic()
             if now < breaker.open_until:
-                self._stats[index].skipped += 1
+                self._layer_stats[index].skipped += 1
                 return _FAILED
             # half-open: this call probes; concurrent callers keep skipping
             breaker.open_until = now + breaker.cooldown
@@ -226,14 +271,14 @@ class ChainedStore(BaseStore):
         return result
 
     def _failed(self, index: int, action: str, exc: BaseException) -> None:
-        self._stats[index].errors += 1
+        self._layer_stats[index].errors += 1
         breaker = self._breakers[index]
         breaker.failures += 1
         if breaker.failures >= breaker.threshold:
             was_open = bool(breaker.open_until)
             breaker.open_until = _monotonic() + breaker.cooldown
             if not was_open:
-                self._stats[index].breaker_opens += 1
+                self._layer_stats[index].breaker_opens += 1
                 log.error(
                     "stockpyle: cache layer %d (%r) failed %d times in a row; skipping it for %.1fs: %s",
                     index, self.stores[index], breaker.failures, breaker.cooldown, exc,
@@ -280,6 +325,10 @@ class ChainedStore(BaseStore):
         # the common lookup (one str-valued attribute): that saves a Python
         # frame, which is a quarter of the cost of the whole hit.  Anything
         # unusual falls through to L1's own get().
+        self._countdown -= 1
+        if self._countdown <= 0:  # one call in SAMPLE_EVERY is timed, layer by layer
+            self._countdown = SAMPLE_EVERY
+            return self._get_from(0, klass, keydict, timed=True)
         index = self._l1_index
         if index is not None and len(keydict) == 1:
             (name,) = keydict
@@ -309,11 +358,14 @@ class ChainedStore(BaseStore):
             return None
         return self._get_from(1, klass, keydict)
 
-    def _get_from(self, start: int, klass: type[T], keydict: KeyDict) -> T | None:
+    def _get_from(self, start: int, klass: type[T], keydict: KeyDict, timed: bool = False) -> T | None:
         stores = self.stores
         last = self._last
         for index in range(start, last + 1):
-            stats = self._stats[index]
+            stats = self._layer_stats[index]
+            # in-process layers are timed when sampled, the others (I/O) always
+            clock = timed or index > 0
+            began = perf_counter() if clock else 0.0
             try:
                 if index == last:
                     obj = stores[index].get(klass, keydict)
@@ -325,6 +377,8 @@ class ChainedStore(BaseStore):
                 if index == last:
                     raise
                 continue  # this cache can only look up declared keys; ask lower layers
+            if clock:
+                stats.latency.add(perf_counter() - began)
             if obj is None:
                 stats.misses += 1
                 continue
@@ -340,7 +394,7 @@ class ChainedStore(BaseStore):
             layer = self.stores[index]
             add = getattr(layer, "add", None) or layer.put
             if self._call(index, "backfill", add, obj) is not _FAILED:
-                self._stats[index].backfills += 1
+                self._layer_stats[index].backfills += 1
 
     def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
         requests = list(keydicts)
@@ -353,6 +407,7 @@ class ChainedStore(BaseStore):
             if not missing:
                 break
             asked = [requests[i] for i in missing]
+            began = perf_counter()
             try:
                 if index == last:
                     answers = layer.batch_get(klass, asked)
@@ -364,6 +419,7 @@ class ChainedStore(BaseStore):
                 if index == last:
                     raise
                 continue
+            self._layer_stats[index].latency.add(perf_counter() - began)
             still: list[int] = []
             for position, obj in zip(missing, answers, strict=True):
                 if obj is None:
@@ -371,7 +427,7 @@ class ChainedStore(BaseStore):
                 else:
                     results[position] = obj
                     found_by_layer[index].append(obj)
-            stats = self._stats[index]
+            stats = self._layer_stats[index]
             stats.hits += len(missing) - len(still)
             stats.misses += len(still)
             missing = still
@@ -383,7 +439,7 @@ class ChainedStore(BaseStore):
                 layer = stores[index - 1]
                 add = getattr(layer, "batch_add", None) or layer.batch_put
                 if self._call(index - 1, "backfill", add, list(below)) is not _FAILED:
-                    self._stats[index - 1].backfills += len(below)
+                    self._layer_stats[index - 1].backfills += len(below)
         return results
 
     # -- writes -------------------------------------------------------------
@@ -433,19 +489,23 @@ class ChainedStore(BaseStore):
 
     def put(self, obj: object) -> None:
         self._write("put", obj, [obj])
+        self._totals.puts += 1
 
     def batch_put(self, objs: Iterable[object]) -> None:
         items = list(objs)
         if items:
             self._write("batch_put", items, items)
+            self._totals.puts += len(items)
 
     def delete(self, obj: object) -> None:
         self._write("delete", obj, [obj])
+        self._totals.deletes += 1
 
     def batch_delete(self, objs: Iterable[object]) -> None:
         items = list(objs)
         if items:
             self._write("batch_delete", items, items)
+            self._totals.deletes += len(items)
 
     def configure(self, classes: Iterable[type], lifetime: Any) -> None:
         """Configure the lifetime in every layer that supports it."""

@@ -15,11 +15,13 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from time import perf_counter
 from typing import Any, TypeVar
 
 from ..exceptions import ConfigurationError
 from ..keys import Key, lookup_key, object_keys
 from ..lifetimes import LifetimeCallback
+from ..stats import SAMPLE_EVERY, StoreStats
 from .base import BaseStore, KeyDict, MemoryTable, _check_storable, _Record
 
 __all__ = ["ProcessMemoryStore", "ThreadLocalStore"]
@@ -70,7 +72,16 @@ class _ExpiringTable(MemoryTable):
 
 
 class _InProcessStore(BaseStore):
-    """Shared write path of the two in-process stores."""
+    """Shared write path of the two in-process stores.
+
+    They count in :meth:`stats` inline rather than through BaseStore's
+    wrappers, which would cost more than a hit itself; ``get`` latency is
+    sampled (one call in :data:`~stockpyle.stats.SAMPLE_EVERY`).  Reads that a
+    :class:`~stockpyle.ChainedStore` makes of an unbounded top layer directly
+    (its fast path) are counted by the chain, not here.
+    """
+
+    _auto_stats = False
 
     def __init__(
         self,
@@ -87,6 +98,42 @@ class _InProcessStore(BaseStore):
         ):
             raise ConfigurationError(f"tombstone_lifetime must be seconds >= 0; got {tombstone_lifetime!r}")
         self.tombstone_lifetime = float(tombstone_lifetime)
+        self._counters = super().stats()
+        # get() does not count hits: the sampling countdown already counts
+        # calls, and hits = calls - misses (see stats())
+        self._countdown = SAMPLE_EVERY
+        self._cycles = 0
+
+    def stats(self) -> StoreStats:
+        """This store's counters and sampled ``get`` latency.
+
+        Counts are exact for a single thread and approximate under heavy
+        concurrent use (the counters are not locked, to keep ``get`` fast).
+        """
+        counters = self._counters
+        # every cycle is SAMPLE_EVERY calls, whose last one re-enters get()
+        # once more (see _sampled_get): calls = N + cycles - (16*cycles - 16 + countdown)
+        calls = SAMPLE_EVERY + (SAMPLE_EVERY - 1) * self._cycles - self._countdown
+        counters.hits = max(0, calls - counters.misses)
+        return counters
+
+    def reset_stats(self) -> None:
+        self._countdown = SAMPLE_EVERY
+        self._cycles = 0
+        self._counters.reset()
+
+    def _sampled_get(self, klass: type[T], keydict: KeyDict) -> T | None:
+        # called by get() once every SAMPLE_EVERY calls: time one real get
+        self._countdown = SAMPLE_EVERY
+        self._cycles += 1
+        start = perf_counter()
+        try:
+            return self.get(klass, keydict)
+        finally:
+            self._counters.timer("get").add(perf_counter() - start)
+
+    def get(self, klass: type[T], keydict: KeyDict) -> T | None:  # pragma: no cover - both subclasses define it
+        raise NotImplementedError
 
     def _new_table(self) -> _ExpiringTable:
         return _ExpiringTable(self.maxsize, self.tombstone_lifetime)
@@ -109,23 +156,27 @@ class _InProcessStore(BaseStore):
         prepared = self._prepare(obj)
         with self._locked_table() as table:
             table.put(*prepared)
+        self._counters.puts += 1
 
     def batch_put(self, objs: Iterable[object]) -> None:
         prepared = [self._prepare(obj) for obj in objs]
         with self._locked_table() as table:
             for item in prepared:
                 table.put(*item)
+        self._counters.puts += len(prepared)
 
     def delete(self, obj: object) -> None:
         prepared = self._keys(obj)
         with self._locked_table() as table:
             table.delete(*prepared)
+        self._counters.deletes += 1
 
     def batch_delete(self, objs: Iterable[object]) -> None:
         prepared = [self._keys(obj) for obj in objs]
         with self._locked_table() as table:
             for item in prepared:
                 table.delete(*item)
+        self._counters.deletes += len(prepared)
 
     def add(self, obj: object) -> bool:
         """Store ``obj`` only if none of its keys is in use or was deleted moments ago.
@@ -216,6 +267,9 @@ class ProcessMemoryStore(_InProcessStore):
         # lookup with a str value is tried directly as (klass, name, value): only
         # declared keys are ever stored, so a hit needs no validation; anything
         # else, and every miss, goes through lookup_key(), which validates.
+        self._countdown -= 1
+        if self._countdown <= 0:  # <=: concurrent decrements may skip zero
+            return self._sampled_get(klass, keydict)
         rec = None
         if len(keydict) == 1:
             (name,) = keydict
@@ -225,6 +279,7 @@ class ProcessMemoryStore(_InProcessStore):
         if rec is None:
             rec = self._index.get(lookup_key(klass, keydict))
             if rec is None:
+                self._counters.misses += 1
                 return None
         expires = rec.expires
         if expires is not None and expires <= _monotonic():
@@ -232,6 +287,7 @@ class ProcessMemoryStore(_InProcessStore):
                 if self._table.index.get(rec.keys[0]) is rec:
                     self._table.drop(rec)
                     self._table.expirations += 1
+            self._counters.misses += 1
             return None
         if self.maxsize is not None:
             self._table.touch(rec)
@@ -281,13 +337,16 @@ class ThreadLocalStore(_InProcessStore):
         return len(self._table())
 
     def get(self, klass: type[T], keydict: KeyDict) -> T | None:
+        self._countdown -= 1
+        if self._countdown <= 0:
+            return self._sampled_get(klass, keydict)
         table = self._table()
         rec = table.index.get(lookup_key(klass, keydict))
-        if rec is None:
-            return None
-        if rec.expires is not None and rec.expires <= _monotonic():
-            table.drop(rec)
-            table.expirations += 1
+        if rec is None or (rec.expires is not None and rec.expires <= _monotonic()):
+            if rec is not None:
+                table.drop(rec)
+                table.expirations += 1
+            self._counters.misses += 1
             return None
         if self.maxsize is not None:
             table.touch(rec)

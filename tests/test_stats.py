@@ -1,0 +1,120 @@
+"""Statistics: latency windows, automatic counting of backend stores, chain layers."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pytest
+
+from stockpyle import BaseDictionaryStore, BaseStore, ChainedStore, ProcessMemoryStore
+from stockpyle.exceptions import StoreUnavailableError
+from stockpyle.stats import SAMPLE_EVERY, Latency, StoreStats
+
+
+class Foo:
+    __stockpyle_keys__: ClassVar[list[Any]] = ["key"]
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def test_latency_summary_median_and_p99() -> None:
+    window = Latency()
+    assert window.summary().samples == 0
+    for ms in range(1, 101):
+        window.add(ms / 1000)
+    summary = window.summary()
+    assert summary.samples == 100
+    assert summary.median == pytest.approx(0.0505)
+    assert summary.p99 == pytest.approx(0.100)
+    assert summary.mean == pytest.approx(0.0505)
+    window.clear()
+    assert window.summary().samples == 0
+
+
+def test_process_memory_get_latency_is_sampled() -> None:
+    store = ProcessMemoryStore()
+    store.put(Foo("a"))
+    for _ in range(SAMPLE_EVERY * 10):
+        store.get(Foo, {"key": "a"})
+    stats = store.stats()
+    assert stats.hits == SAMPLE_EVERY * 10
+    assert stats.latency["get"].summary().samples == 10
+    assert 0 < stats.latency["get"].summary().median < 0.01
+
+
+class CountingStore(BaseStore):
+    """A minimal third-party store: counted automatically, batch defaults included."""
+
+    def __init__(self) -> None:  # deliberately skips BaseStore.__init__
+        self.data: dict[str, Foo] = {}
+        self.down = False
+
+    def put(self, obj: object) -> None:
+        assert isinstance(obj, Foo)
+        self.data[obj.key] = obj
+
+    def get(self, klass: type, keydict: Any) -> Any:
+        if self.down:
+            raise StoreUnavailableError("down")
+        return self.data.get(keydict["key"])
+
+    def delete(self, obj: object) -> None:
+        assert isinstance(obj, Foo)
+        self.data.pop(obj.key, None)
+
+
+def test_third_party_stores_are_counted_once_per_call() -> None:
+    store = CountingStore()
+    store.batch_put(iter([Foo("a"), Foo("b")]))  # an iterator: counted and still consumed once
+    assert sorted(store.data) == ["a", "b"]
+    store.get(Foo, {"key": "a"})
+    store.batch_get(Foo, ({"key": k} for k in ("a", "x", "b")))
+    store.batch_delete([Foo("a")])
+    stats = store.stats()
+    # batch_get is implemented with get(): counted once, as the batch the caller made
+    assert (stats.hits, stats.misses, stats.puts, stats.deletes) == (3, 1, 2, 1)
+    assert set(stats.latency) == {"batch_put", "get", "batch_get", "batch_delete"}
+    store.down = True
+    with pytest.raises(StoreUnavailableError):
+        store.get(Foo, {"key": "a"})
+    assert store.stats().errors == 1
+
+
+def test_dictionary_store_counts() -> None:
+    store = BaseDictionaryStore({})
+    store.put(Foo("a"))
+    store.get(Foo, {"key": "a"})
+    assert store.stats().as_dict()["latency"]["get"]["samples"] == 1
+
+
+def test_chain_stats_totals_layers_and_latency() -> None:
+    top, bottom = ProcessMemoryStore(maxsize=100), BaseDictionaryStore({})
+    chain = ChainedStore([top, bottom])
+    bottom.put(Foo("a"))
+    for _ in range(SAMPLE_EVERY * 2):
+        chain.get(Foo, {"key": "a"})
+    chain.get(Foo, {"key": "none"})
+    stats = chain.stats()
+    assert len(stats) == 2
+    assert [layer.hits for layer in stats] == [SAMPLE_EVERY * 2 - 1, 1]
+    assert (stats.hits, stats.misses) == (SAMPLE_EVERY * 2, 1)
+    assert stats.layers[1].latency.summary().samples == 2  # every lookup that reached the lower layer
+    assert stats.layers[0].latency.summary().samples >= 2  # sampled top-layer lookups
+    data = stats.as_dict()
+    assert data["layers"][0]["hits"] == SAMPLE_EVERY * 2 - 1
+    assert data["layers"][1]["latency"]["samples"] == 2
+    chain.reset_stats()
+    assert chain.stats().hits == 0
+    assert chain.stats().layers[1].latency.summary().samples == 0
+
+
+def test_store_stats_reset_keeps_windows() -> None:
+    stats = StoreStats()
+    stats.timer("get").add(0.5)
+    stats.hits = 3
+    stats.reset()
+    assert stats.hits == 0
+    assert stats.latency["get"].summary().samples == 0
+
+
