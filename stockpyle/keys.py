@@ -49,10 +49,13 @@ __all__ = [
     "class_name",
     "encode_key",
     "encode_value",
+    "is_older",
     "key_model",
     "lookup_key",
     "object_keys",
     "register_key_resolver",
+    "register_version_resolver",
+    "version_of",
 ]
 
 #: The sorted attribute names of one declared key, e.g. ``("bar", "zap")``.
@@ -216,6 +219,33 @@ def class_name(klass: type) -> str:
 
 
 _RESOLVERS: list[KeyResolver] = []
+_VERSION_RESOLVERS: list[Callable[[type], str | None]] = []
+
+
+def register_version_resolver(resolver: Callable[[type], str | None]) -> None:
+    """Register a function naming the version attribute of classes without ``__stockpyle_version__``.
+
+    The SQLAlchemy integration registers one that returns the attribute of a
+    mapper's ``version_id_col``.
+    """
+    if resolver not in _VERSION_RESOLVERS:
+        _VERSION_RESOLVERS.append(resolver)
+        _MODELS.clear()
+
+
+def _version_attribute(klass: type) -> str | None:
+    declared = getattr(klass, "__stockpyle_version__", None)
+    if declared is not None:
+        if not isinstance(declared, str) or not declared.isidentifier():
+            raise KeyDeclarationError(
+                f"{klass.__qualname__}.__stockpyle_version__ must name an attribute, e.g. 'version'; got {declared!r}"
+            )
+        return declared
+    for resolver in _VERSION_RESOLVERS:
+        found = resolver(klass)
+        if found:
+            return found
+    return None
 
 
 def register_key_resolver(resolver: KeyResolver) -> None:
@@ -238,9 +268,12 @@ class KeyModel:
     :ivar specs: the declared keys, each a sorted tuple of attribute names.
     :ivar bases: the classes an instance is indexed under when stored
         polymorphically: the class itself, then every base that is storable.
+    :ivar version_attr: the attribute holding the object's version (from
+        ``__stockpyle_version__``), or ``None``: stores never replace a stored
+        object by one with a lower version.
     """
 
-    __slots__ = ("klass", "name", "specs", "bases", "_by_names", "_base_models")
+    __slots__ = ("klass", "name", "specs", "bases", "version_attr", "_by_names", "_base_models")
 
     def __init__(self, klass: type, specs: tuple[KeyNames, ...]) -> None:
         self.klass = klass
@@ -256,6 +289,7 @@ class KeyModel:
             base for base in klass.__mro__ if base is klass or _declared_specs(base) is not None
         )
         self._base_models: tuple[KeyModel, ...] | None = None
+        self.version_attr = _version_attribute(klass)
 
     def base_models(self) -> tuple[KeyModel, ...]:
         """Key models of :attr:`bases` (the class first)."""
@@ -414,6 +448,30 @@ def object_keys(obj: object, polymorphic: bool = False) -> list[Key]:
     for base_model in model.base_models():
         out.extend(base_model.keys_of(obj))
     return out
+
+
+def version_of(obj: object) -> Any:
+    """The version of ``obj`` (see ``__stockpyle_version__``), or ``None`` when unversioned.
+
+    A class opts in with ``__stockpyle_version__ = "version"``: the named
+    attribute must increase with every change committed to the system of
+    record (an SQLAlchemy ``version_id_col`` does).  Stores use it to let
+    concurrent writers converge: a write never replaces a newer version.
+    """
+    klass = type(obj)
+    model = _MODELS.get(klass) or key_model(klass)
+    attr = model.version_attr
+    return None if attr is None else getattr(obj, attr, None)
+
+
+def is_older(candidate: Any, stored: Any) -> bool:
+    """True when version ``candidate`` is older than ``stored`` (unknown or incomparable: False)."""
+    if candidate is None or stored is None:
+        return False
+    try:
+        return bool(candidate < stored)
+    except TypeError:
+        return False
 
 
 def encode_key(key: Key) -> str:

@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Final, TypeVar
 
 from ..exceptions import ConfigurationError, NotStorableError, SerializationError, StoreError
-from ..keys import Key, encode_key, lookup_key, object_keys
+from ..keys import Key, encode_key, is_older, lookup_key, object_keys
 from ..lifetimes import LifetimeCallback, LifetimePolicy
 from ..stats import StoreStats
 
@@ -232,14 +232,15 @@ del _name
 
 
 class _Record:
-    """One stored object and every key it occupies (shared by those keys)."""
+    """One stored object, every key it occupies (shared by those keys), and its version when stored."""
 
-    __slots__ = ("obj", "expires", "keys")
+    __slots__ = ("obj", "expires", "keys", "version")
 
-    def __init__(self, obj: object, expires: float | None, keys: tuple[Key, ...]) -> None:
+    def __init__(self, obj: object, expires: float | None, keys: tuple[Key, ...], version: Any = None) -> None:
         self.obj = obj
         self.expires = expires
         self.keys = keys
+        self.version = version
 
 
 class MemoryTable:
@@ -282,14 +283,20 @@ class MemoryTable:
             if index.get(key) is rec:
                 del index[key]
 
-    def put(self, obj: object, keys: list[Key], expires: float | None) -> None:
+    def put(self, obj: object, keys: list[Key], expires: float | None, version: Any = None) -> bool:
+        """Store ``obj`` under ``keys``; returns False when a newer version is stored."""
+        index = self.index
+        if version is not None:
+            for key in keys:
+                other = index.get(key)
+                if other is not None and is_older(version, other.version):
+                    return False  # concurrent writers converge on the newest version
         if self.tombstones:
             for key in keys:
                 self.tombstones.pop(key, None)
         old = self.records.get(id(obj))
         if old is not None:
             self.drop(old)
-        index = self.index
         for key in keys:
             other = index.get(key)
             if other is not None:
@@ -297,8 +304,8 @@ class MemoryTable:
                 # entity, so every key it occupied is stale now
                 self.drop(other)
         if expires is not None and expires <= self.clock():
-            return
-        rec = _Record(obj, expires, tuple(keys))
+            return True
+        rec = _Record(obj, expires, tuple(keys), version)
         for key in keys:
             index[key] = rec
         self.records[id(obj)] = rec
@@ -306,6 +313,7 @@ class MemoryTable:
             while len(self.records) > self.maxsize:
                 self.drop(self.records.popitem(last=False)[1])
                 self.evictions += 1
+        return True
 
     def delete(self, obj: object, keys: list[Key]) -> None:
         old = self.records.get(id(obj))
@@ -327,7 +335,7 @@ class MemoryTable:
                     del tombstones[key]
                 self._tombstone_purge_at = max(1024, 2 * len(tombstones))
 
-    def add(self, obj: object, keys: list[Key], expires: float | None) -> bool:
+    def add(self, obj: object, keys: list[Key], expires: float | None, version: Any = None) -> bool:
         """Put ``obj`` only if none of its keys holds a live object or a tombstone.
 
         :returns: whether the object was stored.
@@ -340,8 +348,7 @@ class MemoryTable:
                 return False
             if tombstones and tombstones.get(key, 0.0) > now:
                 return False
-        self.put(obj, keys, expires)
-        return True
+        return self.put(obj, keys, expires, version)
 
     def touch(self, rec: _Record) -> None:
         """Mark ``rec`` most recently used (bounded tables only).

@@ -19,7 +19,7 @@ from time import perf_counter
 from typing import Any, TypeVar
 
 from ..exceptions import ConfigurationError
-from ..keys import Key, lookup_key, object_keys
+from ..keys import Key, lookup_key, object_keys, version_of
 from ..lifetimes import LifetimeCallback
 from ..stats import SAMPLE_EVERY, StoreStats
 from .base import BaseStore, KeyDict, MemoryTable, _check_storable, _Record
@@ -48,14 +48,16 @@ class _ExpiringTable(MemoryTable):
         self.heap: list[tuple[float, int, _Record]] = []
         self._seq = itertools.count()
 
-    def put(self, obj: object, keys: list[Key], expires: float | None) -> None:
-        super().put(obj, keys, expires)
+    def put(self, obj: object, keys: list[Key], expires: float | None, version: Any = None) -> bool:
+        if not super().put(obj, keys, expires, version):
+            return False
         if expires is not None:
             stored = self.records.get(id(obj))
             if stored is not None:
                 heapq.heappush(self.heap, (expires, next(self._seq), stored))
         if self.heap and self.heap[0][0] <= _monotonic():
             self.reclaim()
+        return True
 
     def reclaim(self) -> None:
         now = _monotonic()
@@ -141,12 +143,12 @@ class _InProcessStore(BaseStore):
     def _locked_table(self) -> AbstractContextManager[_ExpiringTable]:
         raise NotImplementedError
 
-    def _prepare(self, obj: object) -> tuple[object, list[Key], float | None]:
+    def _prepare(self, obj: object) -> tuple[object, list[Key], float | None, Any]:
         _check_storable(obj)
         keys = object_keys(obj, self.polymorphic)
         lifetimes = self.lifetimes
         expires = None if lifetimes.trivial else lifetimes.expires_at(obj, _monotonic)
-        return obj, keys, expires
+        return obj, keys, expires, version_of(obj)
 
     def _keys(self, obj: object) -> tuple[object, list[Key]]:
         _check_storable(obj)
