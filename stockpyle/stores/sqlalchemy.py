@@ -1,0 +1,801 @@
+"""SQL databases through SQLAlchemy 2: :class:`SqlAlchemyStore`.
+
+The store is the *system of record* layer of a chain: it keeps mapped objects
+in their tables, and because it sits last in a :class:`~stockpyle.ChainedStore`
+the objects it returns and the objects it writes (with the primary keys and
+server defaults the database assigned) are what the cache layers above hold.
+
+Importing this module does not import SQLAlchemy; the constructor does, so
+``from stockpyle import *`` works without the driver installed.  Importing it
+registers a key resolver (:func:`mapped_key_specs`) with
+:func:`stockpyle.keys.register_key_resolver`: mapped classes without
+``__stockpyle_keys__`` are keyed by their primary key and their NOT NULL
+unique constraints in every store, so cache layers can hold them too.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar, cast
+
+from ..exceptions import (
+    ConfigurationError,
+    MissingKeyAttributeError,
+    NonUniqueKeyError,
+    NotStorableError,
+    StoreError,
+    StoreUnavailableError,
+    UnknownKeyError,
+)
+from ..keys import canonical_value, key_model, register_key_resolver
+from ..lifetimes import LifetimeCallback
+from .base import BaseStore, KeyDict
+
+if TYPE_CHECKING:  # pragma: no cover
+    import sqlalchemy as sa
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.orm import Mapper, Session
+
+__all__ = ["SqlAlchemyStore", "mapped_key_specs"]
+
+T = TypeVar("T")
+
+#: Lookups per SELECT in :meth:`SqlAlchemyStore.batch_get` and ``batch_delete``.
+#: Bind-parameter limits differ per database and build (SQLite 999 or 32766,
+#: PostgreSQL 65535), so a batch is sent in chunks of this many lookups.
+DEFAULT_CHUNK_SIZE = 500
+
+_UNSEEN: Final[Any] = object()
+
+# Value types whose key form needs no check: a value of exactly the column's
+# own type among these is always a supported, matchable key value.
+_PLAIN_TYPES: Final = frozenset({str, int, bytes})
+
+_INSTALL_HINT = "SqlAlchemyStore requires SQLAlchemy 2: pip install stockpyle[sqlalchemy]"
+
+
+def _require_sqlalchemy() -> None:
+    try:
+        import sqlalchemy
+    except ImportError:
+        raise ImportError(_INSTALL_HINT) from None
+    if int(sqlalchemy.__version__.split(".")[0]) < 2:
+        raise ImportError(f"{_INSTALL_HINT} (found SQLAlchemy {sqlalchemy.__version__})")
+
+
+# ----------------------------------------------------------------------------
+# mapped classes
+
+
+def _mapper_of(klass: type) -> Mapper[Any] | None:
+    """The mapper of ``klass`` when it is an ORM-mapped class, else ``None``."""
+    if "sqlalchemy" not in sys.modules:
+        # nothing can be mapped before SQLAlchemy was imported by someone
+        return None
+    from sqlalchemy import inspect
+    from sqlalchemy.orm import Mapper
+
+    mapper: Any = inspect(klass, raiseerr=False)
+    if isinstance(mapper, Mapper) and mapper.class_ is klass:
+        return mapper
+    return None
+
+
+def mapped_key_specs(klass: type) -> list[tuple[str, ...]] | None:
+    """Key declarations for a mapped class without ``__stockpyle_keys__``.
+
+    The primary key comes first, then every unique constraint (or unique
+    index) whose columns are all mapped and NOT NULL.  Nullable unique columns
+    are left out on purpose: many rows may hold NULL there, so it does not
+    identify one object.  Returns ``None`` for classes that are not mapped.
+    This is the resolver registered with
+    :func:`stockpyle.keys.register_key_resolver`.
+
+    :param klass: any class.
+    :returns: a list of attribute-name tuples, or ``None``.
+    """
+    mapper = _mapper_of(klass)
+    if mapper is None:
+        return None
+    from sqlalchemy import UniqueConstraint
+    from sqlalchemy.orm.exc import UnmappedColumnError
+
+    def attribute_names(columns: Iterable[Any]) -> tuple[str, ...] | None:
+        names = []
+        for column in columns:
+            try:
+                prop = mapper.get_property_by_column(column)
+            except UnmappedColumnError:
+                return None
+            names.append(prop.key)
+        return tuple(names) if names else None
+
+    specs: list[tuple[str, ...]] = []
+    primary = attribute_names(mapper.primary_key)
+    if primary is None:  # pragma: no cover - every mapper has a primary key
+        return None
+    specs.append(primary)
+    for table in mapper.tables:
+        table = cast("sa.Table", table)
+        groups: list[list[Any]] = [list(c.columns) for c in table.constraints if isinstance(c, UniqueConstraint)]
+        groups.extend(list(index.columns) for index in table.indexes if index.unique)
+        for columns in groups:
+            if not columns or any(getattr(column, "nullable", True) for column in columns):
+                continue
+            names = attribute_names(columns)
+            if names is not None and sorted(names) not in (sorted(s) for s in specs):
+                specs.append(names)
+    return specs
+
+
+register_key_resolver(mapped_key_specs)
+
+
+def _python_type(column: Any) -> type | None:
+    try:
+        ptype = column.type.python_type
+    except (NotImplementedError, AttributeError):
+        return None
+    return ptype if isinstance(ptype, type) else None
+
+
+class _Mapped:
+    """What the store needs to know about one mapped class (computed once)."""
+
+    __slots__ = (
+        "attrs",
+        "column_keys",
+        "entity",
+        "fast_get",
+        "generated",
+        "klass",
+        "mapper",
+        "pk_names",
+        "pk_set",
+        "types",
+        "unique_rows",
+    )
+
+    def __init__(self, klass: type, mapper: Mapper[Any]) -> None:
+        from sqlalchemy.orm import with_polymorphic
+
+        self.klass = klass
+        self.mapper = mapper
+        self.attrs: dict[str, Any] = {}
+        self.types: dict[str, type | None] = {}
+        generated: set[str] = set()
+        for prop in mapper.column_attrs:
+            self.attrs[prop.key] = getattr(klass, prop.key)
+            column = prop.columns[0]
+            self.types[prop.key] = _python_type(column)
+            if (
+                getattr(column, "default", None) is not None
+                or getattr(column, "server_default", None) is not None
+                or (column.primary_key and getattr(column, "autoincrement", False) in (True, "auto"))
+            ):
+                generated.add(prop.key)
+        self.generated = frozenset(generated)
+        self.column_keys = tuple(self.attrs)
+        self.pk_names = tuple(mapper.get_property_by_column(c).key for c in mapper.primary_key)
+        self.pk_set = frozenset(self.pk_names)
+        # Subclasses with tables of their own (joined inheritance) or deferred
+        # columns would come back with unloaded attributes, which a detached
+        # object cannot load later: load those classes through one polymorphic
+        # SELECT instead of Session.get.
+        joined = any(m.local_table is not mapper.local_table for m in mapper.self_and_descendants)
+        deferred = any(getattr(prop, "deferred", False) for prop in mapper.column_attrs)
+        self.entity: Any = with_polymorphic(klass, "*") if joined else klass
+        self.fast_get = not joined and not deferred
+        # joined eager loading of collections repeats parent rows: only then
+        # must results be de-duplicated (which costs a pass over the rows)
+        self.unique_rows = any(rel.lazy == "joined" and rel.uselist for rel in mapper.relationships)
+
+    def matchable(self, name: str, value: Any) -> bool:
+        """False when no row can match ``value`` type-faithfully (e.g. ``123`` for a text column)."""
+        ptype = self.types[name]
+        if value is None or ptype is None or type(value) is ptype:
+            return True
+        if isinstance(value, bool) and ptype is not bool:
+            return False
+        return isinstance(value, ptype)
+
+
+def _unknown(klass: type, name: str, info: _Mapped) -> UnknownKeyError:
+    return UnknownKeyError(
+        f"{klass.__qualname__} has no mapped column {name!r} to look up; its columns are: {', '.join(info.column_keys)}"
+    )
+
+
+# ----------------------------------------------------------------------------
+# errors
+
+
+def _map_error(exc: BaseException, action: str, store: SqlAlchemyStore) -> StoreError | None:
+    """The stockpyle error for a driver/SQLAlchemy error, or ``None`` to re-raise it as is."""
+    from sqlalchemy import exc as sa_exc
+
+    where = f"SqlAlchemyStore ({store.describe()}) failed to {action}"
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated or isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+            return StoreUnavailableError(f"{where}: database unavailable: {exc.orig}")
+        return StoreError(f"{where}: {exc.orig}")
+    if isinstance(exc, (sa_exc.DisconnectionError, sa_exc.TimeoutError)):
+        return StoreUnavailableError(f"{where}: {exc}")
+    if isinstance(exc, sa_exc.SQLAlchemyError):
+        return StoreError(f"{where}: {exc}")
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return StoreUnavailableError(f"{where}: {exc}")
+    return None
+
+
+# ----------------------------------------------------------------------------
+# the store
+
+
+class SqlAlchemyStore(BaseStore):
+    """A relational database, through the SQLAlchemy 2 ORM, as a stockpyle store.
+
+    ::
+
+        store = SqlAlchemyStore(uri="sqlite:///data.sqlite")
+        Base.metadata.create_all(store.engine)
+        store.put(obj)
+        store.get(MyMappedObject, {"foobar": 123})
+
+    * Every operation runs in a short-lived session of its own (thread-safe;
+      the connection goes back to the pool before the call returns).
+    * ``get`` answers any combination of mapped columns: a primary-key lookup
+      uses ``Session.get``; other lookups run one query and raise
+      :class:`~stockpyle.exceptions.NonUniqueKeyError` when two rows match.
+      Lookups compare type-faithfully, like every store: ``{"id": "1"}``
+      matches nothing in an integer column.
+    * ``batch_get`` sends one SELECT per chunk of ``chunk_size`` lookups
+      (composite keys use a row-value ``IN``).
+    * ``put``/``batch_put`` insert or update in one transaction per call
+      (``Session.merge``); primary keys and server defaults the database
+      generated are then set on the caller's own object, which becomes a
+      detached persistent instance (unless it belongs to a session of yours,
+      in which case only its column values are refreshed).
+    * ``delete``/``batch_delete`` load the rows and delete them through the
+      ORM (so cascades run) in one transaction per call.
+    * Returned objects are detached with every column loaded; merge or add
+      them into your own session to change them there.
+    * Instances of classes that are not mapped (plain ``__stockpyle_keys__``
+      classes) are ignored, so one chain can hold mapped and plain classes.
+
+    Driver errors become :class:`~stockpyle.exceptions.StoreUnavailableError`
+    (connection lost, database down, locked) or
+    :class:`~stockpyle.exceptions.StoreError` (constraint violations, missing
+    tables...), raised ``from`` the original; the transaction is rolled back.
+
+    Tables are not created by the store: call ``metadata.create_all(store.engine)``.
+
+    :param uri: a database URL for :func:`sqlalchemy.create_engine`.
+    :param engine: an existing :class:`~sqlalchemy.engine.Engine`.
+    :param sessionmaker: a :class:`~sqlalchemy.orm.sessionmaker` (or
+        ``scoped_session``, whose factory is used); its sessions are created
+        per operation and never shared.
+    :param engine_options: keyword arguments for ``create_engine`` (``uri`` only).
+    :param chunk_size: lookups per SELECT in batch operations.
+    :param polymorphic: accepted for symmetry with the other stores; SQL
+        inheritance always answers queries for a base class.
+    :param lifetime_cb: accepted and ignored: rows do not expire.
+    :raises ConfigurationError: unless exactly one of ``uri``, ``engine`` and
+        ``sessionmaker`` is given, or for invalid options.
+    :raises ImportError: when SQLAlchemy 2 is not installed.
+    """
+
+    supports_expiry = False
+
+    def __init__(
+        self,
+        *,
+        uri: Any = None,
+        engine: Engine | None = None,
+        sessionmaker: Callable[..., Session] | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        polymorphic: bool = False,
+        lifetime_cb: LifetimeCallback | None = None,
+    ) -> None:
+        _require_sqlalchemy()
+        import sqlalchemy as sa
+        from sqlalchemy import orm
+
+        super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb)
+        given = [
+            name
+            for name, value in (("uri", uri), ("engine", engine), ("sessionmaker", sessionmaker))
+            if value is not None
+        ]
+        if len(given) != 1:
+            raise ConfigurationError(
+                "SqlAlchemyStore takes exactly one of uri=, engine= or sessionmaker=; "
+                + (f"got {' and '.join(given)}" if given else "got none")
+            )
+        if engine_options is not None and uri is None:
+            raise ConfigurationError("engine_options= only applies with uri=; configure your engine yourself")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ConfigurationError(f"chunk_size must be a positive int; got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        self._owns_engine = False
+        maker: Callable[..., Session]
+        if uri is not None:
+            if not isinstance(uri, (str, sa.URL)):
+                raise ConfigurationError(f"uri must be a database URL string; got {uri!r}")
+            try:
+                engine = sa.create_engine(uri, **dict(engine_options or {}))
+            except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, TypeError) as exc:
+                raise ConfigurationError(f"SqlAlchemyStore cannot use uri={uri!r}: {exc}") from exc
+            self._owns_engine = True
+        if engine is not None:
+            if not isinstance(engine, sa.Engine):
+                raise ConfigurationError(f"engine must be a sqlalchemy Engine; got {engine!r}")
+            maker = orm.sessionmaker(bind=engine)
+        else:
+            if isinstance(sessionmaker, orm.scoped_session):
+                # a scoped_session hands out one shared session per thread; the
+                # store needs fresh ones, so it uses the underlying factory
+                sessionmaker = sessionmaker.session_factory
+            if not callable(sessionmaker):
+                raise ConfigurationError(f"sessionmaker must be a sqlalchemy sessionmaker; got {sessionmaker!r}")
+            maker = sessionmaker
+            bind = getattr(sessionmaker, "kw", {}).get("bind")
+            engine = bind if isinstance(bind, sa.Engine) else None
+        self.engine: Engine | None = engine
+        self.sessionmaker: Callable[..., Session] = maker
+        self._infos: dict[type, _Mapped | None] = {}
+        self._infos_lock = threading.Lock()
+
+    # -- helpers ------------------------------------------------------------
+
+    def describe(self) -> str:
+        """The database URL (password hidden), for messages and ``repr``."""
+        if self.engine is None:
+            return repr(self.sessionmaker)
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def __repr__(self) -> str:
+        return f"<SqlAlchemyStore {self.describe()}>"
+
+    def _info(self, klass: type) -> _Mapped | None:
+        try:
+            return self._infos[klass]
+        except KeyError:
+            pass
+        except TypeError:
+            raise NotStorableError(f"expected a class, got {klass!r}") from None
+        mapper = _mapper_of(klass)
+        info = _Mapped(klass, mapper) if mapper is not None else None
+        with self._infos_lock:
+            return self._infos.setdefault(klass, info)
+
+    def _unmapped(self, klass: type) -> None:
+        """Accept a class this store does not map only if some store could key it."""
+        key_model(klass)  # raises NotStorableError for classes without keys
+
+    def _raise_mapped(self, exc: Exception, action: str) -> NoReturn:
+        mapped = _map_error(exc, action, self)
+        if mapped is None:
+            raise exc
+        raise mapped from exc
+
+    # -- reads --------------------------------------------------------------
+
+    def _check_lookup(self, klass: type, info: _Mapped, keydict: KeyDict) -> bool:
+        """Validate one lookup; False when it can match no row (e.g. a wrongly typed value)."""
+        if not isinstance(keydict, Mapping):
+            raise TypeError(f"a lookup must be a dict of column values, e.g. {{'id': 1}}; got {keydict!r}")
+        if not keydict:
+            raise UnknownKeyError(f"an empty lookup cannot find a {klass.__qualname__}; give column values")
+        matchable = True
+        types = info.types
+        for name, value in keydict.items():
+            if name not in types:
+                raise _unknown(klass, name, info)
+            canonical_value(value)  # unsupported key types are refused, as in every store
+            if matchable and not info.matchable(name, value):
+                matchable = False
+        return matchable
+
+    def get(self, klass: type[T], keydict: KeyDict) -> T | None:
+        """Return the ``klass`` row matching ``keydict`` (any mapped columns), or ``None``.
+
+        :raises UnknownKeyError: when a name is not a mapped column.
+        :raises NonUniqueKeyError: when more than one row matches.
+        :raises StoreError: when the database fails.
+        """
+        info = self._infos.get(klass, _UNSEEN)
+        if info is _UNSEEN:
+            info = self._info(klass)
+        if info is None:
+            self._unmapped(klass)
+            return None
+        if not self._check_lookup(klass, info, keydict):
+            return None
+        try:
+            if info.fast_get and len(keydict) == len(info.pk_names) and info.pk_set.issuperset(keydict):
+                if len(info.pk_names) == 1:
+                    ident: Any = keydict[info.pk_names[0]]
+                    if ident is None:
+                        return None
+                else:
+                    ident = tuple([keydict[name] for name in info.pk_names])
+                    if None in ident:
+                        return None
+                with self.sessionmaker() as session:
+                    return session.get(klass, ident)
+            return self._select_one(klass, info, keydict)
+        except Exception as exc:  # noqa: BLE001 - mapped into the stockpyle tree or re-raised
+            self._raise_mapped(exc, "get")
+
+    def _select_one(self, klass: type[T], info: _Mapped, keydict: KeyDict) -> T | None:
+        from sqlalchemy import select
+
+        attrs = info.attrs
+        stmt = select(info.entity).where(*[attrs[name] == value for name, value in keydict.items()]).limit(2)
+        with self.sessionmaker() as session:
+            result = session.scalars(stmt)
+            rows = (result.unique() if info.unique_rows else result).all()
+        if len(rows) > 1:
+            raise NonUniqueKeyError(klass, dict(keydict))
+        return rows[0] if rows else None
+
+    def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
+        """Look up many rows in one SELECT per chunk; request order, ``None`` per miss.
+
+        Requests may mix key sets (``{"id": 1}`` and ``{"email": "x"}``).
+
+        :raises UnknownKeyError: when a name is not a mapped column.
+        :raises NonUniqueKeyError: when a lookup matches more than one row.
+        :raises StoreError: when the database fails.
+        """
+        requests = list(keydicts)
+        results: list[Any] = [None] * len(requests)
+        info = self._info(klass)
+        if info is None:
+            self._unmapped(klass)
+            for keydict in requests:
+                if not isinstance(keydict, Mapping):
+                    raise TypeError(f"a lookup must be a dict of column values; got {keydict!r}")
+            return results
+        # distinct lookups per key set: names -> values -> request positions
+        groups: dict[tuple[str, ...], dict[tuple[Any, ...], list[int]]] = {}
+        types = info.types
+        single_pk = info.pk_names[0] if len(info.pk_names) == 1 else None
+        last_name: Any = _UNSEEN
+        last_type: Any = None
+        last_group: dict[tuple[Any, ...], list[int]] = {}
+        for position, keydict in enumerate(requests):
+            if type(keydict) is dict and len(keydict) == 1:
+                # the common case, kept cheap: one column, a value of its own type
+                [(name, value)] = keydict.items()
+                if name != last_name:
+                    ptype = types.get(name, _UNSEEN)
+                    if ptype is _UNSEEN:
+                        raise _unknown(klass, name, info)
+                    last_name = name
+                    last_type = ptype if ptype in _PLAIN_TYPES else _UNSEEN
+                    last_group = groups.setdefault((name,), {})
+                if type(value) is not last_type:
+                    canonical_value(value)
+                    if not info.matchable(name, value) or (value is None and name == single_pk):
+                        continue
+                found = last_group.get((value,))
+                if found is None:
+                    last_group[(value,)] = [position]
+                else:
+                    found.append(position)
+                continue
+            if not self._check_lookup(klass, info, keydict):
+                continue
+            names = tuple(sorted(keydict))
+            values = tuple([keydict[name] for name in names])
+            if len(names) == len(info.pk_names) and info.pk_set.issuperset(names) and None in values:
+                continue  # no row has a NULL primary key
+            groups.setdefault(names, {}).setdefault(values, []).append(position)
+        if len(groups) == 1:
+            [(names, group)] = groups.items()
+            if len(names) == 1 and 0 < len(group) <= self.chunk_size and not info.unique_rows:
+                return self._batch_one_column(klass, info, names[0], group, results)
+        return self._batch_general(klass, info, groups, results)
+
+    def _batch_one_column(
+        self, klass: type, info: _Mapped, name: str, group: dict[tuple[Any, ...], list[int]], results: list[Any]
+    ) -> list[Any]:
+        """``batch_get`` when every lookup names the same single column (the usual case)."""
+        from sqlalchemy import select
+
+        wanted = [values[0] for values in group]
+        if None in wanted:
+            return self._batch_general(klass, info, {(name,): group}, results)
+        try:
+            with self.sessionmaker() as session:
+                rows = session.scalars(select(info.entity).where(info.attrs[name].in_(wanted))).all()
+        except Exception as exc:  # noqa: BLE001 - mapped into the stockpyle tree or re-raised
+            self._raise_mapped(exc, "batch_get")
+        index: dict[Any, Any] = {}
+        for row in rows:
+            value = row.__dict__.get(name)
+            if value in index and index[value] is not row:
+                raise NonUniqueKeyError(klass, {name: value})
+            index[value] = row
+        for (value,), positions in group.items():
+            row = index.get(value)
+            if row is not None:
+                for position in positions:
+                    results[position] = row
+        return results
+
+    def _batch_general(
+        self,
+        klass: type,
+        info: _Mapped,
+        groups: dict[tuple[str, ...], dict[tuple[Any, ...], list[int]]],
+        results: list[Any],
+    ) -> list[Any]:
+        """``batch_get`` for any mix of key sets: one SELECT per chunk of lookups."""
+        lookups = [(names, values) for names, group in groups.items() for values in group]
+        if not lookups:
+            return results
+        try:
+            with self.sessionmaker() as session:
+                for start in range(0, len(lookups), self.chunk_size):
+                    chunk = lookups[start : start + self.chunk_size]
+                    for names, values, row in self._select_many(session, klass, info, chunk):
+                        for position in groups[names][values]:
+                            results[position] = row
+        except Exception as exc:  # noqa: BLE001 - mapped into the stockpyle tree or re-raised
+            self._raise_mapped(exc, "batch_get")
+        return results
+
+    def _select_many(
+        self, session: Session, klass: type, info: _Mapped, chunk: list[tuple[tuple[str, ...], tuple[Any, ...]]]
+    ) -> list[tuple[tuple[str, ...], tuple[Any, ...], Any]]:
+        """Run one SELECT for ``chunk`` and pair each found lookup with its row."""
+        from sqlalchemy import and_, or_, select, tuple_
+
+        attrs = info.attrs
+        by_names: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+        for names, values in chunk:
+            by_names.setdefault(names, []).append(values)
+        conditions: list[Any] = []
+        for names, value_list in by_names.items():
+            plain = [v for v in value_list if None not in v]
+            if plain:
+                if len(names) == 1:
+                    conditions.append(attrs[names[0]].in_([v[0] for v in plain]))
+                else:
+                    conditions.append(tuple_(*[attrs[n] for n in names]).in_(plain))
+            if len(plain) != len(value_list):
+                for values in value_list:
+                    if None in values:  # IN never matches NULL: spell these out
+                        conditions.append(and_(*[attrs[n] == v for n, v in zip(names, values, strict=True)]))
+        stmt = select(info.entity).where(conditions[0] if len(conditions) == 1 else or_(*conditions))
+        result = session.scalars(stmt)
+        rows = (result.unique() if info.unique_rows else result).all()
+        found: list[tuple[tuple[str, ...], tuple[Any, ...], Any]] = []
+        for names, value_list in by_names.items():
+            # index the rows by this key set's values; a value seen twice is not unique
+            index: dict[tuple[Any, ...], Any] = {}
+            duplicates: set[tuple[Any, ...]] = set()
+            if len(names) == 1:
+                name = names[0]
+                for row in rows:
+                    values = (row.__dict__.get(name),)
+                    if values in index and index[values] is not row:
+                        duplicates.add(values)
+                    index[values] = row
+            else:
+                for row in rows:
+                    row_dict = row.__dict__
+                    values = tuple([row_dict.get(n) for n in names])
+                    if values in index and index[values] is not row:
+                        duplicates.add(values)
+                    index[values] = row
+            for values in value_list:
+                row = index.get(values)
+                if row is not None:
+                    if duplicates and values in duplicates:
+                        raise NonUniqueKeyError(klass, dict(zip(names, values, strict=True)))
+                    found.append((names, values, row))
+        return found
+
+    # -- writes -------------------------------------------------------------
+
+    def _mapped_objects(self, objs: Iterable[object], check_keys: bool) -> list[tuple[Any, _Mapped]]:
+        """Validate every object before anything is written; keep those this store maps."""
+        out: list[tuple[Any, _Mapped]] = []
+        for obj in objs:
+            if obj is None:
+                raise NotStorableError("None cannot be stored: it has no __stockpyle_keys__")
+            info = self._info(type(obj))
+            if info is None:
+                self._unmapped(type(obj))
+                continue
+            if check_keys:
+                self._check_object_keys(obj, info)
+            out.append((obj, info))
+        return out
+
+    def _check_object_keys(self, obj: Any, info: _Mapped) -> None:
+        """Refuse objects whose key attributes are missing or of unsupported types.
+
+        A mapped attribute that was never set reads as ``None`` rather than
+        raising, so this checks the instance dictionary itself.  A missing
+        column is allowed when the database can generate it (autoincrement
+        primary key, default, server default).
+        """
+        from sqlalchemy.orm.attributes import instance_state
+
+        state = instance_state(obj)
+        values = state.dict
+        klass = type(obj)
+        model = key_model(klass)
+        models = model.base_models() if self.polymorphic else (model,)
+        for each in models:
+            for spec in each.specs:
+                for name in spec:
+                    if name in values:
+                        canonical_value(values[name])
+                    elif name in info.types:
+                        if state.key is None and name not in info.generated:
+                            raise MissingKeyAttributeError(
+                                f"{klass.__qualname__} object has no value for {name!r}, which its keys "
+                                f"declare (key {spec!r}); set it before storing the object"
+                            )
+                    else:
+                        try:
+                            canonical_value(getattr(obj, name))
+                        except AttributeError:
+                            raise MissingKeyAttributeError(
+                                f"{klass.__qualname__} object has no attribute {name!r}, which its keys "
+                                f"declare (key {spec!r})"
+                            ) from None
+
+    def put(self, obj: object) -> None:
+        """Insert or update ``obj`` (one transaction) and load generated values onto it.
+
+        :raises NotStorableError: for objects of classes without keys.
+        :raises MissingKeyAttributeError: when a key column has no value and
+            the database would not generate one.
+        :raises StoreError: when the database refuses the write (nothing is written).
+        """
+        self.batch_put((obj,))
+
+    def batch_put(self, objs: Iterable[object]) -> None:
+        """Insert or update every mapped object of ``objs`` in one transaction.
+
+        :raises StoreError: when the database refuses any of them (nothing is written).
+        """
+        items = self._mapped_objects(objs, check_keys=True)
+        if not items:
+            return
+        from sqlalchemy.exc import IntegrityError
+
+        try:
+            try:
+                merged = self._merge_all(items)
+            except IntegrityError:
+                # Session.merge() SELECTs, then INSERTs: a concurrent put of the
+                # same new primary key can win the race.  A second attempt sees
+                # the row and UPDATEs it; a real constraint violation fails again.
+                merged = self._merge_all(items)
+        except Exception as exc:  # noqa: BLE001 - mapped into the stockpyle tree or re-raised
+            self._raise_mapped(exc, "put")
+        for (obj, info), copy in zip(items, merged, strict=True):
+            _copy_back(obj, copy, info)
+
+    def _merge_all(self, items: list[tuple[Any, _Mapped]]) -> list[Any]:
+        from sqlalchemy import select
+        from sqlalchemy.orm.attributes import instance_state
+
+        with self.sessionmaker(expire_on_commit=False) as session, session.begin():
+            merged = [session.merge(obj) for obj, _info in items]
+            session.flush()
+            # Server defaults and onupdate values the dialect could not return
+            # (no RETURNING, or an UPDATE) are expired after the flush: load them
+            # in this transaction so the caller's object -- and every cache
+            # layer above -- gets the complete row.
+            stale: dict[_Mapped, list[Any]] = {}
+            for copy, (_obj, info) in zip(merged, items, strict=True):
+                if instance_state(copy).unloaded.intersection(info.column_keys):
+                    stale.setdefault(info, []).append(copy)
+            for info, copies in stale.items():
+                self._reload(session, info, copies, select)
+        return merged
+
+    def _reload(self, session: Session, info: _Mapped, copies: list[Any], select: Any) -> None:
+        from sqlalchemy import tuple_
+        from sqlalchemy.orm.attributes import instance_state
+
+        idents = [tuple(instance_state(c).identity or ()) for c in copies]
+        for start in range(0, len(idents), self.chunk_size):
+            chunk = idents[start : start + self.chunk_size]
+            if len(info.pk_names) == 1:
+                where = info.attrs[info.pk_names[0]].in_([i[0] for i in chunk])
+            else:
+                where = tuple_(*[info.attrs[n] for n in info.pk_names]).in_(list(chunk))
+            session.execute(select(info.entity).where(where).execution_options(populate_existing=True)).all()
+
+    def delete(self, obj: object) -> None:
+        """Delete ``obj``'s row (ORM cascades apply); absent rows are ignored.
+
+        :raises StoreError: when the database refuses (nothing is deleted).
+        """
+        self.batch_delete((obj,))
+
+    def batch_delete(self, objs: Iterable[object]) -> None:
+        """Delete the rows of every mapped object of ``objs`` in one transaction.
+
+        :raises StoreError: when the database refuses any of them (nothing is deleted).
+        """
+        items = self._mapped_objects(objs, check_keys=False)
+        if not items:
+            return
+        from sqlalchemy import select, tuple_
+        from sqlalchemy.orm.attributes import instance_state
+
+        by_class: dict[_Mapped, list[tuple[Any, ...]]] = {}
+        for obj, info in items:
+            state = instance_state(obj)
+            if state.key is not None:
+                # the row this object was loaded from, even if its primary key
+                # attribute was changed since
+                ident = tuple(state.key[1])
+            else:
+                ident = tuple([state.dict.get(name) for name in info.pk_names])
+            if None not in ident:
+                by_class.setdefault(info, []).append(ident)
+        if not by_class:
+            return
+        try:
+            with self.sessionmaker() as session, session.begin():
+                for info, idents in by_class.items():
+                    unique = list(dict.fromkeys(idents))
+                    for start in range(0, len(unique), self.chunk_size):
+                        chunk = unique[start : start + self.chunk_size]
+                        if len(info.pk_names) == 1:
+                            where = info.attrs[info.pk_names[0]].in_([i[0] for i in chunk])
+                        else:
+                            where = tuple_(*[info.attrs[n] for n in info.pk_names]).in_(chunk)
+                        result = session.scalars(select(info.entity).where(where))
+                        for row in (result.unique() if info.unique_rows else result).all():
+                            session.delete(row)
+        except Exception as exc:  # noqa: BLE001 - mapped into the stockpyle tree or re-raised
+            self._raise_mapped(exc, "delete")
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def release(self) -> None:
+        """Close the pooled connections of an engine this store created from ``uri``."""
+        if self._owns_engine and self.engine is not None:
+            self.engine.dispose()
+
+
+def _copy_back(obj: Any, merged: Any, info: _Mapped) -> None:
+    """Give the caller's ``obj`` the committed column values of its merged copy.
+
+    ``Session.merge`` returns another instance; the values the database
+    generated (primary keys, server defaults) must reach the caller's object,
+    since the cache layers above store that very object.
+    """
+    from sqlalchemy.orm import make_transient, make_transient_to_detached, object_session
+    from sqlalchemy.orm.attributes import instance_state, set_committed_value
+
+    if merged is obj:  # pragma: no cover - only if obj was attached to the store's own session
+        return
+    source = merged.__dict__
+    state = instance_state(obj)
+    for name in info.column_keys:
+        if name in source:
+            set_committed_value(obj, name, source[name])
+    if object_session(obj) is None:
+        # Transient or detached: make it a detached persistent instance with the
+        # new identity (a changed primary key gets a new identity), so adding it
+        # to a session later neither INSERTs again nor loses history.
+        if state.key is not None:
+            make_transient(obj)
+        make_transient_to_detached(obj)
