@@ -83,18 +83,18 @@ SUPPORTED_TYPES: Final = (
 def canonical_value(value: Any) -> Any:
     """Return the hashable, type-faithful in-process form of one key value.
 
-    Strings, bytes, ``None``, UUIDs and date/time values never compare equal to
-    a value of another supported type, so they are used as they are.  Numbers
-    are tagged with their kind because ``1 == 1.0 == True`` in Python; tuples are
-    tagged so they can never collide with a tagged number.
+    Strings, bytes, ints, ``None``, UUIDs and date/time values are used as they
+    are.  Of the values equal to an int (``1 == 1.0 == True == Decimal(1)``),
+    bools, floats and Decimals are tagged with their kind, so none of them can
+    equal an int or each other; tuples are tagged so they never collide with a
+    tagged number.  (Ints stay bare because they are the commonest key values
+    after strings, and the in-process hit path can then skip this function.)
 
     :raises UnsupportedKeyValueError: for any other type, and for NaN.
     """
     cls = type(value)
-    if cls is str or cls is bytes or value is None:
+    if cls is str or cls is int or cls is bytes or value is None:
         return value
-    if cls is int:
-        return ("i", value)
     if cls is bool:
         return ("b", value)
     if cls is tuple:
@@ -175,6 +175,8 @@ def _encode_canonical(canon: Any) -> str:
     cls = type(canon)
     if cls is str:
         return "s:" + _escape(canon)
+    if cls is int:
+        return f"i:{canon}"
     if canon is None:
         return "n"
     if cls is bytes:
@@ -183,8 +185,6 @@ def _encode_canonical(canon: Any) -> str:
         tag, inner = canon
         if tag == "t":
             return "(" + ",".join(_encode_canonical(v) for v in inner) + ")"
-        if tag == "i":
-            return f"i:{inner}"
         if tag == "b":
             return "b:1" if inner else "b:0"
         if tag == "f":
@@ -273,7 +273,7 @@ class KeyModel:
         object by one with a lower version.
     """
 
-    __slots__ = ("klass", "name", "specs", "bases", "version_attr", "_by_names", "_base_models")
+    __slots__ = ("klass", "name", "specs", "bases", "version_attr", "_by_names", "_base_models", "_plan")
 
     def __init__(self, klass: type, specs: tuple[KeyNames, ...]) -> None:
         self.klass = klass
@@ -285,6 +285,8 @@ class KeyModel:
         self._by_names: dict[tuple[str, ...], str | KeyNames] = {}
         for spec in specs:
             self._by_names[spec] = _key_id(spec)
+        # (key id, names) per declared key, in declaration order: what keys_of() walks
+        self._plan: tuple[tuple[str | KeyNames, KeyNames], ...] = tuple((_key_id(spec), spec) for spec in specs)
         self.bases: tuple[type, ...] = tuple(
             base for base in klass.__mro__ if base is klass or _declared_specs(base) is not None
         )
@@ -319,20 +321,28 @@ class KeyModel:
         """All in-process keys of ``obj`` under this model's class."""
         klass = self.klass
         out: list[Key] = []
+        try:
+            for key_id, spec in self._plan:
+                if type(key_id) is str:
+                    raw = getattr(obj, key_id)
+                    kind = type(raw)
+                    out.append((klass, key_id, raw if kind is str or kind is int else canonical_value(raw)))
+                else:
+                    out.append((klass, key_id, *[canonical_value(getattr(obj, name)) for name in spec]))
+        except AttributeError:
+            self._missing_attribute(obj)
+            raise
+        return out
+
+    def _missing_attribute(self, obj: object) -> None:
         for spec in self.specs:
-            values: list[Any] = [klass, _key_id(spec)]
             for name in spec:
-                try:
-                    raw = getattr(obj, name)
-                except AttributeError:
+                if not hasattr(obj, name):
                     raise MissingKeyAttributeError(
                         f"{type(obj).__qualname__} object has no attribute {name!r}, "
-                        f"which {klass.__qualname__}.__stockpyle_keys__ declares "
+                        f"which {self.klass.__qualname__}.__stockpyle_keys__ declares "
                         f"(key {_describe_spec(spec)})"
                     ) from None
-                values.append(canonical_value(raw))
-            out.append(tuple(values))
-        return out
 
     def __repr__(self) -> str:
         return f"<KeyModel {self.name} {list(self.specs)}>"
@@ -425,7 +435,8 @@ def lookup_key(klass: type, keydict: Mapping[str, Any]) -> Key:
         key_id = model.spec_for(tuple(keydict))
     if type(key_id) is str:
         value = keydict[key_id]
-        return (klass, key_id, value if type(value) is str else canonical_value(value))
+        kind = type(value)
+        return (klass, key_id, value if kind is str or kind is int else canonical_value(value))
     return (klass, key_id, *[canonical_value(keydict[name]) for name in key_id])
 
 

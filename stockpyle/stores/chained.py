@@ -322,7 +322,7 @@ class ChainedStore(BaseStore):
     def get(self, klass: type[T], keydict: KeyDict) -> T | None:
         # The L1 hit path is the library's second-hottest code.  When L1 is an
         # unbounded in-process store, its index is probed here directly for
-        # the common lookup (one str-valued attribute): that saves a Python
+        # the common lookup (one str- or int-valued attribute): that saves a Python
         # frame, which is a quarter of the cost of the whole hit.  Anything
         # unusual falls through to L1's own get().
         self._countdown -= 1
@@ -333,7 +333,7 @@ class ChainedStore(BaseStore):
         if index is not None and len(keydict) == 1:
             (name,) = keydict
             value = keydict[name]
-            if type(value) is str:
+            if type(value) is str or type(value) is int:
                 rec = index.get((klass, name, value))
                 if rec is not None and (rec.expires is None or rec.expires > _monotonic()):
                     self._l1_hits += 1

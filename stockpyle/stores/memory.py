@@ -13,8 +13,8 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from time import perf_counter
 from typing import Any, TypeVar
 
@@ -71,6 +71,23 @@ class _ExpiringTable(MemoryTable):
     def clear(self) -> None:
         super().clear()
         self.heap.clear()
+
+
+class _Guard:
+    """``with guard as table``: hold the store's lock around one write (cheaper than a generator-based manager)."""
+
+    __slots__ = ("_lock", "_table")
+
+    def __init__(self, lock: threading.RLock, table: _ExpiringTable) -> None:
+        self._lock = lock
+        self._table = table
+
+    def __enter__(self) -> _ExpiringTable:
+        self._lock.acquire()
+        return self._table
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 class _InProcessStore(BaseStore):
@@ -245,15 +262,14 @@ class ProcessMemoryStore(_InProcessStore):
         self._table = self._new_table()
         self._index = self._table.index
         self._lock = threading.RLock()
+        self._guard = _Guard(self._lock, self._table)
         # Lets a ChainedStore with this store on top probe the index itself on
         # its hit path (records hold monotonic expiry times).  Bounded stores
         # must record each use for LRU, so they do not offer it.
         self._unbounded_index = self._index if self.maxsize is None else None
 
-    @contextmanager
-    def _locked_table(self) -> Iterator[_ExpiringTable]:
-        with self._lock:
-            yield self._table
+    def _locked_table(self) -> AbstractContextManager[_ExpiringTable]:
+        return self._guard
 
     def __len__(self) -> int:
         """Number of objects stored (expired ones may be counted until reclaimed)."""
@@ -266,7 +282,7 @@ class ProcessMemoryStore(_InProcessStore):
 
     def get(self, klass: type[T], keydict: KeyDict) -> T | None:
         # The hit path is the hottest code in stockpyle.  A single-attribute
-        # lookup with a str value is tried directly as (klass, name, value): only
+        # lookup with a str or int value is tried directly as (klass, name, value): only
         # declared keys are ever stored, so a hit needs no validation; anything
         # else, and every miss, goes through lookup_key(), which validates.
         self._countdown -= 1
@@ -276,7 +292,7 @@ class ProcessMemoryStore(_InProcessStore):
         if len(keydict) == 1:
             (name,) = keydict
             value = keydict[name]
-            if type(value) is str:
+            if type(value) is str or type(value) is int:
                 rec = self._index.get((klass, name, value))
         if rec is None:
             rec = self._index.get(lookup_key(klass, keydict))
