@@ -1,33 +1,25 @@
 """MemcacheStore against raw pymemcache and dogpile.cache, measured in one run on one server.
 
-Run: ``python benchmarks/bench_memcache.py [--repeat N]``.  Starts its own
-memcached on a free loopback port (needs the ``memcached`` binary) and stops it
-at the end.  Reports the median time per call over several timeit-style
-repeats, and ratios against the peers.  Not a test: nothing here asserts.
+Run: ``python benchmarks/bench_memcache.py [--quick]``.  Starts its own
+memcached on a free loopback port (needs the ``memcached`` binary) and stops
+it by PID at the end.  Rows are interleaved (see ``_timing.py``) and each is
+reported as stockpyle's median and its ratio to the peer.  The raw baseline
+is what hand-written code does: ``pickle.loads(client.get(key))``.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import pickle
-import shutil
-import signal
-import socket
-import statistics
-import subprocess
 import sys
-import time
-import timeit
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pymemcache.client.base import Client, PooledClient
+from _timing import MemcachedMissing, Suite, interleaved, memcached, standalone
 
-from stockpyle import MemcacheStore
+SIZE = 100
 
 
 class Item:
@@ -42,134 +34,103 @@ class Item:
         self.payload = payload
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+GET = "MemcacheStore.get"
+GET_SIGNED = "MemcacheStore(secret=...).get"
+RAW_POOLED = "raw PooledClient.get + pickle.loads"
+RAW_PLAIN = "raw Client.get + pickle.loads"
+DOGPILE = "dogpile.cache pymemcache region.get"
+BATCH = f"MemcacheStore.batch_get({SIZE})"
+BATCH_SIGNED = f"MemcacheStore(secret=...).batch_get({SIZE})"
+RAW_MANY = f"raw PooledClient.get_many({SIZE}) + unpickle"
+RAW_MANY_PLAIN = f"raw Client.get_many({SIZE}) + unpickle"
+DOGPILE_MANY = f"dogpile.cache pymemcache region.get_multi({SIZE})"
+PUT = "MemcacheStore.put (2 keys)"
+RAW_SET = "raw PooledClient.set x2 + pickle.dumps"
 
 
-def start_memcached() -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("memcached")
-    if binary is None:
-        sys.exit("memcached binary not found; apt-get install memcached")
-    port = free_port()
-    cmd = [binary, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "64"]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        cmd += ["-u", "root"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.02)
-    proc.kill()
-    sys.exit("memcached did not start")
-
-
-def measure(contenders: dict[str, Callable[[], Any]], repeat: int, target: float = 0.1) -> dict[str, float]:
-    """Median seconds per call of each contender.
-
-    Each contender's loop count is calibrated to about ``target`` seconds; then
-    the contenders are timed round-robin ``repeat`` times, so load from other
-    processes on the machine affects them alike instead of whichever ran last.
-    """
-    timers = {name: timeit.Timer(fn) for name, fn in contenders.items()}
-    numbers = {}
-    for name, timer in timers.items():
-        number, seconds = timer.autorange()
-        numbers[name] = max(1, int(number * target / max(seconds, 1e-9)))
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeat):
-        for name, timer in timers.items():
-            samples[name].append(timer.timeit(numbers[name]) / numbers[name])
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=7, help="timed repeats per measurement (median reported)")
-    parser.add_argument("--size", type=int, default=100, help="batch size")
-    args = parser.parse_args()
-
-    proc, address = start_memcached()
+def run(*, quick: bool = False) -> Suite:
+    """Start a private memcached and measure; without the binary, a note and no rows."""
+    suite = Suite("memcache")
     try:
-        run(address, args.repeat, args.size)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        import pymemcache  # noqa: F401
+    except ImportError:
+        suite.notes.append("pymemcache not installed: memcache rows skipped (pip install stockpyle[memcache])")
+        return suite
+    try:
+        with memcached() as address:
+            _measure(suite, address, quick)
+    except MemcachedMissing as exc:
+        suite.notes.append(f"{exc}: memcache rows skipped")
+    return suite
 
 
-def run(address: str, repeat: int, size: int) -> None:
-    from dogpile.cache import make_region
+def _measure(suite: Suite, address: str, quick: bool) -> None:
+    from pymemcache.client.base import Client, PooledClient
 
-    objs = [Item(f"key-{i}", i, -i, {"name": f"object {i}", "values": list(range(10))}) for i in range(size)]
+    from stockpyle.stores.memcache import MemcacheStore
+
+    objs = [Item(f"key-{i}", i, -i, {"name": f"object {i}", "values": list(range(10))}) for i in range(SIZE)]
     keydicts = [{"key": o.key} for o in objs]
-
     store = MemcacheStore([address], namespace="bench")
     store.batch_put(objs)
-
-    pooled = PooledClient(address, no_delay=True, default_noreply=False)
-    plain = Client(address, no_delay=True, default_noreply=False)
-    raw_keys = [f"raw:{o.key}" for o in objs]
-    pooled.set_many(
-        {k: pickle.dumps(o, pickle.HIGHEST_PROTOCOL) for k, o in zip(raw_keys, objs, strict=True)}, noreply=False
-    )
-
-    region = make_region().configure(
-        "dogpile.cache.pymemcache",
-        arguments={"url": [address], "memcached_expire_time": 0, "no_delay": True},
-    )
-    dogpile_keys = [f"dp:{o.key}" for o in objs]
-    region.set_multi(dict(zip(dogpile_keys, objs, strict=True)))
-
-    # sanity: every contender reads real objects
-    assert store.get(Item, keydicts[0]).key == "key-0"  # type: ignore[union-attr]
-    assert all(o is not None for o in store.batch_get(Item, keydicts))
-    assert len(pooled.get_many(raw_keys)) == size
-    assert region.get(dogpile_keys[0]).key == "key-0"
-
     signed = MemcacheStore([address], namespace="bench-signed", secret=b"benchmark secret")
     signed.batch_put(objs)
-    k0, rk0 = keydicts[0], raw_keys[0]
-    results = measure(
-        {
-            "MemcacheStore.get": lambda: store.get(Item, k0),
-            "raw PooledClient.get + pickle.loads": lambda: pickle.loads(pooled.get(rk0)),
-            "raw Client.get + pickle.loads": lambda: pickle.loads(plain.get(rk0)),
-            "dogpile region.get": lambda: region.get(dogpile_keys[0]),
-            f"MemcacheStore.batch_get({size})": lambda: store.batch_get(Item, keydicts),
-            f"raw PooledClient.get_many({size}) + unpickle": lambda: [
-                pickle.loads(v) for v in pooled.get_many(raw_keys).values()
-            ],
-            f"raw Client.get_many({size}) + unpickle": lambda: [
-                pickle.loads(v) for v in plain.get_many(raw_keys).values()
-            ],
-            f"dogpile region.get_multi({size})": lambda: region.get_multi(dogpile_keys),
-            "MemcacheStore.put (2 keys)": lambda: store.put(objs[1]),
-            "MemcacheStore.get (signed)": lambda: signed.get(Item, k0),
-            f"MemcacheStore.batch_get({size}) (signed)": lambda: signed.batch_get(Item, keydicts),
-        },
-        repeat,
-    )
 
-    print(f"memcached at {address}; medians of {repeat} repeats; Python {sys.version.split()[0]}")
-    width = max(len(name) for name in results)
-    for name, seconds in results.items():
-        print(f"  {name:<{width}}  {seconds * 1e6:10.1f} us")
-    get_ratio = results["MemcacheStore.get"] / results["raw PooledClient.get + pickle.loads"]
-    get_ratio_plain = results["MemcacheStore.get"] / results["raw Client.get + pickle.loads"]
-    batch = results[f"MemcacheStore.batch_get({size})"]
-    batch_ratio = batch / results[f"raw PooledClient.get_many({size}) + unpickle"]
-    batch_ratio_plain = batch / results[f"raw Client.get_many({size}) + unpickle"]
-    dogpile_speedup = results[f"dogpile region.get_multi({size})"] / batch
-    print("ratios (target):")
-    print(f"  get / raw pooled get                 {get_ratio:5.2f}x  (<= 1.2)")
-    print(f"  get / raw single-connection get      {get_ratio_plain:5.2f}x")
-    print(f"  batch_get / raw pooled get_many      {batch_ratio:5.2f}x  (<= 1.2)")
-    print(f"  batch_get / raw single-conn get_many {batch_ratio_plain:5.2f}x")
-    print(f"  dogpile get_multi / batch_get        {dogpile_speedup:5.2f}x faster  (>= 3)")
+    host, port = address.split(":")
+    pooled = PooledClient((host, int(port)), no_delay=True, default_noreply=False)
+    plain = Client((host, int(port)), no_delay=True, default_noreply=False)
+    raw_keys = [f"raw:{o.key}" for o in objs]
+    pooled.set_many({k: pickle.dumps(o, pickle.HIGHEST_PROTOCOL) for k, o in zip(raw_keys, objs, strict=True)})
+
+    k0, rk0 = keydicts[0], raw_keys[0]
+    assert store.get(Item, k0).key == "key-0"  # type: ignore[union-attr]
+    assert all(o is not None for o in store.batch_get(Item, keydicts))
+    assert len(pooled.get_many(raw_keys)) == SIZE
+
+    singles: list[tuple[str, Callable[[], object]]] = [
+        (GET, lambda: store.get(Item, k0)),
+        (GET_SIGNED, lambda: signed.get(Item, k0)),
+        (RAW_POOLED, lambda: pickle.loads(pooled.get(rk0))),
+        (RAW_PLAIN, lambda: pickle.loads(plain.get(rk0))),
+        (PUT, lambda: store.put(objs[1])),
+        (
+            RAW_SET,
+            lambda: pooled.set_many(dict.fromkeys(("raw:a", "raw:b"), pickle.dumps(objs[1], pickle.HIGHEST_PROTOCOL))),
+        ),
+    ]
+    batches: list[tuple[str, Callable[[], object]]] = [
+        (BATCH, lambda: store.batch_get(Item, keydicts)),
+        (BATCH_SIGNED, lambda: signed.batch_get(Item, keydicts)),
+        (RAW_MANY, lambda: [pickle.loads(v) for v in pooled.get_many(raw_keys).values()]),
+        (RAW_MANY_PLAIN, lambda: [pickle.loads(v) for v in plain.get_many(raw_keys).values()]),
+    ]
+    try:
+        from dogpile.cache import make_region
+    except ImportError:
+        suite.notes.append("dogpile.cache not installed: its memcache rows are skipped")
+    else:
+        region = make_region().configure(
+            "dogpile.cache.pymemcache",
+            arguments={"url": [address], "memcached_expire_time": 0, "no_delay": True},
+        )
+        dogpile_keys = [f"dp:{o.key}" for o in objs]
+        region.set_multi(dict(zip(dogpile_keys, objs, strict=True)))
+        assert region.get(dogpile_keys[0]).key == "key-0"
+        singles.append((DOGPILE, lambda: region.get(dogpile_keys[0])))
+        batches.append((DOGPILE_MANY, lambda: region.get_multi(dogpile_keys)))
+
+    rounds = 7 if quick else 21
+    one = interleaved(singles, number=100 if quick else 300, rounds=rounds)
+    many = interleaved(batches, number=10 if quick else 30, rounds=rounds)
+    suite.compare(one, GET, RAW_POOLED, target="<= 1.20")
+    suite.compare(one, GET, RAW_PLAIN)
+    suite.compare(one, GET, DOGPILE)
+    suite.compare(one, GET_SIGNED, RAW_POOLED, note="HMAC-SHA256 verified before unpickling")
+    suite.compare(one, PUT, RAW_SET, note="stockpyle reads the old key list first (stale-key cleanup)")
+    suite.compare(many, BATCH, RAW_MANY, target="<= 1.20")
+    suite.compare(many, BATCH, RAW_MANY_PLAIN)
+    suite.compare(many, BATCH, DOGPILE_MANY, note="raw pymemcache is itself only ~2.3x faster than dogpile here")
+    suite.compare(many, BATCH_SIGNED, RAW_MANY)
     store.release()
     signed.release()
     pooled.close()
@@ -177,4 +138,4 @@ def run(address: str, repeat: int, size: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(standalone(run, __doc__.splitlines()[0]))

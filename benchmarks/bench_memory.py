@@ -1,8 +1,9 @@
 """In-process hit paths: stockpyle against a dict, cachetools and dogpile.cache.
 
-Run: ``python benchmarks/bench_memory.py``.  Every row is measured in the same
-run and reported as a median plus its ratio to the plain dict lookup and to
-dogpile.cache's memory region.  Peers that are not installed are skipped.
+Run: ``python benchmarks/bench_memory.py [--quick]``.  Every row is measured
+in the same run, interleaved, and reported as stockpyle's median plus its
+ratio to the peer (the median of per-round ratios).  Peers that are not
+installed are skipped with a note.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _timing import interleaved
+from _timing import Suite, interleaved, standalone
 
-from stockpyle import ChainedStore, ProcessMemoryStore
+from stockpyle import ChainedStore, ProcessMemoryStore, ThreadLocalStore
 
 
 class User:
@@ -28,7 +28,19 @@ class User:
         self.email = email
 
 
-def main() -> int:
+PM = "ProcessMemoryStore.get hit"
+PM_BOUNDED = "ProcessMemoryStore(maxsize, lifetime).get hit"
+TL = "ThreadLocalStore.get hit"
+CHAIN = "ChainedStore([PM, PM]).get L1 hit"
+DICT = "dict.get"
+TTL = "cachetools.TTLCache get"
+LRU = "cachetools.LRUCache get"
+DOGPILE = "dogpile.cache memory region get"
+
+
+def run(*, quick: bool = False) -> Suite:
+    """Measure the in-process hit paths; returns the rows."""
+    suite = Suite("memory")
     n = 10_000
     users = [User(f"user-{i}", f"u{i}@example.com") for i in range(n)]
     probe = users[n // 2]
@@ -36,59 +48,63 @@ def main() -> int:
     rows: list[tuple[str, Callable[[], object]]] = []
 
     plain = {u.id: u for u in users}
-    rows.append(("dict lookup", lambda: plain.get(probe.id)))
+    rows.append((DICT, lambda: plain.get(probe.id)))
 
     store = ProcessMemoryStore()
     store.batch_put(users)
     assert store.get(User, keydict) is probe
-    rows.append(("ProcessMemoryStore.get hit", lambda: store.get(User, keydict)))
+    rows.append((PM, lambda: store.get(User, keydict)))
 
     bounded = ProcessMemoryStore(maxsize=n, lifetime_cb=lambda obj: 300)
     bounded.batch_put(users)
     assert bounded.get(User, keydict) is probe
-    rows.append(("ProcessMemoryStore(maxsize, lifetime).get hit", lambda: bounded.get(User, keydict)))
+    rows.append((PM_BOUNDED, lambda: bounded.get(User, keydict)))
+
+    local = ThreadLocalStore()
+    local.batch_put(users)
+    assert local.get(User, keydict) is probe
+    rows.append((TL, lambda: local.get(User, keydict)))
 
     chain = ChainedStore([ProcessMemoryStore(), ProcessMemoryStore()])
     chain.batch_put(users)
     assert chain.get(User, keydict) is probe
-    rows.append(("ChainedStore([PM, PM]).get L1 hit", lambda: chain.get(User, keydict)))
+    rows.append((CHAIN, lambda: chain.get(User, keydict)))
 
     try:
         import cachetools
-
-        ttl: Any = cachetools.TTLCache(maxsize=n * 2, ttl=300)
-        for u in users:
-            ttl[u.id] = u
-        rows.append(("cachetools.TTLCache get", lambda: ttl.get(probe.id)))
     except ImportError:
-        print("cachetools not installed: skipped")
+        suite.notes.append("cachetools not installed: its rows are skipped (pip install cachetools)")
+    else:
+        ttl: Any = cachetools.TTLCache(maxsize=n * 2, ttl=300)
+        lru: Any = cachetools.LRUCache(maxsize=n * 2)
+        for u in users:
+            ttl[u.id] = lru[u.id] = u
+        rows.append((TTL, lambda: ttl.get(probe.id)))
+        rows.append((LRU, lambda: lru.get(probe.id)))
 
     try:
         from dogpile.cache import make_region
-
+    except ImportError:
+        suite.notes.append("dogpile.cache not installed: its rows are skipped (pip install dogpile.cache)")
+    else:
         region = make_region().configure("dogpile.cache.memory", expiration_time=300)
         for u in users:
             region.set(u.id, u)
         assert region.get(probe.id) is probe
-        rows.append(("dogpile.cache memory region get", lambda: region.get(probe.id)))
-    except ImportError:
-        print("dogpile.cache not installed: skipped")
+        rows.append((DOGPILE, lambda: region.get(probe.id)))
 
-    results = interleaved(rows)
-    base = results["dict lookup"]
-    dogpile = results.get("dogpile.cache memory region get")
-    print(f"{'operation':48} {'median ns':>10} {'x dict':>8} {'x dogpile':>10}")
-    for name, timing in results.items():
-        vs_dogpile = f"{timing.ratio_to(dogpile):10.2f}" if dogpile else f"{'-':>10}"
-        print(f"{name:48} {timing.median:10.0f} {timing.ratio_to(base):8.2f} {vs_dogpile}")
-    pm = results["ProcessMemoryStore.get hit"]
-    print()
-    chain_ratio = results["ChainedStore([PM, PM]).get L1 hit"].ratio_to(pm)
-    print(f"ChainedStore L1 hit / ProcessMemoryStore.get = {chain_ratio:.2f}  (target <= 1.25)")
-    if dogpile:
-        print(f"ProcessMemoryStore.get / dogpile memory get  = {pm.ratio_to(dogpile):.2f}  (target <= 0.50)")
-    return 0
+    results = interleaved(rows, number=2_000 if quick else 5_000, rounds=7 if quick else 21)
+    for ours in (PM, PM_BOUNDED, TL):
+        suite.compare(results, ours, DICT)
+        suite.compare(results, ours, TTL)
+        suite.compare(results, ours, LRU)
+        suite.compare(results, ours, DOGPILE, target="<= 0.50" if ours == PM else "")
+    suite.compare(results, CHAIN, PM, target="<= 1.25")
+    suite.compare(results, CHAIN, DICT)
+    suite.compare(results, CHAIN, TTL)
+    suite.compare(results, CHAIN, DOGPILE)
+    return suite
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(standalone(run, __doc__.splitlines()[0]))
