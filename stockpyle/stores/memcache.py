@@ -9,20 +9,47 @@ whatever the key values are, and stay readable in ``memcached`` dumps.
 Each entry is an envelope from :class:`stockpyle.serializers.Codec` whose
 payload is::
 
-    length of key list (4 bytes) | memcached keys of the object, space separated | serialized object
+    length of section (4 bytes) | section | serialized object
+    section = memcached keys of the object, space separated [ newline | version as JSON ]
 
 The key list lets a later ``put`` find and delete the entries an object
 occupied under key values that have since changed (stale alternate keys),
-without deserializing the old object.
+without deserializing the old object.  The version (present when the object's
+class has one, see :func:`stockpyle.keys.version_of`) lets a ``put`` compare
+versions without deserializing the object; it is JSON, so reading it never
+runs code even in an unsigned store.
+
+A *tombstone* is an envelope whose payload is four 0xFF bytes (a section
+length no key list has) followed by an optional JSON version.  ``delete`` writes tombstones with a
+short lifetime (``tombstone_lifetime``) instead of deleting, so a reader that
+read the database before the delete cannot back-fill (``add``) the old object;
+reads treat a tombstone as a miss, ``put`` replaces it (unless it records a
+version at least as new as the object's).  Tombstones are signed like entries.
+
+Consistency protocol (see ``docs/consistency.rst``):
+
+* ``add``/``batch_add`` (the back-fill of a :class:`~stockpyle.ChainedStore`)
+  use memcached ``add`` for each key of an object, so they never replace a
+  newer entry or a tombstone.  When some of an object's keys are added and
+  another is refused, the added ones are deleted again: the refusal means a
+  writer got there first (or the object was deleted), and an object present
+  under only some of its keys could serve the old value under those keys.
+* ``put`` of a versioned object reads its keys with ``gets`` and writes with
+  ``cas`` (``add`` for absent keys), retrying on conflicts, so an entry is
+  never replaced by an older version; after ``CAS_ATTEMPTS`` conflicting
+  attempts the object's keys are invalidated instead (a miss is always safe).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import hashlib
 import logging
+import math
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
@@ -33,9 +60,9 @@ from ..exceptions import (
     StoreUnavailableError,
     ValueTooLargeError,
 )
-from ..keys import Key, encode_key, lookup_key, object_keys
-from ..lifetimes import LifetimeCallback, memcache_expire
-from ..serializers import Codec, HMACSigner, Serializer, Signer
+from ..keys import Key, encode_key, is_older, lookup_key, object_keys, version_of
+from ..lifetimes import MEMCACHE_RELATIVE_LIMIT, LifetimeCallback, memcache_expire, seconds_remaining
+from ..serializers import Codec, HMACSigner, JSONSerializer, Serializer, Signer
 from .base import MISS, BaseStore, KeyDict
 
 __all__ = ["MemcacheStore"]
@@ -55,6 +82,45 @@ _SAFE_PART: Final = re.compile(r"[A-Za-z0-9_.\-]{0,64}\Z")
 _CLASS_UNSAFE: Final = re.compile(r"[^A-Za-z0-9_.]")
 _KEYS_LEN: Final = 4
 _MKEY_CACHE_LIMIT: Final = 20_000
+#: Section length that marks a tombstone (no real key list is 4 GiB long).
+_TOMB_MARK: Final = 0xFFFFFFFF
+_TOMB_PREFIX: Final = _TOMB_MARK.to_bytes(_KEYS_LEN, "big")
+#: Versions are JSON (tagged types), never pickles: reading one cannot run code.
+_VERSIONS: Final = JSONSerializer()
+#: Default cap on entry lifetimes (one day): no entry lives forever unless asked.
+DEFAULT_MAX_LIFETIME: Final = 86_400
+#: Attempts of a version-checked put before it gives up and invalidates.
+CAS_ATTEMPTS: Final = 8
+# states of an entry read back from memcached
+_ABSENT, _ENTRY, _TOMBSTONE, _UNREADABLE = range(4)
+
+
+def _encode_version(version: Any) -> bytes | None:
+    """JSON bytes of a version, or ``None`` (unversioned, or a type JSON cannot carry)."""
+    if version is None:
+        return None
+    try:
+        return _VERSIONS.dumps(version)
+    except (TypeError, ValueError):
+        log.warning("stockpyle: version %r cannot be recorded in memcached; writes are not version-checked", version)
+        return None
+
+
+def _decode_version(data: bytes) -> Any:
+    if not data:
+        return None
+    try:
+        return _VERSIONS.loads(data)
+    except ValueError:
+        return None
+
+
+def _not_newer(candidate: Any, stored: Any) -> bool:
+    """True when ``candidate`` is older than or equal to ``stored`` (incomparable: False)."""
+    try:
+        return bool(candidate == stored) or is_older(candidate, stored)
+    except Exception:  # noqa: BLE001 - a user type with a failing __eq__ is incomparable
+        return False
 
 
 def _key_part(text: Any, what: str) -> str:
@@ -114,19 +180,35 @@ class _PinnedRendezvousHash:
 class _Backend:
     """Uniform access to a memcached client; one call per server for batches."""
 
-    __slots__ = ("client", "nodes")
+    __slots__ = ("client", "nodes", "can_add", "can_cas")
 
     def __init__(self, client: Any) -> None:
         self.client = client
         #: the per-server clients, for error messages and close()
         self.nodes: list[Any] = [client]
+        self.can_add = callable(getattr(client, "add", None))
+        self.can_cas = callable(getattr(client, "gets_many", None)) and callable(getattr(client, "cas", None))
 
     def route(self, keys: Iterable[str]) -> list[tuple[Any, list[str]]]:
         """Group ``keys`` by the client that serves them."""
         return [(self.client, list(keys))]
 
+    def node_for(self, key: str) -> Any:
+        """The client that serves ``key``."""
+        return self.client
+
     def get(self, key: str) -> Any:
         return self.client.get(key)
+
+    def gets_many(self, node: Any, keys: list[str]) -> Mapping[str, tuple[Any, Any]]:
+        return node.gets_many(keys)  # type: ignore[no-any-return]
+
+    def add(self, node: Any, key: str, value: bytes, expire: int) -> bool:
+        return bool(node.add(key, value, expire=expire, noreply=False))
+
+    def cas(self, node: Any, key: str, value: bytes, token: Any, expire: int) -> bool:
+        # None (key gone) and False (changed since gets) are both conflicts
+        return bool(node.cas(key, value, token, expire=expire, noreply=False))
 
     def get_many(self, node: Any, keys: list[str]) -> Mapping[str, Any]:
         return node.get_many(keys)  # type: ignore[no-any-return]
@@ -155,6 +237,9 @@ class _HashBackend(_Backend):
     def __init__(self, client: Any) -> None:
         super().__init__(client)
         self.nodes = list(client.clients.values())
+        first = self.nodes[0] if self.nodes else None
+        self.can_add = callable(getattr(first, "add", None))
+        self.can_cas = callable(getattr(first, "gets_many", None)) and callable(getattr(first, "cas", None))
 
     def _node(self, key: str) -> Any:
         name = self.client.hasher.get_node(key)
@@ -173,6 +258,9 @@ class _HashBackend(_Backend):
             groups.setdefault(name, []).append(key)
         return [(clients[name], group) for name, group in groups.items()]
 
+    def node_for(self, key: str) -> Any:
+        return self._node(key)
+
     def get(self, key: str) -> Any:
         return self._node(key).get(key)
 
@@ -182,8 +270,17 @@ class _LegacyBackend(_Backend):
 
     __slots__ = ()
 
+    def __init__(self, client: Any) -> None:
+        super().__init__(client)
+        # python-memcached's gets/cas need cache_cas=True and keep per-client
+        # state; version-checked puts are offered on pymemcache clients only
+        self.can_cas = False
+
     def get_many(self, node: Any, keys: list[str]) -> Mapping[str, Any]:
         return node.get_multi(keys)  # type: ignore[no-any-return]
+
+    def add(self, node: Any, key: str, value: bytes, expire: int) -> bool:
+        return bool(node.add(key, value, expire))
 
     def set_many(self, node: Any, values: dict[str, bytes], expire: int) -> list[str]:
         failed = node.set_multi(values, expire)
@@ -204,6 +301,20 @@ def _is_legacy_client(client: Any) -> bool:
 
 def _is_pymemcache_like(client: Any) -> bool:
     return all(callable(getattr(client, name, None)) for name in ("get", "get_many", "set_many", "delete_many"))
+
+
+class _Prepared:
+    """One object ready to be written: its keys, envelopes, exptime and version."""
+
+    __slots__ = ("mkeys", "expire", "version", "vbytes", "values")
+
+    def __init__(self, mkeys: list[str], expire: int | None, version: Any, vbytes: bytes | None) -> None:
+        self.mkeys = mkeys
+        self.expire = expire
+        self.version = version
+        self.vbytes = vbytes
+        #: envelope per key; None when the object is not to be written
+        self.values: dict[str, bytes] | None = None
 
 
 # --------------------------------------------------------------------------
@@ -249,12 +360,25 @@ class MemcacheStore(BaseStore):
         object's keys first and delete the keys they recorded that the object
         no longer has (one extra round trip, skipped for objects with a single
         key).  Turn off only if key attributes never change.
+    :param tombstone_lifetime: seconds a deleted key keeps a tombstone that
+        refuses back-fills (``add``), so a reader racing the delete cannot put
+        the old object back (default 5; rounded up to whole seconds, at least
+        2 because memcached's clock ticks once a second).  ``0`` deletes
+        plainly (no protection against that race).
+    :param max_lifetime: cap on the lifetime of every entry: objects whose
+        lifetime is longer, or unset ("never expires"), get this one
+        (default one day).  It bounds how long an entry can stay stale when an
+        invalidation could not reach memcached.  ``None`` lets entries without
+        a lifetime live until evicted.
     :raises ConfigurationError: for none or both of ``servers``/``client``, both
         ``secret``/``signer``, or other invalid arguments.
     :raises ImportError: for ``servers=`` without pymemcache installed.
 
     :ivar rejected: number of entries that failed verification or could not
         be decoded; each was treated as a miss and deleted.
+    :ivar conflicts: version-checked writes that kept conflicting with other
+        writers for :data:`CAS_ATTEMPTS` attempts and invalidated the object's
+        keys instead.
     """
 
     supports_expiry = True
@@ -276,6 +400,8 @@ class MemcacheStore(BaseStore):
         max_pool_size: int | None = None,
         max_item_size: int = DEFAULT_MAX_ITEM_SIZE,
         cleanup_stale_keys: bool = True,
+        tombstone_lifetime: float = 5.0,
+        max_lifetime: Any = DEFAULT_MAX_LIFETIME,
     ) -> None:
         super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb)
         if (servers is None) == (client is None):
@@ -301,7 +427,35 @@ class MemcacheStore(BaseStore):
         self._raw_loads = self.codec.serializer.loads
         self.max_item_size = max_item_size
         self.cleanup_stale_keys = bool(cleanup_stale_keys)
+        if (
+            isinstance(tombstone_lifetime, bool)
+            or not isinstance(tombstone_lifetime, (int, float))
+            or not (0 <= tombstone_lifetime <= MEMCACHE_RELATIVE_LIMIT)
+        ):
+            raise ConfigurationError(
+                f"tombstone_lifetime must be seconds between 0 and 30 days; got {tombstone_lifetime!r}"
+            )
+        self.tombstone_lifetime = float(tombstone_lifetime)
+        self._tomb_expire = max(2, math.ceil(tombstone_lifetime)) if tombstone_lifetime else 0
+        self.max_lifetime = max_lifetime
+        self._max_seconds: float | None = None
+        if max_lifetime is not None:
+            try:
+                seconds = seconds_remaining(max_lifetime, 0.0)
+            except Exception:  # noqa: BLE001 - reported as a configuration error below
+                seconds = None
+            if isinstance(max_lifetime, (bool, _dt.datetime)) or seconds is None or not seconds > 0:
+                raise ConfigurationError(
+                    f"max_lifetime must be a positive number of seconds or a timedelta (or None); got {max_lifetime!r}"
+                )
+            self._max_seconds = seconds
+        #: memcached exptime of entries that get the cap (relative when it fits)
+        # (-1: the cap exceeds 30 days, so it is converted to an absolute time per write)
+        self._cap_expire = 0 if self._max_seconds is None else math.ceil(self._max_seconds)
+        if self._cap_expire > MEMCACHE_RELATIVE_LIMIT:
+            self._cap_expire = -1
         self.rejected = 0
+        self.conflicts = 0
         self._counter_lock = threading.Lock()
         self._mkeys: dict[Key, str] = {}
         self._class_parts: dict[type, str] = {}
@@ -513,30 +667,45 @@ class MemcacheStore(BaseStore):
             self._remove([mkey], "delete a rejected entry")
 
     def _decode(self, mkey: str, data: Any) -> Any:
-        """The object in an entry, or MISS (entry rejected and deleted)."""
+        """The object in an entry, or MISS (a tombstone, or an entry rejected and deleted)."""
         try:
             if type(data) is not bytes:
                 raise SerializationError(f"client returned {type(data).__name__}, not bytes (is a serde configured?)")
             start = self.codec.payload_offset(mkey, data)
-            end = start + _KEYS_LEN + int.from_bytes(data[start : start + _KEYS_LEN], "big")
-            return self.codec.loads(data[end:])
+            length = int.from_bytes(data[start : start + _KEYS_LEN], "big")
+            if length == _TOMB_MARK:
+                return MISS
+            return self.codec.loads(data[start + _KEYS_LEN + length :])
         except SerializationError as exc:
             self._reject(mkey, exc)
             return MISS
 
-    def _recorded_keys(self, mkey: str, data: Any) -> list[str]:
-        """The memcached keys an entry's object occupied ([] if unreadable)."""
+    def _inspect(self, mkey: str, data: Any) -> tuple[int, Any, list[str]]:
+        """State, version and recorded keys of an entry, without deserializing its object.
+
+        :returns: ``(_ABSENT | _ENTRY | _TOMBSTONE | _UNREADABLE, version or None, keys)``.
+        """
+        if data is None:
+            return _ABSENT, None, []
         if type(data) is not bytes:
-            return []
+            return _UNREADABLE, None, []
         try:
             start = self.codec.payload_offset(mkey, data) + _KEYS_LEN
         except SerializationError:
-            return []
-        end = start + int.from_bytes(data[start - _KEYS_LEN : start], "big")
+            return _UNREADABLE, None, []
+        length = int.from_bytes(data[start - _KEYS_LEN : start], "big")
+        if length == _TOMB_MARK:
+            return _TOMBSTONE, _decode_version(data[start:]), []
+        names, newline, version = data[start : start + length].partition(b"\n")
         try:
-            return data[start:end].decode("ascii").split(" ")
+            recorded = names.decode("ascii").split(" ")
         except UnicodeDecodeError:
-            return []
+            recorded = []
+        return _ENTRY, (_decode_version(version) if newline else None), recorded
+
+    def _recorded_keys(self, mkey: str, data: Any) -> list[str]:
+        """The memcached keys an entry's object occupied ([] if unreadable or a tombstone)."""
+        return self._inspect(mkey, data)[2]
 
     def _stale(self, wanted: Sequence[list[str]], action: str) -> tuple[set[str], StoreError | None]:
         """Keys recorded by the entries now under the objects' keys, minus their current keys.
@@ -563,6 +732,17 @@ class MemcacheStore(BaseStore):
                     stale.update(k for k in self._recorded_keys(mkey, data) if k not in current)
         return stale, error
 
+    def _bury(self, burials: Iterable[tuple[str, bytes | None]], action: str) -> None:
+        """Replace keys by tombstones (``(key, version JSON or None)`` pairs); plain deletes without tombstones."""
+        seal = self.codec.seal
+        values = {mkey: seal(mkey, _TOMB_PREFIX + (version or b"")) for mkey, version in burials}
+        if not values:
+            return
+        if not self._tomb_expire:
+            self._remove(values, action)
+            return
+        self._store(values, self._tomb_expire, action)
+
     # -- the operations -------------------------------------------------
 
     def get(self, klass: type[T], keydict: KeyDict) -> T | None:
@@ -572,8 +752,11 @@ class MemcacheStore(BaseStore):
         if data is None:
             return None
         if type(data) is bytes and data[:5] == self._fast_header:
+            length = int.from_bytes(data[5:9], "big")
+            if length == _TOMB_MARK:
+                return None
             try:
-                return self._raw_loads(data[9 + int.from_bytes(data[5:9], "big") :])  # type: ignore[no-any-return]
+                return self._raw_loads(data[9 + length :])  # type: ignore[no-any-return]
             except Exception as exc:  # noqa: BLE001 - corrupt data of any kind is a rejected entry
                 self._reject(mkey, SerializationError(f"cannot deserialize entry: {exc!r}"))
                 return None
@@ -595,8 +778,11 @@ class MemcacheStore(BaseStore):
         loads = self._raw_loads
         for mkey, data in found.items():
             if type(data) is bytes and data[:5] == fast_header:
+                length = int.from_bytes(data[5:9], "big")
+                if length == _TOMB_MARK:
+                    continue
                 try:
-                    decoded[mkey] = loads(data[9 + int.from_bytes(data[5:9], "big") :])
+                    decoded[mkey] = loads(data[9 + length :])
                 except Exception as exc:  # noqa: BLE001 - corrupt data of any kind is a rejected entry
                     self._reject(mkey, SerializationError(f"cannot deserialize entry: {exc!r}"))
             elif data is not None:
@@ -618,85 +804,259 @@ class MemcacheStore(BaseStore):
     def batch_delete(self, objs: Iterable[object]) -> None:
         self._delete_many(list(objs), "batch_delete")
 
+    def add(self, obj: object) -> bool:
+        """Store ``obj`` only where none of its keys holds an entry or a tombstone.
+
+        This is how a :class:`~stockpyle.ChainedStore` back-fills: a value read
+        from a lower layer must never replace a newer one written meanwhile, nor
+        bring back an object deleted meanwhile.  Each key is written with
+        memcached ``add``; if any key is refused, the keys already added are
+        deleted again, so the object is never left under only some of its keys.
+        An object that cannot be serialized or is too large is not stored
+        (logged, ``False``): a back-fill is an optimisation, not a write.
+
+        :returns: whether the object was stored.
+        :raises StoreError: when memcached fails (keys added before the failure
+            are deleted again where possible).
+        """
+        return self._add_many([obj], "add")[0]
+
+    def batch_add(self, objs: Iterable[object]) -> list[bool]:
+        """:meth:`add` for many objects; returns which were stored.
+
+        :raises StoreError: when memcached fails.
+        """
+        return self._add_many(list(objs), "batch_add")
+
     def _expire_for(self, obj: object) -> int | None:
+        """memcached exptime for ``obj``: its lifetime capped at ``max_lifetime`` (None: already expired)."""
+        cap = self._max_seconds
         if self.lifetimes.trivial:
-            return 0
-        return memcache_expire(self.lifetimes.lifetime_for(obj))
+            return self._cap_expire if self._cap_expire >= 0 else memcache_expire(cap)
+        lifetime = self.lifetimes.lifetime_for(obj)
+        if cap is None:
+            return memcache_expire(lifetime)
+        now = time.time()
+        remaining = seconds_remaining(lifetime, now)
+        if remaining is None or remaining > cap:
+            return memcache_expire(cap, now)
+        return memcache_expire(lifetime, now)
+
+    def _prepare(self, objs: list[object]) -> tuple[list[_Prepared], Exception | None]:
+        """Encode every object (all checks that depend on the caller happen here, before any I/O).
+
+        :returns: the prepared objects (``values`` is ``None`` for one that is
+            not to be written: already expired, unserializable or too large)
+            and the first error to report.
+        """
+        keyed = [(self._object_mkeys(obj), obj, self._expire_for(obj)) for obj in objs]
+        codec = self.codec
+        limit = self.max_item_size - _ITEM_OVERHEAD
+        can_cas = self._backend.can_cas
+        failure: Exception | None = None
+        out = []
+        for mkeys, obj, expire in keyed:
+            version = version_of(obj) if can_cas else None
+            vbytes = _encode_version(version)
+            item = _Prepared(mkeys, expire, None if vbytes is None else version, vbytes)
+            out.append(item)
+            if expire is None:  # already expired: store nothing, drop what is there
+                continue
+            try:
+                body = codec.dumps(obj)
+            except SerializationError as exc:
+                failure = failure or exc
+                continue
+            section = " ".join(mkeys).encode("ascii")
+            if vbytes is not None:
+                section += b"\n" + vbytes
+            payload = len(section).to_bytes(_KEYS_LEN, "big") + section + body
+            values: dict[str, bytes] = {}
+            for mkey in mkeys:
+                value = codec.seal(mkey, payload)
+                if len(value) + len(mkey) > limit:
+                    failure = failure or ValueTooLargeError(
+                        f"{type(obj).__qualname__} object is {len(value)} bytes serialized; memcached accepts at"
+                        f" most about {limit} bytes per item (max_item_size={self.max_item_size}, memcached -I)"
+                    )
+                    break
+                values[mkey] = value
+            else:
+                item.values = values
+        return out, failure
 
     def _put_many(self, objs: list[object], action: str) -> None:
         if not objs:
             return
         # 1. everything that can fail because of the caller, before any I/O
-        prepared = [(self._object_mkeys(obj), obj, self._expire_for(obj)) for obj in objs]
-        codec = self.codec
-        limit = self.max_item_size - _ITEM_OVERHEAD
-        groups: dict[int, dict[str, bytes]] = {}
-        doomed: list[str] = []  # keys of objects not written (expired, refused)
-        failure: Exception | None = None
-        for mkeys, obj, expire in prepared:
-            if expire is None:  # already expired: store nothing, drop what is there
-                doomed.extend(mkeys)
-                continue
-            try:
-                body = codec.dumps(obj)
-            except SerializationError as exc:
-                doomed.extend(mkeys)
-                failure = failure or exc
-                continue
-            names = " ".join(mkeys).encode("ascii")
-            payload = len(names).to_bytes(_KEYS_LEN, "big") + names + body
-            values = groups.setdefault(expire, {})
-            for mkey in mkeys:
-                value = codec.seal(mkey, payload)
-                if len(value) + len(mkey) > limit:
-                    doomed.extend(mkeys)
-                    failure = failure or ValueTooLargeError(
-                        f"{type(obj).__qualname__} object is {len(value)} bytes serialized; memcached accepts at"
-                        f" most about {limit} bytes per item (max_item_size={self.max_item_size}, memcached -I)"
-                    )
-                    for other in mkeys:
-                        values.pop(other, None)
-                    break
-                values[mkey] = value
-        # 2. find keys the objects occupied under old key values
-        stale, unreadable = self._stale([mkeys for mkeys, _, _ in prepared], action)
+        items, failure = self._prepare(objs)
+        plain = [it for it in items if it.values is not None and it.version is None]
+        versioned = [it for it in items if it.values is not None and it.version is not None]
+        doomed = [it for it in items if it.values is None]
+        # 2. find keys the objects occupied under old key values (versioned
+        # objects find them while reading their keys for the version check)
+        stale, unreadable = self._stale([it.mkeys for it in plain + doomed], action)
         if unreadable is not None:
             # A server could not be read, so old keys may be unknown: don't
             # write, invalidate what can be reached and report the outage.
-            self._invalidate([k for mkeys, _, _ in prepared for k in mkeys] + list(stale), action)
+            self._invalidate([k for it in items for k in it.mkeys] + list(stale), action)
             raise unreadable
-        stale.update(doomed)
-        for values in groups.values():
-            stale.difference_update(values)
-        # 3. delete stale and doomed entries, then write
+        written = {k for it in plain for k in it.mkeys}
+        burials = [(k, None) for k in stale if k not in written]
+        burials.extend((k, None) for it in doomed for k in it.mkeys)
+        # 3. tombstone stale and doomed entries (a racing back-fill must not
+        # put an old copy there), then write
         try:
-            self._remove(stale, action)
+            self._bury(burials, action)
+            groups: dict[int, dict[str, bytes]] = {}
+            for it in plain:
+                groups.setdefault(it.expire, {}).update(it.values)  # type: ignore[arg-type]
             for expire, values in groups.items():
-                if values:
-                    self._store(values, expire, action)
+                self._store(values, expire, action)
+            if versioned:
+                self._put_versioned(versioned, action)
         except StoreError as exc:
             if isinstance(exc, ValueTooLargeError) or (type(exc) is StoreError and self._server_error is not None):
                 # The server refused a write: don't leave older entries behind.
-                self._invalidate([k for mkeys, _, _ in prepared for k in mkeys], action)
+                self._invalidate([k for it in items for k in it.mkeys], action)
             raise
         if failure is not None:
             raise failure
 
+    def _outdated(self, version: Any, states: Iterable[tuple[int, Any, list[str]]]) -> bool:
+        """True when an entry holds a newer version, or a tombstone records this version or a newer one."""
+        for state, stored, _recorded in states:
+            if stored is None:
+                continue
+            if state == _ENTRY and is_older(version, stored):
+                return True
+            if state == _TOMBSTONE and _not_newer(version, stored):
+                return True
+        return False
+
+    def _put_versioned(self, items: list[_Prepared], action: str) -> None:
+        """Write versioned objects with gets/cas so no entry is replaced by an older version.
+
+        Each attempt reads all keys of the pending objects (one ``gets`` per
+        server); an object older than what a key holds is dropped (a newer
+        writer owns the keys), the others are written key by key with ``cas``
+        (``add`` where the key is absent).  A ``cas`` that fails means another
+        writer changed the key since it was read: the object is tried again.
+        Two writers of different versions therefore converge on the newer one:
+        whichever writes second saw, or fails on, the other's write.
+        """
+        backend = self._backend
+        pending = items
+        for _attempt in range(CAS_ATTEMPTS):
+            keys = [k for it in pending for k in it.mkeys]
+            try:
+                seen: dict[str, tuple[Any, Any]] = {}
+                for _node, _group, result in self._each_node(action, keys, backend.gets_many):
+                    seen.update(result)
+            except StoreError:
+                self._invalidate(keys, action)
+                raise
+            retry = []
+            for it in pending:
+                states = [self._inspect(k, seen.get(k, (None, None))[0]) for k in it.mkeys]
+                if self._outdated(it.version, states):
+                    continue  # a newer version is cached, or this one was deleted
+                if self.cleanup_stale_keys:
+                    stale = {k for _state, _v, recorded in states for k in recorded}.difference(it.mkeys)
+                    if stale:
+                        self._bury([(k, it.vbytes) for k in stale], action)
+                values = it.values
+                assert values is not None
+                for mkey in it.mkeys:
+                    token = seen.get(mkey, (None, None))[1]
+                    node = backend.node_for(mkey)
+                    if token is None:
+                        done = self._call(action, backend.add, node, mkey, values[mkey], it.expire)
+                    else:
+                        done = self._call(action, backend.cas, node, mkey, values[mkey], token, it.expire)
+                    if not done:
+                        retry.append(it)
+                        break
+            pending = retry
+            if not pending:
+                return
+        with self._counter_lock:
+            self.conflicts += len(pending)
+        log.warning(
+            "stockpyle: %d versioned memcached writes kept conflicting with other writers; invalidated instead",
+            len(pending),
+        )
+        self._bury([(k, None) for it in pending for k in it.mkeys], action)
+
+    def _add_many(self, objs: list[object], action: str) -> list[bool]:
+        if not objs:
+            return []
+        items, failure = self._prepare(objs)
+        if failure is not None:
+            log.warning("stockpyle: memcached back-fill skipped an object: %s", failure)
+        backend = self._backend
+        if not backend.can_add:
+            # a client without add(): back-fill with plain writes (no race protection)
+            groups: dict[int, dict[str, bytes]] = {}
+            for it in items:
+                if it.values is not None:
+                    groups.setdefault(it.expire, {}).update(it.values)  # type: ignore[arg-type]
+            for expire, values in groups.items():
+                self._store(values, expire, action)
+            return [it.values is not None for it in items]
+        results = []
+        for it in items:
+            if it.values is None:
+                results.append(False)
+                continue
+            added: list[str] = []
+            try:
+                for mkey, value in it.values.items():
+                    if not self._call(action, backend.add, backend.node_for(mkey), mkey, value, it.expire):
+                        break
+                    added.append(mkey)
+            except StoreError:
+                self._undo(added, action)
+                raise
+            if len(added) == len(it.values):
+                results.append(True)
+            else:
+                # A key was taken (a newer entry, a tombstone, or a concurrent
+                # back-fill): don't leave the object under only some keys.
+                self._undo(added, action)
+                results.append(False)
+        return results
+
+    def _undo(self, mkeys: list[str], action: str) -> None:
+        """Delete keys an add wrote before another key was refused (best effort)."""
+        if mkeys:
+            try:
+                self._remove(mkeys, f"{action} (undoing a partial add)")
+            except StoreError as exc:
+                log.warning("stockpyle: could not undo a partial memcached add of %d keys: %s", len(mkeys), exc)
+
     def _invalidate(self, mkeys: list[str], action: str) -> None:
         try:
-            self._remove(mkeys, f"{action} (invalidating after a failed write)")
+            self._bury([(k, None) for k in mkeys], f"{action} (invalidating after a failed write)")
         except StoreError as exc:
             log.warning("stockpyle: could not invalidate %d memcached keys after a failed write: %s", len(mkeys), exc)
+            if not isinstance(exc, StoreUnavailableError):
+                # e.g. a refused tombstone: fall back to deleting
+                with contextlib.suppress(StoreError):
+                    self._remove(mkeys, f"{action} (invalidating after a failed write)")
 
     def _delete_many(self, objs: list[object], action: str) -> None:
         if not objs:
             return
         prepared = [self._object_mkeys(obj) for obj in objs]
-        doomed = {k for mkeys in prepared for k in mkeys}
+        versions = [_encode_version(version_of(obj)) if self._backend.can_cas else None for obj in objs]
         stale, unreadable = self._stale(prepared, action)
-        doomed.update(stale)
-        # every reachable server deletes even when another could not be read
-        self._remove(doomed, action)
+        burials: dict[str, bytes | None] = dict.fromkeys(stale)
+        for mkeys, version in zip(prepared, versions, strict=True):
+            for mkey in mkeys:
+                burials[mkey] = version
+        # every reachable server writes its tombstones even when another could not be read
+        self._bury(burials.items(), action)
         if unreadable is not None:
             raise unreadable
 

@@ -10,7 +10,10 @@ Importing this module does not import SQLAlchemy; the constructor does, so
 registers a key resolver (:func:`mapped_key_specs`) with
 :func:`stockpyle.keys.register_key_resolver`: mapped classes without
 ``__stockpyle_keys__`` are keyed by their primary key and their NOT NULL
-unique constraints in every store, so cache layers can hold them too.
+unique constraints in every store, so cache layers can hold them too.  It
+also registers :func:`mapped_version_attribute` with
+:func:`stockpyle.keys.register_version_resolver`: a mapper's
+``version_id_col`` becomes the objects' version.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from ..exceptions import (
     StoreUnavailableError,
     UnknownKeyError,
 )
-from ..keys import canonical_value, key_model, register_key_resolver
+from ..keys import canonical_value, key_model, register_key_resolver, register_version_resolver
 from ..lifetimes import LifetimeCallback
 from .base import BaseStore, KeyDict
 
@@ -38,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Mapper, Session
 
-__all__ = ["SqlAlchemyStore", "mapped_key_specs"]
+__all__ = ["SqlAlchemyStore", "mapped_key_specs", "mapped_version_attribute"]
 
 T = TypeVar("T")
 
@@ -131,6 +134,32 @@ def mapped_key_specs(klass: type) -> list[tuple[str, ...]] | None:
 
 
 register_key_resolver(mapped_key_specs)
+
+
+def mapped_version_attribute(klass: type) -> str | None:
+    """The attribute of a mapped class's ``version_id_col``, or ``None``.
+
+    Registered with :func:`stockpyle.keys.register_version_resolver`, so the
+    objects of a mapped class with a version counter (``__mapper_args__ =
+    {"version_id_col": ...}``) are versioned in every store without declaring
+    ``__stockpyle_version__``: caches then never replace such an object by an
+    older version.  An explicit ``__stockpyle_version__`` wins.
+
+    :param klass: any class.
+    :returns: the attribute name, or ``None`` for unmapped or unversioned classes.
+    """
+    mapper = _mapper_of(klass)
+    if mapper is None or mapper.version_id_col is None:
+        return None
+    from sqlalchemy.orm.exc import UnmappedColumnError
+
+    try:
+        return mapper.get_property_by_column(mapper.version_id_col).key
+    except UnmappedColumnError:  # pragma: no cover - SQLAlchemy requires the column to be mapped
+        return None
+
+
+register_version_resolver(mapped_version_attribute)
 
 
 def _python_type(column: Any) -> type | None:
