@@ -195,7 +195,7 @@ def test_invalid_objects_are_refused_before_any_layer_is_written(calls: list[Any
     assert calls == []
 
 
-@pytest.mark.parametrize("error", [StoreUnavailableError("down"), StoreError("boom"), SerializationError("bad")])
+@pytest.mark.parametrize("error", [StoreUnavailableError("down"), StoreError("boom")])
 def test_failing_cache_is_a_miss_and_is_counted_and_logged(
     calls: list[Any], error: Exception, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -423,3 +423,56 @@ def test_backfill_never_replaces_a_newer_value() -> None:
             assert cached is not None and cached.payload == "v2"  # ...but the cache keeps the newer value
         else:
             assert cached is None  # ...and does not resurrect the deleted object
+
+
+def test_object_faults_do_not_trip_the_breaker_and_writes_report_them(calls: list[Any]) -> None:
+    from stockpyle.exceptions import ValueTooLargeError
+
+    class Picky(Recording):
+        """A cache that cannot hold objects whose payload says so (like an unpicklable object)."""
+
+        def put(self, obj: Any) -> None:
+            if obj.payload == "too big":
+                raise ValueTooLargeError("1 MiB limit")
+            super().put(obj)
+
+        def add(self, obj: Any) -> bool:
+            if obj.payload == "unpicklable":
+                raise SerializationError("cannot pickle")
+            self.inner.put(obj)
+            return True
+
+    cache, sor = Picky("L1", calls), Recording("L2", calls)
+    chain = ChainedStore([cache, sor], failure_threshold=1)
+    cache.inner.put(Foo("big", payload="old"))
+    for _ in range(3):
+        with pytest.raises(ValueTooLargeError, match=r"system of record stored the object.*1 MiB limit"):
+            chain.put(Foo("big", payload="too big"))
+    assert sor.inner.get(Foo, {"key": "big"}).payload == "too big"  # the system of record has it
+    assert cache.inner.get(Foo, {"key": "big"}) is None  # and the cache does not keep the old value
+    sor.inner.put(Foo("u", payload="unpicklable"))
+    assert chain.get(Foo, {"key": "u"}).payload == "unpicklable"  # type: ignore[union-attr]  # back-fill skipped
+    stats = chain.stats()[0]
+    assert stats.breaker_opens == 0  # one bad object never takes the layer out
+    assert stats.errors == 4
+    chain.put(Foo("fine"))
+    assert cache.inner.get(Foo, {"key": "fine"}) is not None
+
+
+def test_versioned_tombstone_refuses_a_late_put_of_the_deleted_version() -> None:
+    class Doc:
+        __stockpyle_keys__: ClassVar[list[Any]] = ["key"]
+        __stockpyle_version__ = "version"
+
+        def __init__(self, key: str, version: int) -> None:
+            self.key, self.version = key, version
+
+    store = ProcessMemoryStore()
+    store.put(Doc("d", 3))
+    store.delete(Doc("d", 3))
+    store.put(Doc("d", 3))  # a writer that read version 3 before the delete, arriving late
+    assert store.get(Doc, {"key": "d"}) is None
+    store.put(Doc("d", 4))  # a genuinely newer version is accepted
+    assert store.get(Doc, {"key": "d"}).version == 4  # type: ignore[union-attr]
+    store.put(Doc("d", 2))  # an older one never replaces it
+    assert store.get(Doc, {"key": "d"}).version == 4  # type: ignore[union-attr]

@@ -265,9 +265,10 @@ class MemoryTable:
         self.clock = clock
         self.evictions = 0
         self.expirations = 0
-        # key -> clock time until which add() must not fill that key: a
-        # back-fill racing a delete would otherwise resurrect the object
-        self.tombstones: dict[Key, float] = {}
+        # key -> (clock time until which add() must not fill that key, the
+        # version deleted): a back-fill racing a delete would otherwise
+        # resurrect the object, and so would a late put of the deleted version
+        self.tombstones: dict[Key, tuple[float, Any]] = {}
         self.tombstone_lifetime = tombstone_lifetime
         self._tombstone_purge_at = 1024
 
@@ -291,9 +292,18 @@ class MemoryTable:
                 other = index.get(key)
                 if other is not None and is_older(version, other.version):
                     return False  # concurrent writers converge on the newest version
-        if self.tombstones:
+        tombstones = self.tombstones
+        if tombstones:
+            if version is not None:
+                now = self.clock()
+                for key in keys:
+                    stone = tombstones.get(key)
+                    # a late write of the deleted version (or an older one)
+                    if stone is not None and stone[0] > now and stone[1] is not None:  # noqa: SIM102
+                        if not is_older(stone[1], version):
+                            return False
             for key in keys:
-                self.tombstones.pop(key, None)
+                tombstones.pop(key, None)
         old = self.records.get(id(obj))
         if old is not None:
             self.drop(old)
@@ -315,7 +325,7 @@ class MemoryTable:
                 self.evictions += 1
         return True
 
-    def delete(self, obj: object, keys: list[Key]) -> None:
+    def delete(self, obj: object, keys: list[Key], version: Any = None) -> None:
         old = self.records.get(id(obj))
         if old is not None:
             self.drop(old)
@@ -325,13 +335,13 @@ class MemoryTable:
             if other is not None:
                 self.drop(other)
         if self.tombstone_lifetime:
-            until = self.clock() + self.tombstone_lifetime
+            stone = (self.clock() + self.tombstone_lifetime, version)
             tombstones = self.tombstones
             for key in keys:
-                tombstones[key] = until
+                tombstones[key] = stone
             if len(tombstones) > self._tombstone_purge_at:
                 now = self.clock()
-                for key in [k for k, t in tombstones.items() if t <= now]:
+                for key in [k for k, (until, _) in tombstones.items() if until <= now]:
                     del tombstones[key]
                 self._tombstone_purge_at = max(1024, 2 * len(tombstones))
 
@@ -346,8 +356,10 @@ class MemoryTable:
             rec = index.get(key)
             if rec is not None and (rec.expires is None or rec.expires > now):
                 return False
-            if tombstones and tombstones.get(key, 0.0) > now:
-                return False
+            if tombstones:
+                stone = tombstones.get(key)
+                if stone is not None and stone[0] > now:
+                    return False
         return self.put(obj, keys, expires, version)
 
     def touch(self, rec: _Record) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from time import perf_counter
 from typing import Any, TypeVar
 
-from ..exceptions import ConfigurationError, SerializationError, StoreError, UnknownKeyError
+from ..exceptions import ConfigurationError, SerializationError, StoreError, UnknownKeyError, ValueTooLargeError
 from ..keys import object_keys
 from ..stats import SAMPLE_EVERY, Latency, StoreStats
 from .base import BaseStore, KeyDict
@@ -27,6 +27,12 @@ _OPERATIONS = ("put", "get", "delete", "batch_put", "batch_get", "batch_delete")
 #: entry could not be decoded.  Anything else (bad keys, bad objects) is a bug
 #: in the caller and propagates.
 _CACHE_FAILURES = (StoreError, SerializationError)
+#: Of those, the ones that concern one object rather than the layer's health
+#: (it cannot be pickled, it is too large): they never count toward the
+#: breaker, are misses when reading, and are reported when writing.
+_OBJECT_FAULTS = (SerializationError, ValueTooLargeError)
+#: Operations of the chain's own read path; everything else is a caller's write.
+_READS = frozenset({"get", "batch_get", "backfill"})
 
 #: Sentinel returned by :meth:`ChainedStore._call` when a layer was skipped or failed.
 _FAILED: Any = object()
@@ -259,10 +265,19 @@ class ChainedStore(BaseStore):
                 return _FAILED
             # half-open: this call probes; concurrent callers keep skipping
             breaker.open_until = now + breaker.cooldown
-            if not self._replay(index):
-                return _FAILED
+        # writes this layer missed (while unreachable, or in a single failed
+        # call) are invalidated before it serves anything again
+        if breaker.pending and not self._replay(index):
+            return _FAILED
         try:
             result = method(*args)
+        except _OBJECT_FAULTS as exc:
+            self._layer_stats[index].errors += 1
+            if action not in _READS:
+                raise
+            log.warning("stockpyle: cache layer %d (%r) could not %s an object: %s",
+                        index, self.stores[index], action, exc)  # fmt: skip
+            return _FAILED
         except _CACHE_FAILURES as exc:
             self._failed(index, action, exc)
             return _FAILED
@@ -460,9 +475,16 @@ class ChainedStore(BaseStore):
         for index in range(last - 1, -1, -1):
             try:
                 done = self._call(index, operation, getattr(stores[index], operation), argument)
+            except _OBJECT_FAULTS as exc:
+                # this cache cannot hold the object (unpicklable, too large): leave
+                # no layer from here up holding the old value, then report it
+                self._invalidate(range(index, -1, -1), objs)
+                raise type(exc)(
+                    f"the system of record stored the object, but cache layer {index} ({stores[index]!r}) "
+                    f"could not ({exc}); it was invalidated in that layer and the ones above"
+                ) from exc
             except BaseException:
-                # a bug-class error (e.g. an object this cache cannot serialize):
-                # leave no layer from here up holding the old value, then report it
+                # a bug-class error: leave no layer from here up holding the old value
                 self._invalidate(range(index, -1, -1), objs)
                 raise
             if done is _FAILED:

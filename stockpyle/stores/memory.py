@@ -167,9 +167,9 @@ class _InProcessStore(BaseStore):
         expires = None if lifetimes.trivial else lifetimes.expires_at(obj, _monotonic)
         return obj, keys, expires, version_of(obj)
 
-    def _keys(self, obj: object) -> tuple[object, list[Key]]:
+    def _keys(self, obj: object) -> tuple[object, list[Key], Any]:
         _check_storable(obj)
-        return obj, object_keys(obj, self.polymorphic)
+        return obj, object_keys(obj, self.polymorphic), version_of(obj)
 
     def put(self, obj: object) -> None:
         prepared = self._prepare(obj)
