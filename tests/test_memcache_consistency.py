@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 from pymemcache.client.base import Client
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from support.memcached import remaining_ttl
 
 from stockpyle import ChainedStore, MemcacheStore, ProcessMemoryStore
 from stockpyle.exceptions import ConfigurationError
@@ -36,22 +36,6 @@ class Doc:
         self.rev = rev
         self.body = body
 
-
-def remaining_ttl(address: str, key: str) -> int | None:
-    """Seconds ``key`` has left on the server (-1: never; None: absent), via meta-get."""
-    host, _, port = address.rpartition(":")
-    with socket.create_connection((host, int(port)), timeout=2) as sock:
-        sock.sendall(f"mg {key} t\r\n".encode())
-        reply = b""
-        while not reply.endswith(b"\r\n"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            reply += chunk
-    if reply.startswith(b"EN"):
-        return None
-    flags = {tok[:1]: tok[1:] for tok in reply.split()[1:]}
-    return int(flags[b"t"])
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import socket
 import sys
 import threading
 import uuid
@@ -14,6 +13,7 @@ from typing import Any, ClassVar
 import pytest
 from pymemcache.client.base import Client, PooledClient
 from pymemcache.client.hash import HashClient
+from support.memcached import remaining_ttl
 
 from stockpyle import ChainedStore, MemcacheStore, ProcessMemoryStore
 from stockpyle.exceptions import (
@@ -37,23 +37,6 @@ pytestmark = pytest.mark.memcache
 def fresh_namespace() -> str:
     return "t" + uuid.uuid4().hex[:12]
 
-
-def remaining_ttl(address: str, key: str) -> int | None:
-    """Seconds ``key`` has left on the server (-1: never expires; None: absent), via meta-get."""
-    host, _, port = address.rpartition(":")
-    with socket.create_connection((host, int(port)), timeout=2) as sock:
-        sock.sendall(f"mg {key} t\r\n".encode())
-        reply = b""
-        while not reply.endswith(b"\r\n"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            reply += chunk
-    if reply.startswith(b"EN"):
-        return None
-    assert reply.startswith(b"HD"), reply
-    flags = {tok[:1]: tok[1:] for tok in reply.split()[1:]}
-    return int(flags[b"t"])
 
 
 class CountingProxy:

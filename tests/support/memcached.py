@@ -139,8 +139,20 @@ class MemcachedProcess:
             os.kill(self.proc.pid, signum)
 
     def pause(self) -> None:
-        """Freeze the process (SIGSTOP): connections hang until :meth:`resume`."""
+        """Freeze the process (SIGSTOP): connections hang until :meth:`resume`.
+
+        Returns once the kernel reports the process stopped: the signal is
+        delivered asynchronously, and a request sent before that is answered.
+        """
         self._signal(signal.SIGSTOP)
+        if self.proc is None:
+            return
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            with open(f"/proc/{self.proc.pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                    return
+            time.sleep(0.005)
 
     def resume(self) -> None:
         """Thaw a paused process (SIGCONT)."""
@@ -315,3 +327,22 @@ def memcached_factory() -> Iterator[MemcachedFactory]:
         yield factory
     finally:
         factory.close()
+
+
+def remaining_ttl(address: str, key: str) -> int | None:
+    """Seconds ``key`` has left on the server (-1: never expires; None: absent), read with meta-get."""
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=2) as sock:
+        sock.sendall(f"mg {key} t\r\n".encode())
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    if reply.startswith(b"EN"):
+        return None
+    if not reply.startswith(b"HD"):
+        raise AssertionError(f"unexpected meta-get reply: {reply!r}")
+    flags = {tok[:1]: tok[1:] for tok in reply.split()[1:]}
+    return int(flags[b"t"])
