@@ -476,3 +476,27 @@ def test_versioned_tombstone_refuses_a_late_put_of_the_deleted_version() -> None
     assert store.get(Doc, {"key": "d"}).version == 4  # type: ignore[union-attr]
     store.put(Doc("d", 2))  # an older one never replaces it
     assert store.get(Doc, {"key": "d"}).version == 4  # type: ignore[union-attr]
+
+
+def test_versions_are_only_compared_within_one_object() -> None:
+    """A user may take an email address another (deleted or changed) user had at a higher version."""
+
+    class User:
+        __stockpyle_keys__: ClassVar[list[Any]] = ["id", "email"]
+        __stockpyle_version__ = "version"
+
+        def __init__(self, ident: int, email: str, version: int) -> None:
+            self.id, self.email, self.version = ident, email, version
+
+    store = ProcessMemoryStore()
+    store.put(User(1, "a@x", 5))
+    store.put(User(2, "b@x", 1))
+    store.delete(User(1, "a@x", 5))
+    store.put(User(2, "a@x", 2))  # user 2 takes the deleted user's address, at its own version 2
+    found = store.get(User, {"id": 2})
+    assert (found.email, found.version) == ("a@x", 2)  # type: ignore[union-attr]
+    assert store.get(User, {"email": "b@x"}) is None
+    assert store.get(User, {"email": "a@x"}).id == 2  # type: ignore[union-attr]
+    store.put(User(3, "c@x", 9))
+    store.put(User(4, "c@x", 1))  # a live entry of another object with a higher version does not block it
+    assert store.get(User, {"email": "c@x"}).id == 4  # type: ignore[union-attr]

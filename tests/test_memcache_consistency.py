@@ -326,3 +326,32 @@ def test_invalid_max_lifetime(bad: Any, address: str) -> None:
 def test_invalid_tombstone_lifetime(bad: Any, address: str) -> None:
     with pytest.raises(ConfigurationError, match="tombstone_lifetime"):
         MemcacheStore([address], tombstone_lifetime=bad)
+
+
+class Member:
+    """Versioned, found by id or email: two members may hold one email address at different times."""
+
+    __stockpyle_keys__: ClassVar[list[Any]] = ["id", "email"]
+    __stockpyle_version__ = "version"
+
+    def __init__(self, ident: int, email: str, version: int) -> None:
+        self.id, self.email, self.version = ident, email, version
+
+
+def test_versions_are_only_compared_within_one_object(make_store: Callable[..., MemcacheStore]) -> None:
+    store = make_store()
+    store.put(Member(1, "a@x", 5))
+    store.put(Member(2, "b@x", 1))
+    store.delete(Member(1, "a@x", 5))  # a tombstone recording member 1 at version 5
+    store.put(Member(2, "a@x", 2))  # member 2 takes the address at its own version 2
+    found = store.get(Member, {"id": 2})
+    assert found is not None
+    assert (found.email, found.version) == ("a@x", 2)
+    assert store.get(Member, {"email": "a@x"}).id == 2  # type: ignore[union-attr]
+    assert store.get(Member, {"email": "b@x"}) is None
+
+    store.put(Member(3, "c@x", 6))
+    store.put(Member(3, "d@x", 7))  # member 3 moves on: its old address is buried with its version
+    store.put(Member(4, "c@x", 1))  # member 4 takes the old address right away
+    assert store.get(Member, {"email": "c@x"}).id == 4  # type: ignore[union-attr]
+    assert store.get(Member, {"id": 3}).email == "d@x"  # type: ignore[union-attr]

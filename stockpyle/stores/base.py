@@ -266,9 +266,10 @@ class MemoryTable:
         self.evictions = 0
         self.expirations = 0
         # key -> (clock time until which add() must not fill that key, the
-        # version deleted): a back-fill racing a delete would otherwise
-        # resurrect the object, and so would a late put of the deleted version
-        self.tombstones: dict[Key, tuple[float, Any]] = {}
+        # version deleted, the deleted object's first key): a back-fill racing
+        # a delete would otherwise resurrect the object, and so would a late
+        # put of the deleted version
+        self.tombstones: dict[Key, tuple[float, Any, Key | None]] = {}
         self.tombstone_lifetime = tombstone_lifetime
         self._tombstone_purge_at = 1024
 
@@ -287,10 +288,14 @@ class MemoryTable:
     def put(self, obj: object, keys: list[Key], expires: float | None, version: Any = None) -> bool:
         """Store ``obj`` under ``keys``; returns False when a newer version is stored."""
         index = self.index
+        owner = keys[0] if keys else None
         if version is not None:
+            # Versions count the changes of one object, so they are compared only
+            # with records and tombstones of the same object (same first key):
+            # another object may hold, or have held, a key value this one takes.
             for key in keys:
                 other = index.get(key)
-                if other is not None and is_older(version, other.version):
+                if other is not None and other.keys[0] == owner and is_older(version, other.version):
                     return False  # concurrent writers converge on the newest version
         tombstones = self.tombstones
         if tombstones:
@@ -298,8 +303,8 @@ class MemoryTable:
                 now = self.clock()
                 for key in keys:
                     stone = tombstones.get(key)
-                    # a late write of the deleted version (or an older one)
-                    if stone is not None and stone[0] > now and stone[1] is not None:  # noqa: SIM102
+                    # a late write of this object's deleted version (or an older one)
+                    if stone is not None and stone[0] > now and stone[2] == owner and stone[1] is not None:  # noqa: SIM102
                         if not is_older(stone[1], version):
                             return False
             for key in keys:
@@ -335,13 +340,13 @@ class MemoryTable:
             if other is not None:
                 self.drop(other)
         if self.tombstone_lifetime:
-            stone = (self.clock() + self.tombstone_lifetime, version)
+            stone = (self.clock() + self.tombstone_lifetime, version, keys[0] if keys else None)
             tombstones = self.tombstones
             for key in keys:
                 tombstones[key] = stone
             if len(tombstones) > self._tombstone_purge_at:
                 now = self.clock()
-                for key in [k for k, (until, _) in tombstones.items() if until <= now]:
+                for key in [k for k, (until, _, _) in tombstones.items() if until <= now]:
                     del tombstones[key]
                 self._tombstone_purge_at = max(1024, 2 * len(tombstones))
 

@@ -115,6 +115,11 @@ def _decode_version(data: bytes) -> Any:
         return None
 
 
+def _owned(owner: str, version: bytes | None) -> bytes | None:
+    """A tombstone's version record: the owner's first key and the version JSON (``None`` when unversioned)."""
+    return None if version is None else owner.encode("ascii") + b"\n" + version
+
+
 def _not_newer(candidate: Any, stored: Any) -> bool:
     """True when ``candidate`` is older than or equal to ``stored`` (incomparable: False)."""
     try:
@@ -680,28 +685,35 @@ class MemcacheStore(BaseStore):
             self._reject(mkey, exc)
             return MISS
 
-    def _inspect(self, mkey: str, data: Any) -> tuple[int, Any, list[str]]:
-        """State, version and recorded keys of an entry, without deserializing its object.
+    def _inspect(self, mkey: str, data: Any) -> tuple[int, Any, list[str], str | None]:
+        """State, version, recorded keys and owner of an entry, without deserializing its object.
 
-        :returns: ``(_ABSENT | _ENTRY | _TOMBSTONE | _UNREADABLE, version or None, keys)``.
+        The owner is the first memcached key of the object the entry (or the
+        tombstone) belongs to: versions are per object, so they are only ever
+        compared with entries of the same owner.
+
+        :returns: ``(_ABSENT | _ENTRY | _TOMBSTONE | _UNREADABLE, version or None, keys, owner or None)``.
         """
         if data is None:
-            return _ABSENT, None, []
+            return _ABSENT, None, [], None
         if type(data) is not bytes:
-            return _UNREADABLE, None, []
+            return _UNREADABLE, None, [], None
         try:
             start = self.codec.payload_offset(mkey, data) + _KEYS_LEN
         except SerializationError:
-            return _UNREADABLE, None, []
+            return _UNREADABLE, None, [], None
         length = int.from_bytes(data[start - _KEYS_LEN : start], "big")
         if length == _TOMB_MARK:
-            return _TOMBSTONE, _decode_version(data[start:]), []
+            owner, newline, version = data[start:].partition(b"\n")
+            if not newline:
+                return _TOMBSTONE, None, [], None
+            return _TOMBSTONE, _decode_version(version), [], owner.decode("ascii", "replace")
         names, newline, version = data[start : start + length].partition(b"\n")
         try:
             recorded = names.decode("ascii").split(" ")
         except UnicodeDecodeError:
             recorded = []
-        return _ENTRY, (_decode_version(version) if newline else None), recorded
+        return _ENTRY, (_decode_version(version) if newline else None), recorded, (recorded[0] if recorded else None)
 
     def _recorded_keys(self, mkey: str, data: Any) -> list[str]:
         """The memcached keys an entry's object occupied ([] if unreadable or a tombstone)."""
@@ -733,7 +745,10 @@ class MemcacheStore(BaseStore):
         return stale, error
 
     def _bury(self, burials: Iterable[tuple[str, bytes | None]], action: str) -> None:
-        """Replace keys by tombstones (``(key, version JSON or None)`` pairs); plain deletes without tombstones."""
+        """Replace keys by tombstones: ``(key, record or None)`` pairs, see :func:`_owned`.
+
+        Without a tombstone lifetime the keys are simply deleted.
+        """
         seal = self.codec.seal
         values = {mkey: seal(mkey, _TOMB_PREFIX + (version or b"")) for mkey, version in burials}
         if not values:
@@ -923,10 +938,14 @@ class MemcacheStore(BaseStore):
         if failure is not None:
             raise failure
 
-    def _outdated(self, version: Any, states: Iterable[tuple[int, Any, list[str]]]) -> bool:
-        """True when an entry holds a newer version, or a tombstone records this version or a newer one."""
-        for state, stored, _recorded in states:
-            if stored is None:
+    def _outdated(self, version: Any, owner: str, states: Iterable[tuple[int, Any, list[str], str | None]]) -> bool:
+        """True when an entry of the same object holds a newer version, or its tombstone this version or newer.
+
+        Entries and tombstones of other objects (which may hold a key value this
+        object now takes, such as an email address) are never compared with it.
+        """
+        for state, stored, _recorded, stored_owner in states:
+            if stored is None or stored_owner != owner:
                 continue
             if state == _ENTRY and is_older(version, stored):
                 return True
@@ -959,12 +978,12 @@ class MemcacheStore(BaseStore):
             retry = []
             for it in pending:
                 states = [self._inspect(k, seen.get(k, (None, None))[0]) for k in it.mkeys]
-                if self._outdated(it.version, states):
+                if self._outdated(it.version, it.mkeys[0], states):
                     continue  # a newer version is cached, or this one was deleted
                 if self.cleanup_stale_keys:
-                    stale = {k for _state, _v, recorded in states for k in recorded}.difference(it.mkeys)
+                    stale = {k for _state, _v, recorded, _owner in states for k in recorded}.difference(it.mkeys)
                     if stale:
-                        self._bury([(k, it.vbytes) for k in stale], action)
+                        self._bury([(k, _owned(it.mkeys[0], it.vbytes)) for k in stale], action)
                 values = it.values
                 assert values is not None
                 for mkey in it.mkeys:
@@ -1049,7 +1068,10 @@ class MemcacheStore(BaseStore):
         if not objs:
             return
         prepared = [self._object_mkeys(obj) for obj in objs]
-        versions = [_encode_version(version_of(obj)) if self._backend.can_cas else None for obj in objs]
+        versions = [
+            _owned(mkeys[0], _encode_version(version_of(obj))) if self._backend.can_cas and mkeys else None
+            for mkeys, obj in zip(prepared, objs, strict=True)
+        ]
         stale, unreadable = self._stale(prepared, action)
         burials: dict[str, bytes | None] = dict.fromkeys(stale)
         for mkeys, version in zip(prepared, versions, strict=True):
