@@ -364,6 +364,21 @@ def test_bulk_update_and_delete_statements_invalidate(maker: Any, cache: Recordi
     assert_cache_matches_database(cache, db)
 
 
+def test_bulk_statements_after_a_flush_win_over_the_flushed_snapshot(
+    maker: Any, cache: RecordingStore, db: sa.Engine
+) -> None:
+    with maker() as session:
+        session.add_all([User(id=1, email="u1@x", name="a"), User(id=2, email="u2@x", name="x")])
+        session.flush()  # snapshots of both rows are taken here...
+        session.execute(update(User).where(User.id == 1).values(name="b"))  # ...then changed in SQL
+        session.execute(delete(User).where(User.id == 2))
+        session.commit()
+    assert cached_user(cache, id=1) is None or cached_user(cache, id=1).name == "b"
+    assert cached_user(cache, id=2) is None
+    assert cached_user(cache, email="u2@x") is None
+    assert_cache_matches_database(cache, db)
+
+
 def test_objects_without_usable_keys_never_break_a_commit(maker: Any, cache: RecordingStore) -> None:
     with maker() as session:
         session.add_all([Odd(id=1), User(id=1, email="u1@x")])

@@ -404,6 +404,15 @@ class StockpyleSessionExtension:
         pending = self._pending(session)
         if pending is not None:
             pending.deletes.extend(touched)
+            # a snapshot taken at an earlier flush of these rows is out of date
+            # now: it must not be put back after the invalidation
+            assert mapper is not None  # klass came from it
+            pk_names = [mapper.get_property_by_column(c).key for c in mapper.primary_key]
+            for _klass, values in touched:
+                if all(name in values for name in pk_names):
+                    identity = mapper.identity_key_from_primary_key(tuple(values[name] for name in pk_names))
+                    pending.puts.pop(identity, None)
+                    pending.deleted.add(identity)
         return result
 
     def _rows_touched(self, orm_execute_state: ORMExecuteState, klass: type) -> list[_Snapshot]:
