@@ -363,11 +363,6 @@ class Codec:
         """
         return self.seal(logical_key, self.dumps(obj))
 
-    def encode_many(self, logical_keys: list[str], obj: Any) -> list[bytes]:
-        """Envelopes of one object for several keys (serialized once)."""
-        payload = self.dumps(obj)
-        return [self.seal(k, payload) for k in logical_keys]
-
     # -- decoding -----------------------------------------------------------
 
     def payload_offset(self, logical_key: str, data: bytes) -> int:

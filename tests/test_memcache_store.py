@@ -617,3 +617,21 @@ def test_store_errors_are_stockpyle_errors(memcached_factory: Any) -> None:
         store.batch_get(Item, [{"key": "a"}])
     assert isinstance(caught.value, StoreUnavailableError)
     assert isinstance(caught.value.__cause__, OSError)
+
+
+def test_batch_add_is_one_round_trip_and_never_leaves_half_an_object(
+    address: str, make_store: Callable[..., MemcacheStore]
+) -> None:
+    proxy = CountingProxy(Client(address, default_noreply=False, no_delay=True))
+    store = make_store(client=proxy)
+    objs = [Item(f"b{i}", i, -i, "first") for i in range(50)]  # two keys each: 100 adds
+    assert store.batch_add(objs) == [True] * 50
+    assert proxy.calls == ["_store_cmd"]  # one pipelined round trip for the whole batch
+    proxy.calls.clear()
+    taken = Item("p", 3, -3, "would share b3's composite key")
+    assert store.batch_add([Item("b1", 1, -1, "second"), taken, Item("fresh", 100, 100)]) == [False, False, True]
+    assert proxy.calls.count("_store_cmd") == 1
+    assert store.get(Item, {"key": "b1"}).payload == "first"  # type: ignore[union-attr]  # add never replaces
+    assert store.get(Item, {"key": "p"}) is None  # its free key was added, then undone
+    assert store.get(Item, {"zap": 3, "bar": -3}).key == "b3"  # type: ignore[union-attr]
+    assert store.get(Item, {"key": "fresh"}) is not None

@@ -115,6 +115,15 @@ def _decode_version(data: bytes) -> Any:
         return None
 
 
+def _by_expiry(items: Iterable[_Prepared]) -> dict[int, dict[str, bytes]]:
+    """The encoded values of the storable ``items``, grouped by memcached expiry (one write per group)."""
+    groups: dict[int, dict[str, bytes]] = {}
+    for it in items:
+        if it.values is not None and it.expire is not None:
+            groups.setdefault(it.expire, {}).update(it.values)
+    return groups
+
+
 def _owned(owner: str, version: bytes | None) -> bytes | None:
     """A tombstone's version record: the owner's first key and the version JSON (``None`` when unversioned)."""
     return None if version is None else owner.encode("ascii") + b"\n" + version
@@ -210,6 +219,25 @@ class _Backend:
 
     def add(self, node: Any, key: str, value: bytes, expire: int) -> bool:
         return bool(node.add(key, value, expire=expire, noreply=False))
+
+    def add_many(self, node: Any, values: dict[str, bytes], expire: int) -> dict[str, bool]:
+        """``add`` every key in one round trip; returns which keys were stored.
+
+        pymemcache has no public multi-key ``add``, but its ``set_many`` is a
+        pipelined ``_store_cmd(b"set", ...)``; the same private method sends
+        ``add`` commands (pymemcache 4.x, pinned in the ``memcache`` extra).
+        Any other client falls back to one ``add`` per key.
+        """
+        store = getattr(node, "_store_cmd", None)
+        if callable(store):
+            return {key: bool(done) for key, done in store(b"add", values, expire, False).items()}
+        pool = getattr(node, "client_pool", None)
+        if pool is not None and callable(getattr(pool, "get_and_release", None)):
+            with pool.get_and_release(destroy_on_fail=True) as client:
+                if callable(getattr(client, "_store_cmd", None)):
+                    results = client._store_cmd(b"add", values, expire, False)
+                    return {key: bool(done) for key, done in results.items()}
+        return {key: self.add(node, key, value, expire) for key, value in values.items()}
 
     def cas(self, node: Any, key: str, value: bytes, token: Any, expire: int) -> bool:
         # None (key gone) and False (changed since gets) are both conflicts
@@ -473,10 +501,8 @@ class MemcacheStore(BaseStore):
             pymemcache = _import_pymemcache()
             self._note_driver(pymemcache)
             self.client = self._make_client(pymemcache, servers, connect_timeout, timeout, max_pool_size)
-            self._owns_client = True
         else:
             self.client = client
-            self._owns_client = False
             try:
                 pymemcache = _import_pymemcache()
             except ImportError:
@@ -923,10 +949,7 @@ class MemcacheStore(BaseStore):
         # put an old copy there), then write
         try:
             self._bury(burials, action)
-            groups: dict[int, dict[str, bytes]] = {}
-            for it in plain:
-                groups.setdefault(it.expire, {}).update(it.values)  # type: ignore[arg-type]
-            for expire, values in groups.items():
+            for expire, values in _by_expiry(plain).items():
                 self._store(values, expire, action)
             if versioned:
                 self._put_versioned(versioned, action)
@@ -1014,36 +1037,40 @@ class MemcacheStore(BaseStore):
         if failure is not None:
             log.warning("stockpyle: memcached back-fill skipped an object: %s", failure)
         backend = self._backend
+        groups = _by_expiry(items)
         if not backend.can_add:
             # a client without add(): back-fill with plain writes (no race protection)
-            groups: dict[int, dict[str, bytes]] = {}
-            for it in items:
-                if it.values is not None:
-                    groups.setdefault(it.expire, {}).update(it.values)  # type: ignore[arg-type]
             for expire, values in groups.items():
                 self._store(values, expire, action)
             return [it.values is not None for it in items]
+        # one pipelined add per server and expiry time for the whole batch
+        stored: dict[str, bool] = {}
+
+        def add_group(values: dict[str, bytes], expire: int) -> Callable[[Any, list[str]], dict[str, bool]]:
+            return lambda node, group: backend.add_many(node, {k: values[k] for k in group}, expire)
+
+        try:
+            for expire, values in groups.items():
+                for _node, _group, result in self._each_node(action, values, add_group(values, expire)):
+                    stored.update(result)
+        except StoreError:
+            self._undo([k for k, done in stored.items() if done], action)
+            raise
         results = []
+        partial: list[str] = []
         for it in items:
             if it.values is None:
                 results.append(False)
                 continue
-            added: list[str] = []
-            try:
-                for mkey, value in it.values.items():
-                    if not self._call(action, backend.add, backend.node_for(mkey), mkey, value, it.expire):
-                        break
-                    added.append(mkey)
-            except StoreError:
-                self._undo(added, action)
-                raise
+            added = [k for k in it.values if stored.get(k)]
             if len(added) == len(it.values):
                 results.append(True)
             else:
                 # A key was taken (a newer entry, a tombstone, or a concurrent
                 # back-fill): don't leave the object under only some keys.
-                self._undo(added, action)
+                partial.extend(added)
                 results.append(False)
+        self._undo(partial, action)
         return results
 
     def _undo(self, mkeys: list[str], action: str) -> None:

@@ -65,14 +65,8 @@ def shove_key(key: Key) -> str:
     text = encode_key(key)
     # quote_plus writes at most 3 characters per ASCII character, 12 for others
     # (4 UTF-8 bytes as %XX); most keys are short enough to skip measuring
-    widest = 3
-    if not text.isascii():
-        widest = 12
-        # encode_key leaves letters of every script readable but passes lone
-        # surrogates through; they cannot become a file name.  A backslash is
-        # always escaped by encode_key, so "\udXXX" cannot collide with a
-        # natural key.
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    # (encode_key escapes lone surrogates, so the text always encodes to UTF-8)
+    widest = 3 if text.isascii() else 12
     if len(text) * widest <= MAX_QUOTED_KEY or len(quote_plus(text)) <= MAX_QUOTED_KEY:
         return text
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:_DIGEST_CHARS]
@@ -248,9 +242,12 @@ class ShoveStore(BaseDictionaryStore):
         return False
 
     def _check_value(self, obj: object, expires: float | None) -> None:
-        # shove backends pickle what they hold: check that up front, because the
-        # file backend truncates a file before it pickles into it, and a failure
-        # there would lose the previous entry
+        # Shove backends pickle what they hold. Check that up front, before the
+        # write starts: the file backend truncates a file before it pickles
+        # into it (a failure there loses the previous entry), the others would
+        # raise a raw pickling error midway through an object's keys, and shove
+        # would keep the failed item in its write buffer. One extra pickle per
+        # put buys a clean SerializationError with nothing written.
         if not self._pickles:
             return
         try:
