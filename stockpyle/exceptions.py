@@ -90,10 +90,7 @@ class NonUniqueKeyError(StockpyleError):
         self.key = key
         if message is None:
             name = getattr(klass, "__qualname__", repr(klass))
-            message = (
-                f"more than one {name} matches {key!r}; look it up by a key "
-                "declared unique in __stockpyle_keys__"
-            )
+            message = f"more than one {name} matches {key!r}; look it up by a key declared unique in __stockpyle_keys__"
         super().__init__(message)
 
 

@@ -70,10 +70,7 @@ KeyResolver: TypeAlias = Callable[[type], "Sequence[str | Sequence[str]] | None"
 
 _UTC: Final = _dt.timezone.utc
 
-SUPPORTED_TYPES: Final = (
-    "str, bytes, int, bool, float, Decimal, UUID, date, datetime, time, None "
-    "and tuples of these"
-)
+SUPPORTED_TYPES: Final = "str, bytes, int, bool, float, Decimal, UUID, date, datetime, time, None and tuples of these"
 
 
 # --------------------------------------------------------------------------
@@ -135,8 +132,15 @@ def _canonical_subclass(value: Any) -> Any:
         return uuid.UUID(int=value.int)
     if isinstance(value, _dt.datetime):
         plain = _dt.datetime(
-            value.year, value.month, value.day, value.hour, value.minute,
-            value.second, value.microsecond, value.tzinfo, fold=value.fold,
+            value.year,
+            value.month,
+            value.day,
+            value.hour,
+            value.minute,
+            value.second,
+            value.microsecond,
+            value.tzinfo,
+            fold=value.fold,
         )
         return canonical_value(plain)
     if isinstance(value, _dt.date):
@@ -144,8 +148,7 @@ def _canonical_subclass(value: Any) -> Any:
     if isinstance(value, _dt.time):
         return _dt.time(value.hour, value.minute, value.second, value.microsecond, value.tzinfo)
     raise UnsupportedKeyValueError(
-        f"key value {_short_repr(value)} of type {type(value).__qualname__} is not supported; "
-        f"use {SUPPORTED_TYPES}"
+        f"key value {_short_repr(value)} of type {type(value).__qualname__} is not supported; use {SUPPORTED_TYPES}"
     )
 
 
@@ -313,8 +316,7 @@ class KeyModel:
             return key_id
         declared = ", ".join(_describe_spec(s) for s in self.specs)
         raise UnknownKeyError(
-            f"{self.klass.__qualname__} has no key {_describe_spec(wanted)}; "
-            f"its declared keys are: {declared}"
+            f"{self.klass.__qualname__} has no key {_describe_spec(wanted)}; its declared keys are: {declared}"
         )
 
     def keys_of(self, obj: object) -> list[Key]:
@@ -410,8 +412,7 @@ def key_model(klass: type) -> KeyModel:
     declared = _declared_specs(klass)
     if declared is None:
         raise NotStorableError(
-            f"{klass.__qualname__} cannot be stored: declare __stockpyle_keys__ on it, "
-            "e.g. __stockpyle_keys__ = ['id']"
+            f"{klass.__qualname__} cannot be stored: declare __stockpyle_keys__ on it, e.g. __stockpyle_keys__ = ['id']"
         )
     model = KeyModel(klass, _parse_specs(klass, declared))
     with _MODELS_LOCK:

@@ -49,7 +49,6 @@ class Account(FaultBase):
         self.balance = balance
 
 
-
 # ---------------------------------------------------------------------------
 # the circuit breaker against a real memcached
 

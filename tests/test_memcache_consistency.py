@@ -37,7 +37,6 @@ class Doc:
         self.body = body
 
 
-
 @pytest.fixture
 def address(memcached_server: Any) -> str:
     return str(memcached_server.address)

@@ -61,7 +61,6 @@ def test_restart_between_operations_is_invisible(memcached_factory: Any) -> None
     store.release()
 
 
-
 def test_frozen_server_times_out_then_recovers(memcached_factory: Any) -> None:
     server = memcached_factory.one()
     store = MemcacheStore([server.address], namespace="freeze", timeout=0.3)

@@ -38,7 +38,6 @@ def fresh_namespace() -> str:
     return "t" + uuid.uuid4().hex[:12]
 
 
-
 class CountingProxy:
     """Wraps a client and counts calls of its methods (the server is real)."""
 

@@ -116,5 +116,3 @@ def test_store_stats_reset_keeps_windows() -> None:
     stats.reset()
     assert stats.hits == 0
     assert stats.latency["get"].summary().samples == 0
-
-

@@ -296,7 +296,11 @@ class ChainedStore(BaseStore):
                 self._layer_stats[index].breaker_opens += 1
                 log.error(
                     "stockpyle: cache layer %d (%r) failed %d times in a row; skipping it for %.1fs: %s",
-                    index, self.stores[index], breaker.failures, breaker.cooldown, exc,
+                    index,
+                    self.stores[index],
+                    breaker.failures,
+                    breaker.cooldown,
+                    exc,
                 )
                 return
         log.warning("stockpyle: cache layer %d (%r) failed to %s; continuing without it: %s",

@@ -112,8 +112,10 @@ class _InProcessStore(BaseStore):
     ) -> None:
         super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb)
         self.maxsize = _check_maxsize(maxsize)
-        if isinstance(tombstone_lifetime, bool) or not isinstance(tombstone_lifetime, (int, float)) or not (
-            0 <= tombstone_lifetime < float("inf")
+        if (
+            isinstance(tombstone_lifetime, bool)
+            or not isinstance(tombstone_lifetime, (int, float))
+            or not (0 <= tombstone_lifetime < float("inf"))
         ):
             raise ConfigurationError(f"tombstone_lifetime must be seconds >= 0; got {tombstone_lifetime!r}")
         self.tombstone_lifetime = float(tombstone_lifetime)
