@@ -43,20 +43,8 @@ def address(memcached_server: Any) -> str:
 
 
 @pytest.fixture
-def make_store(address: str) -> Iterator[Callable[..., MemcacheStore]]:
-    made: list[MemcacheStore] = []
-
-    def make(**options: Any) -> MemcacheStore:
-        options.setdefault("namespace", "c" + uuid.uuid4().hex[:12])
-        if "client" not in options:
-            options.setdefault("servers", [address])
-        store = MemcacheStore(**options)
-        made.append(store)
-        return store
-
-    yield make
-    for store in made:
-        store.release()
+def make_store(make_memcache_store: Callable[..., MemcacheStore]) -> Callable[..., MemcacheStore]:
+    return make_memcache_store
 
 
 @pytest.fixture

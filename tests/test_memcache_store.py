@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import pytest
 from pymemcache.client.base import Client, PooledClient
 from pymemcache.client.hash import HashClient
-from support.memcached import remaining_ttl
+from support.memcached import fresh_namespace, remaining_ttl
 
 from stockpyle import ChainedStore, MemcacheStore, ProcessMemoryStore
 from stockpyle.exceptions import (
@@ -32,10 +32,6 @@ pytestmark = pytest.mark.memcache
 
 # ---------------------------------------------------------------------------
 # helpers
-
-
-def fresh_namespace() -> str:
-    return "t" + uuid.uuid4().hex[:12]
 
 
 class CountingProxy:
@@ -88,20 +84,8 @@ def address(memcached_server: Any) -> str:
 
 
 @pytest.fixture
-def make_store(address: str) -> Iterator[Callable[..., MemcacheStore]]:
-    made: list[MemcacheStore] = []
-
-    def make(**options: Any) -> MemcacheStore:
-        options.setdefault("namespace", fresh_namespace())
-        if "client" not in options:
-            options.setdefault("servers", [address])
-        store = MemcacheStore(**options)
-        made.append(store)
-        return store
-
-    yield make
-    for store in made:
-        store.release()
+def make_store(make_memcache_store: Callable[..., MemcacheStore]) -> Callable[..., MemcacheStore]:
+    return make_memcache_store
 
 
 @pytest.fixture

@@ -30,6 +30,13 @@ by PID.  Fixtures (keep these names stable, other test modules use them):
     :meth:`~MemcachedProcess.restart` on the same port.  Every process it
     started is stopped after the test.  Also ``memcached_factory.free_address()``
     gives an address where nothing listens (for "connection refused" tests).
+
+``make_memcache_store`` (function)
+    ``make_memcache_store(**options)`` builds a ``MemcacheStore`` on the shared
+    server in a fresh namespace and releases it after the test.
+
+Helpers: :func:`fresh_namespace` and :func:`remaining_ttl` (a key's TTL as the
+server reports it).
 """
 
 from __future__ import annotations
@@ -40,7 +47,9 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -51,8 +60,10 @@ __all__ = [
     "MemcachedCluster",
     "MemcachedFactory",
     "MemcachedProcess",
-    "free_port",
     "find_memcached",
+    "free_port",
+    "fresh_namespace",
+    "remaining_ttl",
 ]
 
 MISSING_REASON = "memcached binary not found; apt-get install memcached"
@@ -346,3 +357,32 @@ def remaining_ttl(address: str, key: str) -> int | None:
         raise AssertionError(f"unexpected meta-get reply: {reply!r}")
     flags = {tok[:1]: tok[1:] for tok in reply.split()[1:]}
     return int(flags[b"t"])
+
+
+def fresh_namespace() -> str:
+    """A MemcacheStore namespace no other test uses (tests share session servers)."""
+    return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def make_memcache_store(memcached_server: Any) -> Iterator[Callable[..., Any]]:
+    """Build MemcacheStores on the session server, each in a fresh namespace; released after the test.
+
+    ``make_memcache_store(**options)`` passes ``options`` to ``MemcacheStore``
+    (``servers`` defaults to the session server unless ``client=`` is given).
+    """
+    from stockpyle import MemcacheStore
+
+    made: list[Any] = []
+
+    def make(**options: Any) -> Any:
+        options.setdefault("namespace", fresh_namespace())
+        if "client" not in options:
+            options.setdefault("servers", [memcached_server.address])
+        store = MemcacheStore(**options)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.release()
