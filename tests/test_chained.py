@@ -500,3 +500,21 @@ def test_versions_are_only_compared_within_one_object() -> None:
     store.put(User(3, "c@x", 9))
     store.put(User(4, "c@x", 1))  # a live entry of another object with a higher version does not block it
     assert store.get(User, {"email": "c@x"}).id == 4  # type: ignore[union-attr]
+
+
+def test_fast_path_miss_goes_straight_to_the_layers_below(calls: list[Any]) -> None:
+    top = ProcessMemoryStore()
+    (below,) = layers(calls, "L2")
+    below.inner.put(Foo("k"))
+    chain = ChainedStore([top, below])
+    assert chain.get(Foo, {"key": "k"}).key == "k"  # type: ignore[union-attr]
+    assert calls == [("L2", "get", {"key": "k"})]
+    assert top.get(Foo, {"key": "k"}) is not None  # back-filled
+    stats = chain.stats()
+    assert (stats[0].misses, stats[1].hits) == (1, 1)
+    from stockpyle.exceptions import UnknownKeyError
+
+    with pytest.raises(UnknownKeyError, match="no key 'nonexistent'"):
+        ChainedStore([ProcessMemoryStore(), ProcessMemoryStore()]).get(Foo, {"nonexistent": 1})
+    with pytest.raises(UnknownKeyError):
+        ChainedStore([ProcessMemoryStore()]).get(Foo, {"nonexistent": "x"})

@@ -221,6 +221,9 @@ class ChainedStore(BaseStore):
         self._first_breaker = self._breakers[0]
         self._l1_hits = 0
         self._l1_index = getattr(layers[0], "_unbounded_index", None)
+        # how each layer is back-filled: add-only when it can, else a plain put
+        self._adders = [getattr(layer, "add", None) or layer.put for layer in layers]
+        self._batch_adders = [getattr(layer, "batch_add", None) or layer.batch_put for layer in layers]
         self._countdown = SAMPLE_EVERY
         self._totals = ChainStats(layers=self._layer_stats)
         self._single = len(layers) == 1
@@ -357,6 +360,11 @@ class ChainedStore(BaseStore):
                 if rec is not None and (rec.expires is None or rec.expires > _monotonic()):
                     self._l1_hits += 1
                     return rec.obj  # type: ignore[no-any-return]
+                if not self._single:
+                    # L1 does not have it (its get() would probe the same index
+                    # again): ask the layers below, which also validate the lookup
+                    self._first_stats.misses += 1
+                    return self._get_from(1, klass, keydict)
         if self._single:
             obj = self._first_get(klass, keydict)
         elif self._first_breaker.open_until or self._first_breaker.failures:
@@ -410,9 +418,7 @@ class ChainedStore(BaseStore):
     def _backfill(self, found_at: int, obj: Any) -> None:
         """Add an object found at layer ``found_at`` to every layer above it."""
         for index in range(found_at - 1, -1, -1):
-            layer = self.stores[index]
-            add = getattr(layer, "add", None) or layer.put
-            if self._call(index, "backfill", add, obj) is not _FAILED:
+            if self._call(index, "backfill", self._adders[index], obj) is not _FAILED:
                 self._layer_stats[index].backfills += 1
 
     def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
@@ -454,11 +460,8 @@ class ChainedStore(BaseStore):
         below: list[Any] = []
         for index in range(last, 0, -1):
             below.extend(found_by_layer[index])
-            if below:
-                layer = stores[index - 1]
-                add = getattr(layer, "batch_add", None) or layer.batch_put
-                if self._call(index - 1, "backfill", add, list(below)) is not _FAILED:
-                    self._layer_stats[index - 1].backfills += len(below)
+            if below and self._call(index - 1, "backfill", self._batch_adders[index - 1], list(below)) is not _FAILED:
+                self._layer_stats[index - 1].backfills += len(below)
         return results
 
     # -- writes -------------------------------------------------------------
