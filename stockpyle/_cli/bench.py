@@ -179,13 +179,27 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         plt.close(figure)
 
 
+def _command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, rebuilt from the parsed options (not ``sys.argv``)."""
+    parts = ["python", "-m", "stockpyle", "bench"]
+    if args.quick:
+        parts.append("--quick")
+    for name in args.only or ():
+        parts += ["--only", name]
+    if args.json is not None:
+        parts += ["--json", str(args.json)]
+    if args.plot is not None:
+        parts += ["--plot", str(args.plot)]
+    return " ".join(shlex.quote(part) for part in parts)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the selected suites; returns 0."""
     directory = benchmarks_dir()
     if args.plot is not None:
         _check_plotting()
     names = [name for name in SUITES if not args.only or name in args.only]
-    command = "python -m stockpyle bench " + " ".join(shlex.quote(a) for a in sys.argv[2:] if a)
+    command = _command_line(args)
     started = time.perf_counter()
     rows, notes = _run_suites(directory, names, args.quick)
     elapsed = time.perf_counter() - started
