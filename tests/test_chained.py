@@ -518,3 +518,21 @@ def test_fast_path_miss_goes_straight_to_the_layers_below(calls: list[Any]) -> N
         ChainedStore([ProcessMemoryStore(), ProcessMemoryStore()]).get(Foo, {"nonexistent": 1})
     with pytest.raises(UnknownKeyError):
         ChainedStore([ProcessMemoryStore()]).get(Foo, {"nonexistent": "x"})
+
+
+def test_a_subclass_overriding_get_is_always_called() -> None:
+    class Audited(ProcessMemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reads = 0
+
+        def get(self, klass: Any, keydict: Any) -> Any:
+            self.reads += 1
+            return super().get(klass, keydict)
+
+    top, bottom = Audited(), ProcessMemoryStore()
+    bottom.put(Foo("a"))
+    chain = ChainedStore([top, bottom])
+    chain.get(Foo, {"key": "a"})  # a miss in the top layer, then back-filled
+    chain.get(Foo, {"key": "a"})  # a hit
+    assert top.reads == 2  # the chain never reads around an overridden get()

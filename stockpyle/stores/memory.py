@@ -267,8 +267,10 @@ class ProcessMemoryStore(_InProcessStore):
         self._guard = _Guard(self._lock, self._table)
         # Lets a ChainedStore with this store on top probe the index itself on
         # its hit path (records hold monotonic expiry times).  Bounded stores
-        # must record each use for LRU, so they do not offer it.
-        self._unbounded_index = self._index if self.maxsize is None else None
+        # must record each use for LRU, and a subclass that overrides get()
+        # must be called, so neither offers it.
+        plain = self.maxsize is None and type(self).get is ProcessMemoryStore.get
+        self._unbounded_index = self._index if plain else None
 
     def _locked_table(self) -> AbstractContextManager[_ExpiringTable]:
         return self._guard
