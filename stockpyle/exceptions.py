@@ -14,14 +14,23 @@ keep working::
     ├── UnknownKeyError (KeyError)            lookup dict matches no declared key
     ├── NonUniqueKeyError                     a lookup matched more than one object
     ├── StoreNotBoundError                    Storable class used before bind_store()
-    ├── SerializationError                    value could not be (de)serialized
-    │   └── SignatureError                    signed entry failed verification
-    └── StoreError                            a backend failed
-        ├── StoreUnavailableError             server down, refused, timed out
-        └── ValueTooLargeError (ValueError)   backend refused the value's size
+    ├── ObjectError                           one object or entry cannot be handled; the layer is fine
+    │   ├── SerializationError                value could not be (de)serialized
+    │   │   └── SignatureError                signed entry failed verification
+    │   └── ValueTooLargeError (ValueError)   the backend refuses values of that size
+    └── StoreError                            a backend failed: the layer itself is in trouble
+        └── StoreUnavailableError             server down, refused, timed out
 
-Driver exceptions (pymemcache, socket, SQLAlchemy) are mapped into this tree
-with ``raise ... from exc`` so the original is kept as ``__cause__``.
+The split between :class:`ObjectError` and :class:`StoreError` is what a
+:class:`~stockpyle.ChainedStore` decides by: an object error concerns one
+object (it cannot be pickled, it is too large, its entry is corrupt) and never
+counts against the layer's health, while a store error does (see
+:ref:`failures`).  Both carry the store that raised them (``.store``) and the
+operation it was carrying out (``.action``) when a store raised them.
+
+Driver exceptions (pymemcache, redis-py, sockets, SQLAlchemy) are mapped into
+this tree by :mod:`stockpyle.errors`, always with ``raise ... from exc`` so the
+original is kept as ``__cause__``.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ __all__ = [
     "MissingKeyAttributeError",
     "NonUniqueKeyError",
     "NotStorableError",
+    "ObjectError",
     "SerializationError",
     "SignatureError",
     "StockpyleError",
@@ -98,21 +108,45 @@ class StoreNotBoundError(StockpyleError):
     """A :class:`~stockpyle.Storable` class was used before ``bind_store()``."""
 
 
-class SerializationError(StockpyleError):
+class ObjectError(StockpyleError):
+    """One object (or one stored entry) cannot be handled by a store; the store itself is healthy.
+
+    :param message: the explanation.
+    :param store: the store that raised it, when a store did (``.store``).
+    :param action: what that store was doing, e.g. ``"put"`` (``.action``).
+    """
+
+    def __init__(self, message: str = "", *, store: Any = None, action: str | None = None) -> None:
+        super().__init__(message)
+        self.store = store
+        self.action = action
+
+
+class SerializationError(ObjectError):
     """A value could not be serialized, or a stored entry could not be decoded."""
 
 
 class SignatureError(SerializationError):
-    """A signed entry failed verification (forged, corrupted or for another key)."""
+    """A signed entry failed verification (forged, corrupted, replayed or for another key)."""
+
+
+class ValueTooLargeError(ObjectError, ValueError):
+    """The backend refuses a value because of its size."""
 
 
 class StoreError(StockpyleError):
-    """A storage backend failed while carrying out an operation."""
+    """A storage backend failed while carrying out an operation.
+
+    :param message: the explanation.
+    :param store: the store that raised it, when a store did (``.store``).
+    :param action: what that store was doing, e.g. ``"get"`` (``.action``).
+    """
+
+    def __init__(self, message: str = "", *, store: Any = None, action: str | None = None) -> None:
+        super().__init__(message)
+        self.store = store
+        self.action = action
 
 
 class StoreUnavailableError(StoreError):
     """The backend could not be reached: refused, timed out, or connection lost."""
-
-
-class ValueTooLargeError(StoreError, ValueError):
-    """The backend refused a value because of its size."""

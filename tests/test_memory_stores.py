@@ -126,8 +126,13 @@ def test_thread_local_contents_are_private_to_each_thread() -> None:
     assert [store.get(Obj, {"ident": 100 + t}) for t in range(4)] == [None] * 4
 
 
-def test_release_empties_the_store() -> None:
-    store = ProcessMemoryStore()
+@pytest.mark.parametrize("kind", [ProcessMemoryStore, ThreadLocalStore])
+def test_release_keeps_the_contents_and_clear_empties(kind: type[Any]) -> None:
+    """release() frees connections and files, never data (as in stockpyle 0.1); clear() empties."""
+    store = kind()
     store.put(Obj(1, "a"))
     store.release()
+    assert store.get(Obj, {"ident": 1}) is not None
+    store.put(Obj(2, "b"))  # still usable
+    store.clear()
     assert len(store) == 0

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("shove") is None, reason="shove is not installed: pip install stockpyle[shove]"
 )
 
+from stockpyle.stores.base import Tombstone  # noqa: E402
 from stockpyle.stores.shove import MAX_QUOTED_KEY, ShoveStore, open_shove, shove_key  # noqa: E402
 
 PERSISTENT = ("file", "lite", "dbm")
@@ -253,6 +254,13 @@ def test_stale_keys_of_a_polymorphic_copy_are_removed(tmp_path: Path, opened: Ca
     plain = opened(uri=uri)
     plain.delete(Car("OLD", "red"))
     assert poly.get(Automobile, {"license_plate": "OLD"}) is None
+    # what is left under both keys is a short-lived tombstone, not the object
+    entries = [plain.mapping[name] for name in plain.mapping]
+    assert len(entries) == 2
+    assert all(isinstance(obj, Tombstone) and expires is not None for obj, expires in entries)
+    # without tombstones, nothing is left at all
+    poly.put(Car("OLD", "red"))
+    opened(uri=uri, tombstone_lifetime=0).delete(Car("OLD", "red"))
     assert os.listdir(tmp_path / "files") == []
 
 
@@ -347,15 +355,26 @@ def test_a_users_buffering_shove_is_synced(tmp_path: Path, opened: Callable[...,
 # -- release and errors ------------------------------------------------------------
 
 
-def test_release_is_final_and_idempotent(tmp_path: Path) -> None:
-    store = ShoveStore(uri=uri_for("lite", tmp_path))
+@pytest.mark.parametrize("scheme", PERSISTENT)
+def test_release_is_idempotent_and_the_store_reopens(scheme: str, tmp_path: Path) -> None:
+    store = ShoveStore(uri=uri_for(scheme, tmp_path))
+    store.put(Item("k", 1, 2, "kept"))
+    store.release()
+    store.release()
+    assert store.get(Item, {"key": "k"}) == Item("k", 1, 2, "kept")  # reopened on first use
+    store.put(Item("k2", 3, 4))
+    store.release()
+    assert store.get(Item, {"key": "k2"}) == Item("k2", 3, 4)
+    store.release()
+
+
+def test_a_shove_passed_in_is_synced_not_closed_by_release(tmp_path: Path) -> None:
+    shove = open_shove(uri_for("file", tmp_path))
+    store = ShoveStore(shove)
     store.put(Item("k", 1, 2))
     store.release()
-    store.release()
-    with pytest.raises(StoreError, match="has been released"):
-        store.get(Item, {"key": "k"})
-    with pytest.raises(StoreError, match="has been released"):
-        store.put(Item("k", 1, 2))
+    assert store.get(Item, {"key": "k"}) == Item("k", 1, 2)
+    shove.close()
 
 
 def test_unpicklable_object_is_refused_and_loses_nothing(tmp_path: Path, opened: Callable[..., ShoveStore]) -> None:

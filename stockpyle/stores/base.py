@@ -1,25 +1,53 @@
-"""The store contract: :class:`BaseStore` and :class:`BaseDictionaryStore`."""
+"""The store contract: :class:`BaseStore` and :class:`BaseDictionaryStore`.
+
+A store has six operations -- ``put``, ``get``, ``delete`` and their batch
+forms -- plus the *back-fill protocol* a :class:`~stockpyle.ChainedStore`
+relies on (``add``/``batch_add``) and a few optional, declared capabilities.
+Everything the chain or the other parts of stockpyle rely on is declared here,
+as class attributes and methods with documented defaults, so that a store
+written by somebody else works the same way (see ``docs/custom_stores.rst``):
+
+================================  ==========================================================
+``supports_expiry``               the store honours lifetimes (default ``True``)
+``supports_add``                  ``add``/``batch_add`` are atomic add-only writes (default
+                                  ``False``: ``add`` falls back to ``put``)
+``supports_class_invalidation``   ``invalidate_class`` drops every entry of a class
+``in_process``                    the store keeps objects in this process's memory and does
+                                  no I/O: a chain calls it directly, and the invalidation bus
+                                  keeps it coherent with other processes
+``direct_index()``                read access to the store's index for a chain's hit path
+================================  ==========================================================
+"""
 
 from __future__ import annotations
 
-import abc
 import functools
 import logging
+import math
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from time import perf_counter
 from types import TracebackType
 from typing import Any, ClassVar, Final, TypeVar
 
-from ..exceptions import ConfigurationError, NotStorableError, SerializationError, StoreError
-from ..keys import Key, encode_key, is_older, lookup_key, object_keys
+from ..consistency import ABSENT_SLOT, Slot, SlotKind, add_allowed, put_allowed
+from ..exceptions import ConfigurationError, NotStorableError, ObjectError, StoreError
+from ..keys import Key, encode_key, lookup_key, object_keys, version_of
 from ..lifetimes import LifetimeCallback, LifetimePolicy
 from ..stats import StoreStats
 
-__all__ = ["MISS", "BaseDictionaryStore", "BaseStore", "KeyDict"]
+__all__ = [
+    "MISS",
+    "BaseDictionaryStore",
+    "BaseStore",
+    "DirectIndex",
+    "KeyDict",
+    "MemoryEntry",
+    "Tombstone",
+    "check_tombstone_lifetime",
+]
 
 log = logging.getLogger("stockpyle.stores")
 
@@ -47,9 +75,94 @@ class _Miss:
 MISS: Final = _Miss()
 
 
-def _check_storable(obj: object) -> None:
+def check_storable(obj: object) -> None:
+    """Refuse ``None`` (it has no keys) before anything else looks at it.
+
+    :raises NotStorableError: for ``None``.
+    """
     if obj is None:
         raise NotStorableError("None cannot be stored: it has no __stockpyle_keys__")
+
+
+def check_tombstone_lifetime(value: Any, limit: float = math.inf) -> float:
+    """Validate a ``tombstone_lifetime`` argument: finite seconds, ``0 <= value <= limit``.
+
+    :returns: the value as a float.
+    :raises ConfigurationError: for anything else.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 <= value <= limit
+    ):
+        bound = f"between 0 and {limit:g}" if math.isfinite(limit) else ">= 0"
+        raise ConfigurationError(f"tombstone_lifetime must be seconds {bound}; got {value!r}")
+    return float(value)
+
+
+class MemoryEntry:
+    """One object held by an in-process store, as its :class:`DirectIndex` shows it.
+
+    :ivar obj: the stored object itself.
+    :ivar expires: its expiry on :func:`time.monotonic`, or ``None`` for never.
+    :ivar keys: every in-process key it is stored under (shared by those keys).
+    :ivar version: its version when it was stored, or ``None``.
+    """
+
+    __slots__ = ("expires", "keys", "obj", "seq", "version")
+
+    def __init__(self, obj: object, expires: float | None, keys: tuple[Key, ...], version: Any, seq: int) -> None:
+        self.obj = obj
+        self.expires = expires
+        self.keys = keys
+        self.version = version
+        #: write sequence number (tells an entry apart from a later one of the same object)
+        self.seq = seq
+
+    def __repr__(self) -> str:
+        return f"<MemoryEntry {type(self.obj).__qualname__} keys={len(self.keys)} expires={self.expires}>"
+
+
+class DirectIndex:
+    """Read access to an in-process store's index: what a chain's hit path probes directly.
+
+    A :class:`~stockpyle.ChainedStore` whose top layer offers one looks the
+    commonest lookups (one ``str`` or ``int`` key attribute) up in
+    :attr:`index` itself, saving a call, and counts each such hit in
+    :attr:`hits`, which the store adds to its own statistics.
+
+    :ivar index: maps in-process keys (``(klass, attribute, value)``) to
+        :class:`MemoryEntry` objects.  Read it only; an entry whose
+        ``expires`` has passed must be treated as a miss.
+    :ivar hits: hits served from the index by its reader.
+    """
+
+    __slots__ = ("hits", "index")
+
+    def __init__(self, index: Mapping[Key, MemoryEntry]) -> None:
+        self.index = index
+        self.hits = 0
+
+
+class Tombstone:
+    """The marker a dictionary store leaves under a deleted object's keys for a short time.
+
+    :ivar owner: the first mapping key of the deleted object.
+    :ivar version: the deleted object's version, or ``None``.
+    """
+
+    __slots__ = ("owner", "version")
+
+    def __init__(self, owner: Hashable, version: Any = None) -> None:
+        self.owner = owner
+        self.version = version
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Tombstone, (self.owner, self.version))
+
+    def __repr__(self) -> str:
+        return f"Tombstone(owner={self.owner!r}, version={self.version!r})"
 
 
 _OPERATIONS: Final = ("get", "batch_get", "put", "batch_put", "delete", "batch_delete")
@@ -102,13 +215,15 @@ def _counted(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
     return operation
 
 
-class BaseStore(abc.ABC):
-    """The abstract store contract.
+class BaseStore:
+    """The store contract.
 
-    Subclasses implement :meth:`put`, :meth:`get` and :meth:`delete`; the batch
-    operations default to looping over them and should be overridden where the
-    backend has native multi-key calls.  Every store is a context manager whose
-    exit calls :meth:`release`.
+    Subclasses implement :meth:`put`, :meth:`get` and :meth:`delete`; the
+    batch operations default to looping over them and should be overridden
+    where the backend has native multi-key calls.  An operation a subclass
+    does not implement raises :class:`NotImplementedError` when called, so a
+    read-only or write-only store is a few lines.  Every store is a context
+    manager whose exit calls :meth:`release`.
 
     Every store counts and times its operations (:meth:`stats`): the six
     operations of a subclass are wrapped automatically, which costs well under
@@ -122,7 +237,14 @@ class BaseStore(abc.ABC):
     """
 
     #: True when the store can expire entries (lifetimes apply).
-    supports_expiry: bool = True
+    supports_expiry: ClassVar[bool] = True
+    #: True when :meth:`add`/:meth:`batch_add` are add-only writes that never
+    #: replace a live entry or a tombstone.  False: they fall back to :meth:`put`.
+    supports_add: ClassVar[bool] = False
+    #: True when :meth:`invalidate_class` is implemented.
+    supports_class_invalidation: ClassVar[bool] = False
+    #: True for stores that keep objects in this process's memory and do no I/O.
+    in_process: ClassVar[bool] = False
     #: Whether the six operations are wrapped to maintain :meth:`stats`.
     _auto_stats: ClassVar[bool] = True
 
@@ -172,19 +294,26 @@ class BaseStore(abc.ABC):
         """
         self.lifetimes.configure(classes, lifetime)
 
+    def describe(self) -> str:
+        """Where the store keeps its data (servers, a URL, a path), for messages."""
+        return type(self).__name__
+
+    def _unimplemented(self, operation: str) -> NotImplementedError:
+        return NotImplementedError(f"{type(self).__qualname__} does not implement {operation}()")
+
     # -- the six operations -------------------------------------------------
 
-    @abc.abstractmethod
     def put(self, obj: object) -> None:
         """Store ``obj`` under every one of its keys (replacing older entries)."""
+        raise self._unimplemented("put")
 
-    @abc.abstractmethod
     def get(self, klass: type[T], keydict: KeyDict) -> T | None:
         """Return the stored ``klass`` instance matching ``keydict``, or ``None``."""
+        raise self._unimplemented("get")
 
-    @abc.abstractmethod
     def delete(self, obj: object) -> None:
         """Remove ``obj`` from the store under every one of its keys."""
+        raise self._unimplemented("delete")
 
     def batch_put(self, objs: Iterable[object]) -> None:
         """Store every object of ``objs``."""
@@ -200,10 +329,57 @@ class BaseStore(abc.ABC):
         for obj in objs:
             self.delete(obj)
 
+    # -- the back-fill protocol ---------------------------------------------
+
+    def add(self, obj: object) -> bool:
+        """Store ``obj`` only if none of its keys holds a live entry or a tombstone.
+
+        This is how a :class:`~stockpyle.ChainedStore` back-fills a layer with an
+        object it found below: the object must never replace a newer one written
+        meanwhile, nor bring back one deleted meanwhile.  Stores that can do
+        this atomically set :attr:`supports_add` and override it.
+
+        The default -- for stores that cannot -- writes with :meth:`put` and
+        returns ``True``.  A chain back-filling such a store cannot protect it
+        against a writer racing the back-fill: a reader that read the old value
+        just before a write may put it back, and it stays there until it
+        expires or is written again.
+
+        :returns: whether the object was stored.
+        """
+        self.put(obj)
+        return True
+
+    def batch_add(self, objs: Iterable[object]) -> list[bool]:
+        """:meth:`add` for many objects; returns which were stored."""
+        return [self.add(obj) for obj in objs]
+
+    # -- optional capabilities ----------------------------------------------
+
+    def invalidate_class(self, klass: type) -> None:
+        """Drop every entry of ``klass`` (and of its subclasses) from the store.
+
+        Used when a write touched rows that cannot be known one by one.
+        Stores that implement it set :attr:`supports_class_invalidation`.
+        """
+        raise self._unimplemented("invalidate_class")
+
+    def direct_index(self) -> DirectIndex | None:
+        """The store's index for a chain's hit path to probe directly, or ``None`` (the default).
+
+        Only an in-process store whose ``get`` needs no bookkeeping per hit
+        (no LRU order to maintain, no subclass override) offers one.
+        """
+        return None
+
     # -- lifecycle ----------------------------------------------------------
 
-    def release(self) -> None:  # noqa: B027 - optional hook with a no-op default
-        """Release connections, files and other resources held by the store."""
+    def release(self) -> None:
+        """Release connections, files and other resources held by the store.
+
+        Releasing is never terminal: the store reconnects or reopens what it
+        needs on its next operation, and in-process stores keep their contents.
+        """
 
     def __enter__(self: T) -> T:
         return self
@@ -228,171 +404,6 @@ del _name
 
 
 # ----------------------------------------------------------------------------
-# in-process record table (ProcessMemoryStore, ThreadLocalStore)
-
-
-class _Record:
-    """One stored object, every key it occupies (shared by those keys), and its version when stored."""
-
-    __slots__ = ("obj", "expires", "keys", "version")
-
-    def __init__(self, obj: object, expires: float | None, keys: tuple[Key, ...], version: Any = None) -> None:
-        self.obj = obj
-        self.expires = expires
-        self.keys = keys
-        self.version = version
-
-
-class MemoryTable:
-    """The in-process storage engine: key -> record, and object identity -> record.
-
-    The table holds a strong reference to every stored object, so ``id(obj)``
-    identifies a stored object for as long as it is stored; that is how a
-    re-put finds and removes the keys an object occupied before one of its key
-    attributes changed.  Not thread-safe by itself.
-    """
-
-    __slots__ = (
-        "index", "records", "maxsize", "clock", "evictions", "expirations",
-        "tombstones", "tombstone_lifetime", "_tombstone_purge_at",
-    )  # fmt: skip
-
-    def __init__(self, maxsize: int | None, clock: Callable[[], float], tombstone_lifetime: float = 0.0) -> None:
-        self.index: dict[Key, _Record] = {}
-        # insertion/recency order doubles as the LRU order
-        self.records: OrderedDict[int, _Record] = OrderedDict()
-        self.maxsize = maxsize
-        self.clock = clock
-        self.evictions = 0
-        self.expirations = 0
-        # key -> (clock time until which add() must not fill that key, the
-        # version deleted, the deleted object's first key): a back-fill racing
-        # a delete would otherwise resurrect the object, and so would a late
-        # put of the deleted version
-        self.tombstones: dict[Key, tuple[float, Any, Key | None]] = {}
-        self.tombstone_lifetime = tombstone_lifetime
-        self._tombstone_purge_at = 1024
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def drop(self, rec: _Record) -> None:
-        records = self.records
-        if records.get(id(rec.obj)) is rec:
-            del records[id(rec.obj)]
-        index = self.index
-        for key in rec.keys:
-            if index.get(key) is rec:
-                del index[key]
-
-    def put(self, obj: object, keys: list[Key], expires: float | None, version: Any = None) -> bool:
-        """Store ``obj`` under ``keys``; returns False when a newer version is stored."""
-        index = self.index
-        owner = keys[0] if keys else None
-        if version is not None:
-            # Versions count the changes of one object, so they are compared only
-            # with records and tombstones of the same object (same first key):
-            # another object may hold, or have held, a key value this one takes.
-            for key in keys:
-                other = index.get(key)
-                if other is not None and other.keys[0] == owner and is_older(version, other.version):
-                    return False  # concurrent writers converge on the newest version
-        tombstones = self.tombstones
-        if tombstones:
-            if version is not None:
-                now = self.clock()
-                for key in keys:
-                    stone = tombstones.get(key)
-                    # a late write of this object's deleted version (or an older one)
-                    if stone is not None and stone[0] > now and stone[2] == owner and stone[1] is not None:  # noqa: SIM102
-                        if not is_older(stone[1], version):
-                            return False
-            for key in keys:
-                tombstones.pop(key, None)
-        old = self.records.get(id(obj))
-        if old is not None:
-            self.drop(old)
-        for key in keys:
-            other = index.get(key)
-            if other is not None:
-                # another object held this key: it is an older copy of the same
-                # entity, so every key it occupied is stale now
-                self.drop(other)
-        if expires is not None and expires <= self.clock():
-            return True
-        rec = _Record(obj, expires, tuple(keys), version)
-        for key in keys:
-            index[key] = rec
-        self.records[id(obj)] = rec
-        if self.maxsize is not None:
-            while len(self.records) > self.maxsize:
-                self.drop(self.records.popitem(last=False)[1])
-                self.evictions += 1
-        return True
-
-    def delete(self, obj: object, keys: list[Key], version: Any = None) -> None:
-        old = self.records.get(id(obj))
-        if old is not None:
-            self.drop(old)
-        index = self.index
-        for key in keys:
-            other = index.get(key)
-            if other is not None:
-                self.drop(other)
-        if self.tombstone_lifetime:
-            stone = (self.clock() + self.tombstone_lifetime, version, keys[0] if keys else None)
-            tombstones = self.tombstones
-            for key in keys:
-                tombstones[key] = stone
-            if len(tombstones) > self._tombstone_purge_at:
-                now = self.clock()
-                for key in [k for k, (until, _, _) in tombstones.items() if until <= now]:
-                    del tombstones[key]
-                self._tombstone_purge_at = max(1024, 2 * len(tombstones))
-
-    def add(self, obj: object, keys: list[Key], expires: float | None, version: Any = None) -> bool:
-        """Put ``obj`` only if none of its keys holds a live object or a tombstone.
-
-        :returns: whether the object was stored.
-        """
-        now = self.clock()
-        index, tombstones = self.index, self.tombstones
-        for key in keys:
-            rec = index.get(key)
-            if rec is not None and (rec.expires is None or rec.expires > now):
-                return False
-            if tombstones:
-                stone = tombstones.get(key)
-                if stone is not None and stone[0] > now:
-                    return False
-        return self.put(obj, keys, expires, version)
-
-    def touch(self, rec: _Record) -> None:
-        """Mark ``rec`` most recently used (bounded tables only).
-
-        Safe without the store's lock: ``move_to_end`` is a single C-level
-        operation, and a record removed meanwhile simply is not found.
-        """
-        try:
-            self.records.move_to_end(id(rec.obj))
-        except KeyError:
-            pass
-
-    def purge_expired(self) -> int:
-        now = self.clock()
-        dead = [rec for rec in self.records.values() if rec.expires is not None and rec.expires <= now]
-        for rec in dead:
-            self.drop(rec)
-        self.expirations += len(dead)
-        return len(dead)
-
-    def clear(self) -> None:
-        self.index.clear()
-        self.records.clear()
-        self.tombstones.clear()
-
-
-# ----------------------------------------------------------------------------
 # generic dictionary store
 
 
@@ -403,6 +414,14 @@ class BaseDictionaryStore(BaseStore):
     ``expires_at`` is a unix time (or ``None``) and ``keys`` are the mapping keys
     the object occupies, so a re-put after a key attribute changed removes the
     entries under the old values.  Expired entries are removed when they are read.
+
+    It honours the consistency rules of :mod:`stockpyle.consistency`: a delete
+    leaves a :class:`Tombstone` under the object's keys for
+    ``tombstone_lifetime`` seconds, :meth:`add` stores an object only where
+    none of its keys holds a live entry or a tombstone, and a versioned object
+    never replaces a newer version of itself.  Writes hold the store's lock, so
+    these are atomic among the threads of one process -- not among processes
+    sharing one persistent mapping.
 
     Mapping keys are the in-process :data:`~stockpyle.keys.Key` tuples unless
     ``string_keys=True``, which uses :func:`~stockpyle.keys.encode_key` text
@@ -417,7 +436,11 @@ class BaseDictionaryStore(BaseStore):
 
     :param mapping: the mapping that holds the entries.
     :param string_keys: use canonical text keys instead of tuples.
+    :param tombstone_lifetime: seconds a deleted key refuses back-fills
+        (``0``: deletes remove entries and leave nothing).
     """
+
+    supports_add = True
 
     #: The clock entries' expiry times are measured on: wall-clock unix time,
     #: because a mapping may outlive the process (and be shared with others).
@@ -430,6 +453,7 @@ class BaseDictionaryStore(BaseStore):
         polymorphic: bool = False,
         lifetime_cb: LifetimeCallback | None = None,
         string_keys: bool = False,
+        tombstone_lifetime: float = 5.0,
     ) -> None:
         super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb)
         candidate: object = mapping
@@ -439,6 +463,7 @@ class BaseDictionaryStore(BaseStore):
             raise ConfigurationError(f"BaseDictionaryStore needs a MutableMapping; got {type(mapping).__name__}")
         self.mapping = mapping
         self.string_keys = string_keys
+        self.tombstone_lifetime = check_tombstone_lifetime(tombstone_lifetime)
         self._lock = threading.RLock()
 
     # -- hooks ----------------------------------------------------------------
@@ -448,7 +473,7 @@ class BaseDictionaryStore(BaseStore):
         return encode_key(key) if self.string_keys else key
 
     def _make_entry(self, obj: object, expires: float | None, mkeys: tuple[Hashable, ...]) -> Any:
-        """The value stored under each of an object's mapping keys."""
+        """The value stored under each of an object's mapping keys (also for a :class:`Tombstone`)."""
         return (obj, expires, mkeys)
 
     def _entry_keys(self, entry: Any) -> Iterable[Hashable]:
@@ -494,6 +519,8 @@ class BaseDictionaryStore(BaseStore):
             if expires is not None and expires <= self.clock():
                 self._discard(mkey)
                 return MISS
+        if type(obj) is Tombstone:
+            return MISS
         return obj if self._owns(key, obj) else MISS
 
     def _discard(self, mkey: Hashable) -> None:
@@ -503,7 +530,7 @@ class BaseDictionaryStore(BaseStore):
         with self._writing("remove an expired entry"):
             try:
                 current = self._load(mkey)
-            except SerializationError:
+            except ObjectError:
                 return
             if current is not MISS and current[1] is not None and current[1] <= self.clock():
                 self._remove(mkey)
@@ -515,49 +542,100 @@ class BaseDictionaryStore(BaseStore):
         except KeyError:
             pass
 
-    def _stale_keys(self, mkeys: Sequence[Hashable]) -> set[Hashable]:
-        stale: set[Hashable] = set()
-        for mkey in mkeys:
-            try:
-                entry = self._load(mkey)
-            except SerializationError as exc:
-                # it is being overwritten or removed anyway
-                log.warning("stockpyle: ignoring an undecodable entry while replacing it: %s", exc)
-                continue
-            if entry is not MISS:
-                stale.update(self._entry_keys(entry))
-        return stale
+    def _slot(self, mkey: Hashable, now: float) -> tuple[Slot, Any]:
+        """The state of ``mkey`` for the consistency rules, and the entry read (or MISS)."""
+        try:
+            entry = self._load(mkey)
+        except ObjectError as exc:
+            # it is being overwritten or removed anyway
+            log.warning("stockpyle: ignoring an undecodable entry while replacing it: %s", exc)
+            return Slot(SlotKind.UNREADABLE), MISS
+        if entry is MISS or (entry[1] is not None and entry[1] <= now):
+            return ABSENT_SLOT, MISS
+        obj = entry[0]
+        if type(obj) is Tombstone:
+            return Slot(SlotKind.TOMBSTONE, obj.owner, obj.version), entry
+        return Slot(SlotKind.ENTRY, self._owner_of(obj), version_of(obj)), entry
+
+    def _owner_of(self, obj: object) -> Hashable | None:
+        try:
+            keys = object_keys(obj)
+        except Exception:  # noqa: BLE001 - the class's key declaration changed since it was stored
+            return None
+        return self.map_key(keys[0]) if keys else None
 
     def _mapping_keys(self, obj: object) -> tuple[Hashable, ...]:
-        _check_storable(obj)
+        check_storable(obj)
         return tuple(dict.fromkeys(self.map_key(k) for k in object_keys(obj, self.polymorphic)))
 
-    def _put_many(self, objs: Iterable[object]) -> None:
+    def _prepare(self, objs: Iterable[object]) -> list[tuple[object, tuple[Hashable, ...], float | None, Any]]:
         prepared = []
         for obj in objs:
             mkeys = self._mapping_keys(obj)
             expires = self._expires(obj)
             self._check_value(obj, expires)
-            prepared.append((obj, mkeys, expires))
+            prepared.append((obj, mkeys, expires, version_of(obj)))
+        return prepared
+
+    def _write_entry(
+        self, obj: object, mkeys: tuple[Hashable, ...], expires: float | None, entries: Sequence[Any]
+    ) -> None:
+        """Write ``obj`` under ``mkeys``, first removing the keys its old copies occupied."""
+        stale: set[Hashable] = set()
+        for entry in entries:
+            if entry is not MISS:
+                stale.update(self._entry_keys(entry))
+        for mkey in stale.difference(mkeys):
+            self._remove(mkey)
+        if expires is not None and expires <= self.clock():
+            for mkey in mkeys:
+                self._remove(mkey)
+            return
+        entry = self._make_entry(obj, expires, mkeys)
+        for mkey in mkeys:
+            self.mapping[mkey] = entry
+
+    def _put_many(self, objs: Iterable[object]) -> None:
+        prepared = self._prepare(objs)
         with self._writing("write"):
             now = self.clock()
-            for obj, mkeys, expires in prepared:
-                for mkey in self._stale_keys(mkeys).difference(mkeys):
-                    self._remove(mkey)
-                if expires is not None and expires <= now:
-                    for mkey in mkeys:
-                        self._remove(mkey)
-                    continue
-                entry = self._make_entry(obj, expires, mkeys)
-                for mkey in mkeys:
-                    self.mapping[mkey] = entry
+            for obj, mkeys, expires, version in prepared:
+                states = [self._slot(mkey, now) for mkey in mkeys]
+                if not put_allowed(mkeys[0], version, [slot for slot, _entry in states]):
+                    continue  # a newer version is stored, or this one was deleted
+                self._write_entry(obj, mkeys, expires, [entry for _slot, entry in states])
 
     def _delete_many(self, objs: Iterable[object]) -> None:
-        prepared = [self._mapping_keys(obj) for obj in objs]
+        prepared = [(self._mapping_keys(obj), version_of(obj)) for obj in objs]
         with self._writing("delete"):
-            for mkeys in prepared:
-                for mkey in self._stale_keys(mkeys).union(mkeys):
-                    self._remove(mkey)
+            now = self.clock()
+            for mkeys, version in prepared:
+                stale: set[Hashable] = set(mkeys)
+                for mkey in mkeys:
+                    _slot, entry = self._slot(mkey, now)
+                    if entry is not MISS:
+                        stale.update(self._entry_keys(entry))
+                if not self.tombstone_lifetime:
+                    for mkey in stale:
+                        self._remove(mkey)
+                    continue
+                stone = self._make_entry(Tombstone(mkeys[0], version), now + self.tombstone_lifetime, ())
+                for mkey in stale:
+                    self.mapping[mkey] = stone
+
+    def _add_many(self, objs: Iterable[object]) -> list[bool]:
+        prepared = self._prepare(objs)
+        done: list[bool] = []
+        with self._writing("add"):
+            now = self.clock()
+            for obj, mkeys, expires, _version in prepared:
+                states = [self._slot(mkey, now) for mkey in mkeys]
+                if not add_allowed(slot for slot, _entry in states):
+                    done.append(False)
+                    continue
+                self._write_entry(obj, mkeys, expires, [entry for _slot, entry in states])
+                done.append(expires is None or expires > now)
+        return done
 
     # -- the operations -------------------------------------------------------
 
@@ -572,6 +650,17 @@ class BaseDictionaryStore(BaseStore):
 
     def batch_delete(self, objs: Iterable[object]) -> None:
         self._delete_many(list(objs))
+
+    def add(self, obj: object) -> bool:
+        """Store ``obj`` only where none of its keys holds a live entry or a tombstone.
+
+        :returns: whether the object was stored.
+        """
+        return self._add_many((obj,))[0]
+
+    def batch_add(self, objs: Iterable[object]) -> list[bool]:
+        """:meth:`add` for many objects; returns which were stored."""
+        return self._add_many(list(objs))
 
     def get(self, klass: type[T], keydict: KeyDict) -> T | None:
         found = self._read(lookup_key(klass, keydict))

@@ -1,41 +1,69 @@
-"""Write-through layering of stores: :class:`ChainedStore` (alias ``MultiStore``)."""
+"""Write-through layering of stores: :class:`ChainedStore` (alias ``MultiStore``).
+
+The chain's policy -- which layer to ask, what to back-fill, what to
+invalidate, when a layer's circuit breaker lets a call through, what the
+statistics count -- is written once, in :class:`ChainPolicy`, as *plans*:
+generators that call in-process layers directly and yield a :class:`Call` for
+every other layer, receiving its result (or having its exception thrown in).
+:class:`ChainedStore` drives the plans synchronously; an asynchronous chain
+drives the very same plans with ``await``.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from time import perf_counter
 from typing import Any, TypeVar
 
-from ..exceptions import ConfigurationError, SerializationError, StoreError, UnknownKeyError, ValueTooLargeError
+from ..exceptions import ConfigurationError, ObjectError, StoreError, UnknownKeyError
 from ..keys import object_keys
 from ..stats import SAMPLE_EVERY, Latency, StoreStats
-from .base import BaseStore, KeyDict
+from .base import BaseStore, DirectIndex, KeyDict
 
-__all__ = ["ChainStats", "ChainedStore", "LayerStats", "MultiStore"]
+__all__ = ["Call", "ChainPolicy", "ChainStats", "ChainedStore", "LayerStats", "MultiStore"]
 
 T = TypeVar("T")
 log = logging.getLogger("stockpyle.chained")
 _monotonic = time.monotonic
 
 _OPERATIONS = ("put", "get", "delete", "batch_put", "batch_get", "batch_delete")
-
-#: Errors of a cache layer that the chain absorbs: the backend failed or an
-#: entry could not be decoded.  Anything else (bad keys, bad objects) is a bug
-#: in the caller and propagates.
-_CACHE_FAILURES = (StoreError, SerializationError)
-#: Of those, the ones that concern one object rather than the layer's health
-#: (it cannot be pickled, it is too large): they never count toward the
-#: breaker, are misses when reading, and are reported when writing.
-_OBJECT_FAULTS = (SerializationError, ValueTooLargeError)
 #: Operations of the chain's own read path; everything else is a caller's write.
 _READS = frozenset({"get", "batch_get", "backfill"})
 
-#: Sentinel returned by :meth:`ChainedStore._call` when a layer was skipped or failed.
-_FAILED: Any = object()
+
+class _Failed:
+    """The type of :data:`_FAILED`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "FAILED"
+
+
+#: What a guarded call of a cache layer returns when the layer was skipped or failed.
+_FAILED: Any = _Failed()
+
+
+class Call:
+    """One operation a plan asks of a layer that is not in process: ``stores[index].method(*args)``."""
+
+    __slots__ = ("args", "index", "method")
+
+    def __init__(self, index: int, method: str, args: tuple[Any, ...]) -> None:
+        self.index = index
+        self.method = method
+        self.args = args
+
+    def __repr__(self) -> str:
+        return f"Call({self.index}, {self.method!r})"
+
+
+#: A plan: yields :class:`Call` objects, receives their results, returns ``T``.
+Plan = Generator[Call, Any, T]
 
 
 @dataclass
@@ -144,121 +172,70 @@ class _Breaker:
                 self.pending.append(obj)
 
 
-class ChainedStore(BaseStore):
-    """Layers of stores used as a write-through cache, fastest first.
+def _layer_type_has(layer: Any, name: str) -> bool:
+    """Whether ``layer``'s type offers ``name`` -- checked on the type, never on the instance.
 
-    * ``get`` asks the layers top-down; the first hit wins and every layer
-      above it is back-filled (and so gets its own lifetime).  Layers below the
-      hit are not touched.
-    * ``batch_get`` asks each layer once, for only the keys still missing, and
-      back-fills the layers above with one call each.
-    * ``put``/``delete`` and their batch forms go to the last layer (the
-      system of record) first, then up through the caches, so the caches hold
-      what the database assigned (generated keys, defaults).
-    * Back-fills use a layer's ``batch_add`` when it has one: an add-only
-      write that never replaces a newer value or resurrects a deleted object
-      (deletes leave short tombstones); otherwise ``batch_put``.
+    A type that forwards attributes dynamically (``__getattr__``) is taken at its word.
+    """
+    kind = type(layer)
+    return callable(getattr(kind, name, None)) or callable(getattr(kind, "__getattr__", None))
 
-    A cache layer (every layer but the last) that fails with a
-    :class:`~stockpyle.exceptions.StoreError` is treated as a miss for reads;
-    for writes the chain tries to invalidate the object in that layer, logs
-    the failure, counts it in :meth:`stats`, and carries on.  After
-    ``failure_threshold`` consecutive failures the layer's circuit breaker
-    opens: for ``cooldown`` seconds the layer is skipped instead of making
-    every request wait for a timeout, and the objects written meanwhile are
-    remembered; the next call after the cool-down probes the layer, and when
-    it answers, those objects are invalidated in it before it rejoins.
 
-    Errors of the last layer propagate: the caller must know when the system
-    of record failed.  When the last layer fails a write, the object is also
-    invalidated in the caches, so no cache is left holding data the system of
-    record lacks.
+def _declares(layer: Any, flag: str, method: str) -> bool:
+    """A capability flag of ``layer``'s type; a duck-typed layer without the flag has it if its type has ``method``."""
+    declared = getattr(type(layer), flag, None)
+    if declared is not None:
+        return bool(declared)
+    return callable(getattr(type(layer), method, None))
 
-    :param stores: the layers, fastest first; any objects with the six store
-        operations (they need not subclass :class:`BaseStore`).
-    :param failure_threshold: consecutive failures that open a layer's breaker.
-    :param cooldown: seconds an open breaker skips its layer before probing it.
-    :param max_pending_invalidations: objects remembered per layer while its
-        breaker is open; beyond that, staleness is bounded by the layer's
-        lifetimes only (a warning is logged).
-    :raises ConfigurationError: for an empty chain, a layer that is not a
-        store, or invalid breaker settings.
+
+class ChainPolicy:
+    """The chain's policy as plans, shared by the synchronous and asynchronous chains.
+
+    Subclasses provide an executor that runs plans: calls every :class:`Call`
+    a plan yields on ``self.stores[call.index]`` and sends the result back (or
+    throws the exception in).  Everything else -- the layers' order, circuit
+    breakers, back-fills, invalidations and statistics -- is here.
     """
 
-    supports_expiry = True
-    _auto_stats = False  # the chain keeps ChainStats itself
+    stores: tuple[Any, ...]
 
-    def __init__(
-        self,
-        stores: Sequence[Any],
-        *,
-        failure_threshold: int = 3,
-        cooldown: float = 5.0,
-        max_pending_invalidations: int = 10_000,
+    def _setup_policy(
+        self, layers: list[Any], failure_threshold: int, cooldown: float, max_pending_invalidations: int
     ) -> None:
-        super().__init__()
-        if isinstance(stores, (str, bytes)) or not isinstance(stores, Iterable):
-            raise ConfigurationError(f"ChainedStore takes a list of stores, fastest first; got {stores!r}")
-        layers = list(stores)
-        if not layers:
-            raise ConfigurationError("ChainedStore needs at least one store, e.g. ChainedStore([ProcessMemoryStore()])")
-        for layer in layers:
-            missing = [op for op in _OPERATIONS if not callable(getattr(layer, op, None))]
-            if missing:
-                raise ConfigurationError(f"{layer!r} cannot be a ChainedStore layer: it lacks {', '.join(missing)}")
         if isinstance(failure_threshold, bool) or not isinstance(failure_threshold, int) or failure_threshold < 1:
             raise ConfigurationError(f"failure_threshold must be a positive int; got {failure_threshold!r}")
         if isinstance(cooldown, bool) or not isinstance(cooldown, (int, float)) or not cooldown >= 0:
             raise ConfigurationError(f"cooldown must be a number of seconds >= 0; got {cooldown!r}")
         if isinstance(max_pending_invalidations, bool) or not isinstance(max_pending_invalidations, int):
             raise ConfigurationError(f"max_pending_invalidations must be an int; got {max_pending_invalidations!r}")
-        self.stores: tuple[Any, ...] = tuple(layers)
+        self.stores = tuple(layers)
         self._layer_stats = [LayerStats(layer) for layer in layers]
         self._breakers = [_Breaker(failure_threshold, float(cooldown), max_pending_invalidations) for _ in layers]
         self._last = len(layers) - 1
-        self._first_get = layers[0].get
-        self._first_stats = self._layer_stats[0]
-        self._first_breaker = self._breakers[0]
-        self._l1_hits = 0
-        self._l1_index = getattr(layers[0], "_unbounded_index", None)
+        # capabilities, read from each layer's type once
+        self._in_process = [bool(getattr(type(layer), "in_process", False)) for layer in layers]
         # how each layer is back-filled: add-only when it can, else a plain put
-        self._adders = [getattr(layer, "add", None) or layer.put for layer in layers]
-        self._batch_adders = [getattr(layer, "batch_add", None) or layer.batch_put for layer in layers]
-        self._countdown = SAMPLE_EVERY
+        self._add = ["add" if _declares(layer, "supports_add", "add") else "put" for layer in layers]
+        self._batch_add = [
+            "batch_add" if _declares(layer, "supports_add", "batch_add") else "batch_put" for layer in layers
+        ]
         self._totals = ChainStats(layers=self._layer_stats)
-        self._single = len(layers) == 1
 
-    # -- statistics ---------------------------------------------------------
+    # -- calling layers -----------------------------------------------------
 
-    def stats(self) -> ChainStats:
-        """The chain's totals and per-layer counters (brought up to date by each call).
+    def _ask(self, index: int, method: str, *args: Any) -> Plan[Any]:
+        """``stores[index].method(*args)``: directly for in-process layers, through the executor otherwise."""
+        if self._in_process[index]:
+            return getattr(self.stores[index], method)(*args)
+        return (yield Call(index, method, args))
 
-        ``chain.stats()[i]`` (or ``.layers[i]``) is the :class:`LayerStats` of layer ``i``.
-        """
-        hits, self._l1_hits = self._l1_hits, 0
-        self._first_stats.hits += hits
-        for layer, breaker in zip(self._layer_stats, self._breakers, strict=True):
-            layer.pending_invalidations = len(breaker.pending)
-        totals = self._totals
-        totals.hits = sum(layer.hits for layer in self._layer_stats)
-        totals.misses = self._layer_stats[-1].misses
-        totals.errors = sum(layer.errors for layer in self._layer_stats)
-        return totals
-
-    def reset_stats(self) -> None:
-        """Set the chain's and every layer's counters back to zero."""
-        self._l1_hits = 0
-        self._totals.reset()
-        for stats in self._layer_stats:
-            stats.reset()
-
-    # -- guarded calls to cache layers --------------------------------------
-
-    def _call(self, index: int, action: str, method: Callable[..., Any], *args: Any) -> Any:
-        """Call ``method`` of cache layer ``index`` through its breaker.
+    def _guarded(self, index: int, action: str, method: str, *args: Any) -> Plan[Any]:
+        """Call a cache layer through its breaker.
 
         :returns: the method's result, or :data:`_FAILED` when the layer was
             skipped or failed (the failure is counted and logged).
+        :raises ObjectError: when the layer refuses one object on a write.
         """
         breaker = self._breakers[index]
         if breaker.open_until:
@@ -270,18 +247,20 @@ class ChainedStore(BaseStore):
             breaker.open_until = now + breaker.cooldown
         # writes this layer missed (while unreachable, or in a single failed
         # call) are invalidated before it serves anything again
-        if breaker.pending and not self._replay(index):
-            return _FAILED
+        if breaker.pending:
+            replayed = yield from self._replay(index)
+            if not replayed:
+                return _FAILED
         try:
-            result = method(*args)
-        except _OBJECT_FAULTS as exc:
+            result = yield from self._ask(index, method, *args)
+        except ObjectError as exc:
             self._layer_stats[index].errors += 1
             if action not in _READS:
                 raise
             log.warning("stockpyle: cache layer %d (%r) could not %s an object: %s",
                         index, self.stores[index], action, exc)  # fmt: skip
             return _FAILED
-        except _CACHE_FAILURES as exc:
+        except StoreError as exc:
             self._failed(index, action, exc)
             return _FAILED
         if breaker.failures:
@@ -316,7 +295,7 @@ class ChainedStore(BaseStore):
         breaker.failures = 0
         breaker.open_until = 0.0
 
-    def _replay(self, index: int) -> bool:
+    def _replay(self, index: int) -> Plan[bool]:
         """Invalidate in layer ``index`` what was written while it was unreachable."""
         breaker = self._breakers[index]
         with breaker.lock:
@@ -331,8 +310,8 @@ class ChainedStore(BaseStore):
         if not pending:
             return True
         try:
-            self.stores[index].batch_delete(pending)
-        except _CACHE_FAILURES as exc:
+            yield from self._ask(index, "batch_delete", pending)
+        except (StoreError, ObjectError) as exc:
             breaker.remember(pending)
             self._failed(index, "invalidate missed writes", exc)
             return False
@@ -341,63 +320,19 @@ class ChainedStore(BaseStore):
 
     # -- reads --------------------------------------------------------------
 
-    def get(self, klass: type[T], keydict: KeyDict) -> T | None:
-        # The L1 hit path is the library's second-hottest code.  When L1 is an
-        # unbounded in-process store, its index is probed here directly for
-        # the common lookup (one str- or int-valued attribute): that saves a Python
-        # frame, which is a quarter of the cost of the whole hit.  Anything
-        # unusual falls through to L1's own get().
-        self._countdown -= 1
-        if self._countdown <= 0:  # one call in SAMPLE_EVERY is timed, layer by layer
-            self._countdown = SAMPLE_EVERY
-            return self._get_from(0, klass, keydict, timed=True)
-        index = self._l1_index
-        if index is not None and len(keydict) == 1:
-            (name,) = keydict
-            value = keydict[name]
-            if type(value) is str or type(value) is int:
-                rec = index.get((klass, name, value))
-                if rec is not None and (rec.expires is None or rec.expires > _monotonic()):
-                    self._l1_hits += 1
-                    return rec.obj  # type: ignore[no-any-return]
-                if not self._single:
-                    # L1 does not have it (its get() would probe the same index
-                    # again): ask the layers below, which also validate the lookup
-                    self._first_stats.misses += 1
-                    return self._get_from(1, klass, keydict)
-        if self._single:
-            obj = self._first_get(klass, keydict)
-        elif self._first_breaker.open_until or self._first_breaker.failures:
-            return self._get_from(0, klass, keydict)
-        else:
-            try:
-                obj = self._first_get(klass, keydict)
-            except UnknownKeyError:
-                return self._get_from(1, klass, keydict)
-            except _CACHE_FAILURES as exc:
-                self._failed(0, "get", exc)
-                return self._get_from(1, klass, keydict)
-        if obj is not None:
-            self._l1_hits += 1
-            return obj  # type: ignore[no-any-return]
-        self._first_stats.misses += 1
-        if self._single:
-            return None
-        return self._get_from(1, klass, keydict)
-
-    def _get_from(self, start: int, klass: type[T], keydict: KeyDict, timed: bool = False) -> T | None:
-        stores = self.stores
+    def _plan_get(self, start: int, klass: type[T], keydict: KeyDict, timed: bool) -> Plan[T | None]:
+        """Ask the layers from ``start`` down; back-fill the layers above the hit."""
         last = self._last
         for index in range(start, last + 1):
             stats = self._layer_stats[index]
             # in-process layers are timed when sampled, the others (I/O) always
-            clock = timed or index > 0
+            clock = timed or not self._in_process[index]
             began = perf_counter() if clock else 0.0
             try:
                 if index == last:
-                    obj = stores[index].get(klass, keydict)
+                    obj = yield from self._ask(index, "get", klass, keydict)
                 else:
-                    obj = self._call(index, "get", stores[index].get, klass, keydict)
+                    obj = yield from self._guarded(index, "get", "get", klass, keydict)
                     if obj is _FAILED:
                         continue
             except UnknownKeyError:
@@ -411,33 +346,32 @@ class ChainedStore(BaseStore):
                 continue
             stats.hits += 1
             if index:
-                self._backfill(index, obj)
+                yield from self._plan_backfill(index, obj)
             return obj  # type: ignore[no-any-return]
         return None
 
-    def _backfill(self, found_at: int, obj: Any) -> None:
+    def _plan_backfill(self, found_at: int, obj: Any) -> Plan[None]:
         """Add an object found at layer ``found_at`` to every layer above it."""
         for index in range(found_at - 1, -1, -1):
-            if self._call(index, "backfill", self._adders[index], obj) is not _FAILED:
+            done = yield from self._guarded(index, "backfill", self._add[index], obj)
+            if done is not _FAILED:
                 self._layer_stats[index].backfills += 1
 
-    def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
-        requests = list(keydicts)
+    def _plan_batch_get(self, klass: type[T], requests: list[KeyDict]) -> Plan[list[T | None]]:
         results: list[Any] = [None] * len(requests)
         missing = list(range(len(requests)))
-        stores = self.stores
         last = self._last
-        found_by_layer: list[list[Any]] = [[] for _ in stores]
-        for index, layer in enumerate(stores):
+        found_by_layer: list[list[Any]] = [[] for _ in self.stores]
+        for index in range(last + 1):
             if not missing:
                 break
             asked = [requests[i] for i in missing]
             began = perf_counter()
             try:
                 if index == last:
-                    answers = layer.batch_get(klass, asked)
+                    answers = yield from self._ask(index, "batch_get", klass, asked)
                 else:
-                    answers = self._call(index, "batch_get", layer.batch_get, klass, asked)
+                    answers = yield from self._guarded(index, "batch_get", "batch_get", klass, asked)
                     if answers is _FAILED:
                         continue
             except UnknownKeyError:
@@ -460,49 +394,53 @@ class ChainedStore(BaseStore):
         below: list[Any] = []
         for index in range(last, 0, -1):
             below.extend(found_by_layer[index])
-            if below and self._call(index - 1, "backfill", self._batch_adders[index - 1], list(below)) is not _FAILED:
-                self._layer_stats[index - 1].backfills += len(below)
+            if below:
+                done = yield from self._guarded(index - 1, "backfill", self._batch_add[index - 1], list(below))
+                if done is not _FAILED:
+                    self._layer_stats[index - 1].backfills += len(below)
         return results
 
     # -- writes -------------------------------------------------------------
 
-    def _write(self, operation: str, argument: Any, objs: list[Any]) -> None:
+    def _plan_write(self, operation: str, argument: Any, objs: list[Any]) -> Plan[None]:
         for obj in objs:
             # validate keys before anything is written anywhere
             object_keys(obj)
-        stores = self.stores
         last = self._last
         try:
-            getattr(stores[last], operation)(argument)
+            yield from self._ask(last, operation, argument)
         except BaseException:
             # the system of record may or may not have applied the write
             # (a timeout after commit): make sure no cache keeps the old value
-            self._invalidate(range(last - 1, -1, -1), objs)
+            yield from self._plan_invalidate(range(last - 1, -1, -1), objs)
             raise
         for index in range(last - 1, -1, -1):
             try:
-                done = self._call(index, operation, getattr(stores[index], operation), argument)
-            except _OBJECT_FAULTS as exc:
+                done = yield from self._guarded(index, operation, operation, argument)
+            except ObjectError as exc:
                 # this cache cannot hold the object (unpicklable, too large): leave
                 # no layer from here up holding the old value, then report it
-                self._invalidate(range(index, -1, -1), objs)
+                yield from self._plan_invalidate(range(index, -1, -1), objs)
                 raise type(exc)(
-                    f"the system of record stored the object, but cache layer {index} ({stores[index]!r}) "
-                    f"could not ({exc}); it was invalidated in that layer and the ones above"
+                    f"the system of record stored the object, but cache layer {index} ({self.stores[index]!r}) "
+                    f"could not ({exc}); it was invalidated in that layer and the ones above",
+                    store=exc.store,
+                    action=exc.action,
                 ) from exc
             except BaseException:
                 # a bug-class error: leave no layer from here up holding the old value
-                self._invalidate(range(index, -1, -1), objs)
+                yield from self._plan_invalidate(range(index, -1, -1), objs)
                 raise
             if done is _FAILED:
                 # the layer may still hold the old value: invalidate it now if
                 # it answers, or when it rejoins
                 if operation in ("put", "batch_put"):
-                    self._invalidate([index], objs)
+                    yield from self._plan_invalidate([index], objs)
                 else:
                     self._breakers[index].remember(objs)
 
-    def _invalidate(self, indexes: Iterable[int], objs: list[Any]) -> None:
+    def _plan_invalidate(self, indexes: Iterable[int], objs: list[Any]) -> Plan[None]:
+        """Remove ``objs`` from the cache layers ``indexes``, best effort: a layer that fails remembers them."""
         for index in indexes:
             if index == self._last:
                 continue
@@ -511,38 +449,235 @@ class ChainedStore(BaseStore):
                 breaker.remember(objs)
                 continue
             try:
-                self.stores[index].batch_delete(objs)
+                yield from self._ask(index, "batch_delete", objs)
             except Exception as exc:  # noqa: BLE001 - best effort while already failing
                 breaker.remember(objs)
                 self._failed(index, "invalidate", exc)
 
+    # -- statistics ---------------------------------------------------------
+
+    def _refresh_totals(self) -> ChainStats:
+        for layer, breaker in zip(self._layer_stats, self._breakers, strict=True):
+            layer.pending_invalidations = len(breaker.pending)
+        totals = self._totals
+        totals.hits = sum(layer.hits for layer in self._layer_stats)
+        totals.misses = self._layer_stats[-1].misses
+        totals.errors = sum(layer.errors for layer in self._layer_stats)
+        return totals
+
+
+def _check_layers(stores: Any, what: str) -> list[Any]:
+    if isinstance(stores, (str, bytes)) or not isinstance(stores, Iterable):
+        raise ConfigurationError(f"{what} takes a list of stores, fastest first; got {stores!r}")
+    layers = list(stores)
+    if not layers:
+        raise ConfigurationError(f"{what} needs at least one store, e.g. {what}([ProcessMemoryStore()])")
+    for layer in layers:
+        missing = [op for op in _OPERATIONS if not _layer_type_has(layer, op)]
+        if missing:
+            raise ConfigurationError(f"{layer!r} cannot be a {what} layer: it lacks {', '.join(missing)}")
+    return layers
+
+
+class ChainedStore(ChainPolicy, BaseStore):
+    """Layers of stores used as a write-through cache, fastest first.
+
+    * ``get`` asks the layers top-down; the first hit wins and every layer
+      above it is back-filled (and so gets its own lifetime).  Layers below the
+      hit are not touched.
+    * ``batch_get`` asks each layer once, for only the keys still missing, and
+      back-fills the layers above with one call each.
+    * ``put``/``delete`` and their batch forms go to the last layer (the
+      system of record) first, then up through the caches, so the caches hold
+      what the database assigned (generated keys, defaults).
+    * Back-fills use a layer's ``add``/``batch_add`` when the layer declares
+      ``supports_add`` (see :class:`~stockpyle.BaseStore`): an add-only write
+      that never replaces a newer value or resurrects a deleted object
+      (deletes leave short tombstones).  A layer that cannot add is
+      back-filled with ``put``/``batch_put``; a writer racing the back-fill may
+      then see its value replaced by the older one the reader found, until
+      that entry expires or is written again.
+
+    A cache layer (every layer but the last) that fails with a
+    :class:`~stockpyle.exceptions.StoreError` is treated as a miss for reads;
+    for writes the chain tries to invalidate the object in that layer, logs
+    the failure, counts it in :meth:`stats`, and carries on.  After
+    ``failure_threshold`` consecutive failures the layer's circuit breaker
+    opens: for ``cooldown`` seconds the layer is skipped instead of making
+    every request wait for a timeout, and the objects written meanwhile are
+    remembered; the next call after the cool-down probes the layer, and when
+    it answers, those objects are invalidated in it before it rejoins.  An
+    :class:`~stockpyle.exceptions.ObjectError` (one object cannot be
+    serialized or is too large) never counts against the layer.
+
+    Errors of the last layer propagate: the caller must know when the system
+    of record failed.  When the last layer fails a write, the object is also
+    invalidated in the caches, so no cache is left holding data the system of
+    record lacks.
+
+    Layers are used only through their public operations, looked up when
+    they are called; capabilities are read from the layers' types.
+
+    :param stores: the layers, fastest first; any objects with the six store
+        operations (they need not subclass :class:`BaseStore`).
+    :param failure_threshold: consecutive failures that open a layer's breaker.
+    :param cooldown: seconds an open breaker skips its layer before probing it.
+    :param max_pending_invalidations: objects remembered per layer while its
+        breaker is open; beyond that, staleness is bounded by the layer's
+        lifetimes only (a warning is logged).
+    :raises ConfigurationError: for an empty chain, a layer that is not a
+        store, or invalid breaker settings.
+    """
+
+    supports_expiry = True
+    _auto_stats = False  # the chain keeps ChainStats itself
+
+    def __init__(
+        self,
+        stores: Sequence[Any] | None = None,
+        *,
+        failure_threshold: int = 3,
+        cooldown: float = 5.0,
+        max_pending_invalidations: int = 10_000,
+    ) -> None:
+        super().__init__()
+        layers = _check_layers(stores if stores is not None else [], "ChainedStore")
+        self._setup_policy(layers, failure_threshold, cooldown, max_pending_invalidations)
+        self._first_stats = self._layer_stats[0]
+        self._first_breaker = self._breakers[0]
+        self._first_in_process = self._in_process[0]
+        self._single = len(layers) == 1
+        self._l1_hits = 0
+        # the top layer's index, probed directly on the hit path when it offers one
+        self._direct: DirectIndex | None = None
+        if self._first_in_process and callable(getattr(type(layers[0]), "direct_index", None)):
+            self._direct = layers[0].direct_index()
+        self._fast_index = None if self._direct is None else self._direct.index
+        self._direct_base = 0
+        self._countdown = SAMPLE_EVERY
+
+    # -- the executor -------------------------------------------------------
+
+    def _run(self, plan: Plan[T]) -> T:
+        """Run a plan synchronously: each :class:`Call` it yields is made here, its outcome sent back."""
+        stores = self.stores
+        try:
+            call = plan.send(None)
+            while True:
+                try:
+                    result = getattr(stores[call.index], call.method)(*call.args)
+                except BaseException as exc:  # noqa: BLE001 - the plan decides what a failure means
+                    call = plan.throw(exc)
+                else:
+                    call = plan.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    # -- statistics ---------------------------------------------------------
+
+    def stats(self) -> ChainStats:
+        """The chain's totals and per-layer counters (brought up to date by each call).
+
+        ``chain.stats()[i]`` (or ``.layers[i]``) is the :class:`LayerStats` of layer ``i``.
+        """
+        hits, self._l1_hits = self._l1_hits, 0
+        if self._direct is not None:
+            served = self._direct.hits
+            hits += served - self._direct_base
+            self._direct_base = served
+        self._first_stats.hits += hits
+        return self._refresh_totals()
+
+    def reset_stats(self) -> None:
+        """Set the chain's and every layer's counters back to zero."""
+        self._l1_hits = 0
+        if self._direct is not None:
+            self._direct_base = self._direct.hits
+        self._totals.reset()
+        for stats in self._layer_stats:
+            stats.reset()
+
+    # -- reads --------------------------------------------------------------
+
+    def get(self, klass: type[T], keydict: KeyDict) -> T | None:
+        # The L1 hit path is the library's second-hottest code.  When L1 offers
+        # its index (an unbounded in-process store), it is probed here directly
+        # for the common lookup (one str- or int-valued attribute): that saves
+        # a Python frame, which is a quarter of the cost of the whole hit.
+        # Anything unusual falls through to L1's own get().
+        self._countdown -= 1
+        if self._countdown <= 0:  # one call in SAMPLE_EVERY is timed, layer by layer
+            self._countdown = SAMPLE_EVERY
+            return self._run(self._plan_get(0, klass, keydict, True))
+        index = self._fast_index
+        if index is not None and len(keydict) == 1:
+            (name,) = keydict
+            value = keydict[name]
+            if type(value) is str or type(value) is int:
+                rec = index.get((klass, name, value))
+                if rec is not None and (rec.expires is None or rec.expires > _monotonic()):
+                    self._direct.hits += 1  # type: ignore[union-attr]
+                    return rec.obj  # type: ignore[return-value]
+                if not self._single:
+                    # L1 does not have it (its get() would probe the same index
+                    # again): ask the layers below, which also validate the lookup
+                    self._first_stats.misses += 1
+                    return self._run(self._plan_get(1, klass, keydict, False))
+        if not self._first_in_process or self._first_breaker.open_until or self._first_breaker.failures:
+            return self._run(self._plan_get(0, klass, keydict, False))
+        try:
+            obj = self.stores[0].get(klass, keydict)
+        except UnknownKeyError:
+            if self._single:
+                raise
+            return self._run(self._plan_get(1, klass, keydict, False))
+        except StoreError as exc:
+            self._failed(0, "get", exc)
+            return self._run(self._plan_get(1, klass, keydict, False))
+        if obj is not None:
+            self._l1_hits += 1
+            return obj  # type: ignore[no-any-return]
+        self._first_stats.misses += 1
+        if self._single:
+            return None
+        return self._run(self._plan_get(1, klass, keydict, False))
+
+    def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
+        return self._run(self._plan_batch_get(klass, list(keydicts)))
+
+    # -- writes -------------------------------------------------------------
+
     def put(self, obj: object) -> None:
-        self._write("put", obj, [obj])
+        self._run(self._plan_write("put", obj, [obj]))
         self._totals.puts += 1
 
     def batch_put(self, objs: Iterable[object]) -> None:
         items = list(objs)
         if items:
-            self._write("batch_put", items, items)
+            self._run(self._plan_write("batch_put", items, items))
             self._totals.puts += len(items)
 
     def delete(self, obj: object) -> None:
-        self._write("delete", obj, [obj])
+        self._run(self._plan_write("delete", obj, [obj]))
         self._totals.deletes += 1
 
     def batch_delete(self, objs: Iterable[object]) -> None:
         items = list(objs)
         if items:
-            self._write("batch_delete", items, items)
+            self._run(self._plan_write("batch_delete", items, items))
             self._totals.deletes += len(items)
+
+    # -- the rest -----------------------------------------------------------
 
     def configure(self, classes: Iterable[type], lifetime: Any) -> None:
         """Configure the lifetime in every layer that supports it."""
         classes = list(classes) if not isinstance(classes, type) else [classes]
         for layer in self.stores:
-            configure = getattr(layer, "configure", None)
-            if callable(configure) and getattr(layer, "supports_expiry", True):
-                configure(classes=classes, lifetime=lifetime)
+            if getattr(type(layer), "supports_expiry", True) and _layer_type_has(layer, "configure"):
+                layer.configure(classes=classes, lifetime=lifetime)
+
+    def describe(self) -> str:
+        return " -> ".join(type(layer).__name__ for layer in self.stores)
 
     def release(self) -> None:
         """Release every layer (all are attempted; the first error is re-raised)."""

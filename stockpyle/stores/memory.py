@@ -9,8 +9,6 @@ entries that are never read again do not accumulate.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import threading
 import time
 from collections.abc import Iterable
@@ -22,7 +20,8 @@ from ..exceptions import ConfigurationError
 from ..keys import Key, lookup_key, object_keys, version_of
 from ..lifetimes import LifetimeCallback
 from ..stats import SAMPLE_EVERY, StoreStats
-from .base import BaseStore, KeyDict, MemoryTable, _check_storable, _Record
+from ._memtable import MemoryTable
+from .base import BaseStore, DirectIndex, KeyDict, check_storable, check_tombstone_lifetime
 
 __all__ = ["ProcessMemoryStore", "ThreadLocalStore"]
 
@@ -38,51 +37,16 @@ def _check_maxsize(maxsize: Any) -> int | None:
     return maxsize
 
 
-class _ExpiringTable(MemoryTable):
-    """A :class:`MemoryTable` that reclaims expired records as writes happen."""
-
-    __slots__ = ("heap", "_seq")
-
-    def __init__(self, maxsize: int | None, tombstone_lifetime: float) -> None:
-        super().__init__(maxsize, _monotonic, tombstone_lifetime)
-        self.heap: list[tuple[float, int, _Record]] = []
-        self._seq = itertools.count()
-
-    def put(self, obj: object, keys: list[Key], expires: float | None, version: Any = None) -> bool:
-        if not super().put(obj, keys, expires, version):
-            return False
-        if expires is not None:
-            stored = self.records.get(id(obj))
-            if stored is not None:
-                heapq.heappush(self.heap, (expires, next(self._seq), stored))
-        if self.heap and self.heap[0][0] <= _monotonic():
-            self.reclaim()
-        return True
-
-    def reclaim(self) -> None:
-        now = _monotonic()
-        heap = self.heap
-        while heap and heap[0][0] <= now:
-            rec = heapq.heappop(heap)[2]
-            if self.records.get(id(rec.obj)) is rec:
-                self.drop(rec)
-                self.expirations += 1
-
-    def clear(self) -> None:
-        super().clear()
-        self.heap.clear()
-
-
 class _Guard:
     """``with guard as table``: hold the store's lock around one write (cheaper than a generator-based manager)."""
 
     __slots__ = ("_lock", "_table")
 
-    def __init__(self, lock: threading.RLock, table: _ExpiringTable) -> None:
+    def __init__(self, lock: threading.RLock, table: MemoryTable) -> None:
         self._lock = lock
         self._table = table
 
-    def __enter__(self) -> _ExpiringTable:
+    def __enter__(self) -> MemoryTable:
         self._lock.acquire()
         return self._table
 
@@ -95,12 +59,15 @@ class _InProcessStore(BaseStore):
 
     They count in :meth:`stats` inline rather than through BaseStore's
     wrappers, which would cost more than a hit itself; ``get`` latency is
-    sampled (one call in :data:`~stockpyle.stats.SAMPLE_EVERY`).  Reads that a
-    :class:`~stockpyle.ChainedStore` makes of an unbounded top layer directly
-    (its fast path) are counted by the chain, not here.
+    sampled (one call in :data:`~stockpyle.stats.SAMPLE_EVERY`).  Hits that a
+    :class:`~stockpyle.ChainedStore` serves from this store's
+    :meth:`direct_index` are counted here too.
     """
 
     _auto_stats = False
+    supports_add = True
+    supports_class_invalidation = True
+    in_process = True
 
     def __init__(
         self,
@@ -112,14 +79,9 @@ class _InProcessStore(BaseStore):
     ) -> None:
         super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb)
         self.maxsize = _check_maxsize(maxsize)
-        if (
-            isinstance(tombstone_lifetime, bool)
-            or not isinstance(tombstone_lifetime, (int, float))
-            or not (0 <= tombstone_lifetime < float("inf"))
-        ):
-            raise ConfigurationError(f"tombstone_lifetime must be seconds >= 0; got {tombstone_lifetime!r}")
-        self.tombstone_lifetime = float(tombstone_lifetime)
+        self.tombstone_lifetime = check_tombstone_lifetime(tombstone_lifetime)
         self._counters = super().stats()
+        self._direct: DirectIndex | None = None
         # get() does not count hits: the sampling countdown already counts
         # calls, and hits = calls - misses (see stats())
         self._countdown = SAMPLE_EVERY
@@ -135,12 +97,15 @@ class _InProcessStore(BaseStore):
         # every cycle is SAMPLE_EVERY calls, whose last one re-enters get()
         # once more (see _sampled_get): calls = N + cycles - (16*cycles - 16 + countdown)
         calls = SAMPLE_EVERY + (SAMPLE_EVERY - 1) * self._cycles - self._countdown
-        counters.hits = max(0, calls - counters.misses)
+        direct = 0 if self._direct is None else self._direct.hits
+        counters.hits = max(0, calls - counters.misses) + direct
         return counters
 
     def reset_stats(self) -> None:
         self._countdown = SAMPLE_EVERY
         self._cycles = 0
+        if self._direct is not None:
+            self._direct.hits = 0
         self._counters.reset()
 
     def _sampled_get(self, klass: type[T], keydict: KeyDict) -> T | None:
@@ -156,21 +121,21 @@ class _InProcessStore(BaseStore):
     def get(self, klass: type[T], keydict: KeyDict) -> T | None:  # pragma: no cover - both subclasses define it
         raise NotImplementedError
 
-    def _new_table(self) -> _ExpiringTable:
-        return _ExpiringTable(self.maxsize, self.tombstone_lifetime)
+    def _new_table(self) -> MemoryTable:
+        return MemoryTable(self.maxsize, _monotonic, self.tombstone_lifetime)
 
-    def _locked_table(self) -> AbstractContextManager[_ExpiringTable]:
+    def _locked_table(self) -> AbstractContextManager[MemoryTable]:
         raise NotImplementedError
 
     def _prepare(self, obj: object) -> tuple[object, list[Key], float | None, Any]:
-        _check_storable(obj)
+        check_storable(obj)
         keys = object_keys(obj, self.polymorphic)
         lifetimes = self.lifetimes
         expires = None if lifetimes.trivial else lifetimes.expires_at(obj, _monotonic)
         return obj, keys, expires, version_of(obj)
 
     def _keys(self, obj: object) -> tuple[object, list[Key], Any]:
-        _check_storable(obj)
+        check_storable(obj)
         return obj, object_keys(obj, self.polymorphic), version_of(obj)
 
     def put(self, obj: object) -> None:
@@ -223,6 +188,16 @@ class _InProcessStore(BaseStore):
         get = self.get
         return [get(klass, kd) for kd in keydicts]
 
+    def invalidate_class(self, klass: type) -> None:
+        """Drop every stored instance of ``klass`` (subclasses included).
+
+        For ``tombstone_lifetime`` seconds afterwards, :meth:`add` refuses such
+        objects, as a delete's tombstones would.  For a ThreadLocalStore this
+        reaches the calling thread's contents only.
+        """
+        with self._locked_table() as table:
+            table.invalidate_class(klass)
+
     def clear(self) -> None:
         """Remove every object (for ThreadLocalStore: of the calling thread)."""
         with self._locked_table() as table:
@@ -236,7 +211,7 @@ class _InProcessStore(BaseStore):
             return table.expirations - before
 
     def release(self) -> None:
-        self.clear()
+        """Nothing to release: the store holds no connections or files, and keeps its contents."""
 
 
 class ProcessMemoryStore(_InProcessStore):
@@ -265,15 +240,22 @@ class ProcessMemoryStore(_InProcessStore):
         self._index = self._table.index
         self._lock = threading.RLock()
         self._guard = _Guard(self._lock, self._table)
-        # Lets a ChainedStore with this store on top probe the index itself on
-        # its hit path (records hold monotonic expiry times).  Bounded stores
-        # must record each use for LRU, and a subclass that overrides get()
-        # must be called, so neither offers it.
-        plain = self.maxsize is None and type(self).get is ProcessMemoryStore.get
-        self._unbounded_index = self._index if plain else None
 
-    def _locked_table(self) -> AbstractContextManager[_ExpiringTable]:
+    def _locked_table(self) -> AbstractContextManager[MemoryTable]:
         return self._guard
+
+    def direct_index(self) -> DirectIndex | None:
+        """The index, for a :class:`~stockpyle.ChainedStore` with this store on top to probe on its hit path.
+
+        Offered only when every hit needs no bookkeeping: a bounded store must
+        record each use for its LRU order, and a subclass that overrides
+        :meth:`get` must be called, so neither offers it.
+        """
+        if self.maxsize is not None or type(self).get is not ProcessMemoryStore.get:
+            return None
+        if self._direct is None:
+            self._direct = DirectIndex(self._index)
+        return self._direct
 
     def __len__(self) -> int:
         """Number of objects stored (expired ones may be counted until reclaimed)."""
@@ -306,9 +288,7 @@ class ProcessMemoryStore(_InProcessStore):
         expires = rec.expires
         if expires is not None and expires <= _monotonic():
             with self._lock:
-                if self._table.index.get(rec.keys[0]) is rec:
-                    self._table.drop(rec)
-                    self._table.expirations += 1
+                self._table.expire(rec)
             self._counters.misses += 1
             return None
         if self.maxsize is not None:
@@ -343,14 +323,14 @@ class ThreadLocalStore(_InProcessStore):
         # threading.local frees a thread's __dict__ (and so its table) when the thread ends
         self._local = threading.local()
 
-    def _table(self) -> _ExpiringTable:
+    def _table(self) -> MemoryTable:
         try:
             return self._local.table  # type: ignore[no-any-return]
         except AttributeError:
             table = self._local.table = self._new_table()
             return table
 
-    def _locked_table(self) -> AbstractContextManager[_ExpiringTable]:
+    def _locked_table(self) -> AbstractContextManager[MemoryTable]:
         # only the owning thread ever sees its table: no lock needed
         return nullcontext(self._table())
 
@@ -366,8 +346,7 @@ class ThreadLocalStore(_InProcessStore):
         rec = table.index.get(lookup_key(klass, keydict))
         if rec is None or (rec.expires is not None and rec.expires <= _monotonic()):
             if rec is not None:
-                table.drop(rec)
-                table.expirations += 1
+                table.expire(rec)
             self._counters.misses += 1
             return None
         if self.maxsize is not None:

@@ -153,6 +153,9 @@ class ShoveStore(BaseDictionaryStore):
     :param polymorphic: also index objects under their storable base classes.
     :param lifetime_cb: ``obj -> lifetime`` for this store.
     :param uri: the modern spelling of ``shoveuri``.
+    :param tombstone_lifetime: seconds a deleted key keeps a
+        :class:`~stockpyle.stores.base.Tombstone` entry that refuses back-fills
+        (:meth:`add`); ``0`` deletes the entries plainly.
     :param shove_options: passed to ``shove.Shove`` when a URI is given.
     :raises ConfigurationError: unless exactly one of ``shove`` and a URI is
         given, or when the URI is malformed or names no installed backend.
@@ -167,6 +170,7 @@ class ShoveStore(BaseDictionaryStore):
         lifetime_cb: LifetimeCallback | None = None,
         *,
         uri: str | None = None,
+        tombstone_lifetime: float = 5.0,
         **shove_options: Any,
     ) -> None:
         if uri is not None and shoveuri is not None:
@@ -182,8 +186,15 @@ class ShoveStore(BaseDictionaryStore):
         if shove is not None and not isinstance(cast(object, shove), MutableMapping):
             raise ConfigurationError(f"shove= takes a shove.Shove or a MutableMapping; got {type(shove).__name__}")
         # validate the other arguments (BaseStore does) before any file is opened
-        super().__init__({}, polymorphic=polymorphic, lifetime_cb=lifetime_cb, string_keys=True)
+        super().__init__(
+            {},
+            polymorphic=polymorphic,
+            lifetime_cb=lifetime_cb,
+            string_keys=True,
+            tombstone_lifetime=tombstone_lifetime,
+        )
         self.uri = uri
+        self._shove_options = shove_options
         if uri is not None:
             self.mapping = open_shove(uri, **shove_options)
         elif shove is not None:
@@ -260,27 +271,34 @@ class ShoveStore(BaseDictionaryStore):
     @contextmanager
     def _reading(self) -> Iterator[None]:
         with self._lock:
-            self._check_open()
+            self._reopen()
             yield
 
     @contextmanager
     def _writing(self, action: str) -> Iterator[None]:
         with self._lock, self._backend_errors(action):
-            self._check_open()
+            self._reopen()
             yield
             self._sync()
 
     def release(self) -> None:
-        """Sync and close the shove; the store cannot be used afterwards."""
+        """Write everything through and free the backend's files and connections.
+
+        Releasing is not final: a store that opened its shove from a URI
+        closes it and opens it again on its next operation.  A shove passed in
+        with ``shove=`` is synced, not closed (it is yours to close): the store
+        cannot reopen it.
+        """
         with self._lock:
             if self._released:
                 return
-            self._released = True
             with self._backend_errors("close"):
                 self._sync()
-                closer = getattr(self.mapping, "close", None)
-                if callable(closer):
-                    closer()
+                if self.uri is not None:
+                    self._released = True
+                    closer = getattr(self.mapping, "close", None)
+                    if callable(closer):
+                        closer()
 
     # -- helpers ------------------------------------------------------------
 
@@ -290,9 +308,11 @@ class ShoveStore(BaseDictionaryStore):
         if callable(syncer):
             syncer()
 
-    def _check_open(self) -> None:
-        if self._released:
-            raise StoreError(f"{self!r} has been released; create a new ShoveStore to use {self._where()} again")
+    def _reopen(self) -> None:
+        if self._released and self.uri is not None:
+            with self._backend_errors("reopen"):
+                self.mapping = open_shove(self.uri, **self._shove_options)
+            self._released = False
 
     def _where(self) -> str:
         return repr(self.uri) if self.uri is not None else type(self.mapping).__name__

@@ -1,0 +1,255 @@
+"""The in-process storage engine under :class:`~stockpyle.ProcessMemoryStore` and :class:`~stockpyle.ThreadLocalStore`.
+
+A :class:`MemoryTable` maps every in-process key to a
+:class:`~stockpyle.stores.base.MemoryEntry` (one per stored object, shared by
+all of its keys) and object identity to the same entry, so a re-put after a key
+attribute changed finds and removes the keys the object occupied before.
+
+Memory stays proportional to the live entries:
+
+* entries with a lifetime are also recorded in a heap ordered by expiry time,
+  from which expired entries are reclaimed as writes happen -- entries that
+  are never read again do not accumulate.  The heap holds ``(expires, seq,
+  id)`` triples, never the objects, so a replaced object is freed at once; a
+  triple whose entry was replaced meanwhile is recognised by its sequence
+  number and skipped, and the heap is rebuilt from the live entries whenever
+  dead triples outnumber them;
+* tombstones (see :mod:`stockpyle.consistency`) are purged once they have
+  expired, whenever their number doubles.
+
+Every decision about whether a write may happen is taken by the rules in
+:mod:`stockpyle.consistency`.  The table is not thread-safe by itself: its
+store holds a lock around writes (or, for thread-local tables, needs none).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any, Final
+
+from ..consistency import ABSENT_SLOT, Slot, SlotKind, add_allowed, put_allowed
+from ..keys import Key
+from .base import MemoryEntry
+
+__all__ = ["MemoryTable"]
+
+#: Dead heap triples tolerated beyond twice the live entries before a rebuild.
+_HEAP_SLACK: Final = 64
+#: Tombstones kept before the first purge of expired ones.
+_TOMBSTONE_PURGE_AT: Final = 1024
+
+
+class MemoryTable:
+    """Key -> entry and object identity -> entry, with expiry, LRU bound and tombstones.
+
+    :param maxsize: keep at most this many objects (least recently used go
+        first), or ``None``.
+    :param clock: the clock expiry times are measured on (monotonic).
+    :param tombstone_lifetime: seconds a deleted key refuses add-only writes.
+    """
+
+    __slots__ = (
+        "clock", "class_stones", "evictions", "expirations", "heap", "index", "maxsize", "records",
+        "seq", "tombstone_lifetime", "tombstones", "_purge_at",
+    )  # fmt: skip
+
+    def __init__(self, maxsize: int | None, clock: Callable[[], float], tombstone_lifetime: float = 0.0) -> None:
+        self.index: dict[Key, MemoryEntry] = {}
+        # object id -> entry; for bounded tables insertion/recency order is the LRU order
+        self.records: dict[int, MemoryEntry] = OrderedDict() if maxsize is not None else {}
+        self.maxsize = maxsize
+        self.clock = clock
+        self.evictions = 0
+        self.expirations = 0
+        self.seq = 0
+        self.heap: list[tuple[float, int, int]] = []
+        # key -> (clock time until which it refuses add-only writes, the version
+        # deleted, the deleted object's first key)
+        self.tombstones: dict[Key, tuple[float, Any, Key | None]] = {}
+        # class -> clock time until which add-only writes of its instances are
+        # refused (after every entry of the class was invalidated at once)
+        self.class_stones: dict[type, float] = {}
+        self.tombstone_lifetime = tombstone_lifetime
+        self._purge_at = _TOMBSTONE_PURGE_AT
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    # -- the consistency rules' view of the table -------------------------------
+
+    def _slots(self, keys: list[Key], now: float) -> Iterator[Slot]:
+        """The state of each of ``keys`` (expired entries and tombstones are absent)."""
+        index, tombstones = self.index, self.tombstones
+        for key in keys:
+            rec = index.get(key)
+            if rec is not None and (rec.expires is None or rec.expires > now):
+                yield Slot(SlotKind.ENTRY, rec.keys[0], rec.version)
+            elif tombstones:
+                stone = tombstones.get(key)
+                if stone is not None and stone[0] > now:
+                    yield Slot(SlotKind.TOMBSTONE, stone[2], stone[1])
+                else:
+                    yield ABSENT_SLOT
+            else:
+                yield ABSENT_SLOT
+
+    def _class_refused(self, obj: object, now: float) -> bool:
+        stones = self.class_stones
+        return any(stones.get(base, 0.0) > now for base in type(obj).__mro__)
+
+    # -- writes -----------------------------------------------------------------
+
+    def drop(self, rec: MemoryEntry) -> None:
+        """Remove ``rec`` from the table under every key it holds."""
+        records = self.records
+        oid = id(rec.obj)
+        if records.get(oid) is rec:
+            del records[oid]
+        index = self.index
+        for key in rec.keys:
+            if index.get(key) is rec:
+                del index[key]
+
+    def put(self, obj: object, keys: list[Key], expires: float | None, version: Any = None) -> bool:
+        """Store ``obj`` under ``keys``.
+
+        :returns: False when the consistency rules refuse the write (a newer
+            version of the object is stored, or this version was deleted).
+        """
+        tombstones = self.tombstones
+        if version is not None and not put_allowed(keys[0], version, self._slots(keys, self.clock())):
+            return False
+        if tombstones:
+            for key in keys:
+                tombstones.pop(key, None)
+        self._install(obj, keys, expires, version)
+        return True
+
+    def _install(self, obj: object, keys: list[Key], expires: float | None, version: Any) -> None:
+        index = self.index
+        records = self.records
+        old = records.get(id(obj))
+        if old is not None:
+            self.drop(old)
+        for key in keys:
+            other = index.get(key)
+            if other is not None:
+                # another object held this key: it is an older copy of the same
+                # entity, so every key it occupied is stale now
+                self.drop(other)
+        if expires is not None and expires <= self.clock():
+            return
+        self.seq = seq = self.seq + 1
+        rec = MemoryEntry(obj, expires, tuple(keys), version, seq)
+        for key in keys:
+            index[key] = rec
+        records[id(obj)] = rec
+        if expires is not None:
+            heap = self.heap
+            heapq.heappush(heap, (expires, seq, id(obj)))
+            if heap[0][0] <= self.clock():
+                self.reclaim()
+            elif len(heap) > 2 * len(records) + _HEAP_SLACK:
+                self._rebuild_heap()
+        if self.maxsize is not None:
+            while len(records) > self.maxsize:
+                self.drop(records.popitem(last=False)[1])  # type: ignore[call-arg]
+                self.evictions += 1
+
+    def add(self, obj: object, keys: list[Key], expires: float | None, version: Any = None) -> bool:
+        """Put ``obj`` only if none of its keys holds a live object or a tombstone.
+
+        :returns: whether the object was stored.
+        """
+        now = self.clock()
+        if not add_allowed(self._slots(keys, now)):
+            return False
+        if self.class_stones and self._class_refused(obj, now):
+            return False
+        self._install(obj, keys, expires, version)
+        return expires is None or expires > now
+
+    def delete(self, obj: object, keys: list[Key], version: Any = None) -> None:
+        """Remove ``obj`` under ``keys`` (and every key its stored copies held); leave tombstones."""
+        old = self.records.get(id(obj))
+        if old is not None:
+            self.drop(old)
+        index = self.index
+        for key in keys:
+            other = index.get(key)
+            if other is not None:
+                self.drop(other)
+        if not self.tombstone_lifetime:
+            return
+        now = self.clock()
+        stone = (now + self.tombstone_lifetime, version, keys[0] if keys else None)
+        tombstones = self.tombstones
+        for key in keys:
+            tombstones[key] = stone
+        if len(tombstones) > self._purge_at:
+            for key in [k for k, (until, _, _) in tombstones.items() if until <= now]:
+                del tombstones[key]
+            self._purge_at = max(_TOMBSTONE_PURGE_AT, 2 * len(tombstones))
+
+    def invalidate_class(self, klass: type) -> int:
+        """Drop every object that is an instance of ``klass``; returns how many.
+
+        For ``tombstone_lifetime`` seconds afterwards, add-only writes of such
+        objects are refused, as a delete's tombstone would refuse them.
+        """
+        dead = [rec for rec in self.records.values() if isinstance(rec.obj, klass)]
+        for rec in dead:
+            self.drop(rec)
+        if self.tombstone_lifetime:
+            now = self.clock()
+            stones = self.class_stones
+            for key in [k for k, until in stones.items() if until <= now]:
+                del stones[key]
+            stones[klass] = now + self.tombstone_lifetime
+        return len(dead)
+
+    # -- upkeep -----------------------------------------------------------------
+
+    def touch(self, rec: MemoryEntry) -> None:
+        """Mark ``rec`` most recently used (bounded tables only).
+
+        Safe without the store's lock: ``move_to_end`` is a single C-level
+        operation, and a record removed meanwhile simply is not found.
+        """
+        try:
+            self.records.move_to_end(id(rec.obj))  # type: ignore[attr-defined]
+        except KeyError:
+            pass
+
+    def expire(self, rec: MemoryEntry) -> None:
+        """Remove ``rec``, found expired by a reader, unless it was replaced meanwhile."""
+        if self.index.get(rec.keys[0]) is rec:
+            self.drop(rec)
+            self.expirations += 1
+
+    def reclaim(self) -> None:
+        """Remove every entry whose lifetime has ended."""
+        now = self.clock()
+        heap, records = self.heap, self.records
+        while heap and heap[0][0] <= now:
+            _expires, seq, oid = heapq.heappop(heap)
+            rec = records.get(oid)
+            if rec is not None and rec.seq == seq:
+                self.drop(rec)
+                self.expirations += 1
+
+    def _rebuild_heap(self) -> None:
+        # dead triples (entries replaced or deleted since) outnumber the live
+        # ones: keep only the triples of live entries
+        self.heap = [(rec.expires, rec.seq, oid) for oid, rec in self.records.items() if rec.expires is not None]
+        heapq.heapify(self.heap)
+
+    def clear(self) -> None:
+        """Forget every entry and tombstone."""
+        self.index.clear()
+        self.records.clear()
+        self.tombstones.clear()
+        self.class_stones.clear()
+        self.heap.clear()

@@ -1,0 +1,793 @@
+"""The key-value engine under every networked store: :class:`KeyValueStore`.
+
+:class:`~stockpyle.stores.MemcacheStore` and :class:`~stockpyle.stores.RedisStore`
+are this engine plus a driver (:mod:`stockpyle.stores.drivers`).  The engine
+holds every algorithm; a driver only moves bytes.
+
+Keys
+    Every stockpyle key becomes one backend key of the form
+    ``{prefix}:{namespace}:{ClassName}:{digest}``, where ``digest`` is a
+    160-bit BLAKE2b hash of :func:`stockpyle.keys.encode_key`.  Keys are
+    therefore always valid (at most ~220 ASCII characters, no whitespace or
+    control characters) whatever the key values are, and stay readable in
+    dumps of the backend.
+
+Entries
+    Each entry is an envelope from :class:`stockpyle.serializers.Codec` whose
+    payload is::
+
+        length of section (4 bytes) | section | serialized object
+        section = backend keys of the object, space separated [ newline | version as JSON ]
+
+    The key list lets a later ``put`` find and delete the entries an object
+    occupied under key values that have since changed (stale alternate
+    keys), without deserializing the old object.  The version (present when
+    the object's class has one, see :func:`stockpyle.keys.version_of`) lets a
+    ``put`` compare versions without deserializing the object; it is JSON, so
+    reading it never runs code even in an unsigned store.
+
+Tombstones
+    A tombstone is an envelope whose payload is four 0xFF bytes (a section
+    length no key list has) followed by the owner's first key and the JSON
+    version, when there is one.  ``delete`` writes tombstones with a short
+    lifetime (``tombstone_lifetime``) instead of deleting, so a reader that
+    read the system of record before the delete cannot back-fill (``add``) the
+    old object; reads treat a tombstone as a miss; ``put`` replaces it unless
+    the consistency rules say otherwise.  Tombstones are signed like entries.
+
+Consistency protocol (the rules are :mod:`stockpyle.consistency`; see ``docs/consistency.rst``)
+    * ``add``/``batch_add`` (the back-fill of a :class:`~stockpyle.ChainedStore`)
+      use the backend's atomic add for each key of an object, so they never
+      replace a newer entry or a tombstone.  When some of an object's keys are
+      added and another is refused, the added ones are deleted again.
+    * ``put`` of a versioned object reads its keys with compare-and-set tokens
+      and writes with compare-and-set (add for absent keys), retrying on
+      conflicts, so an entry is never replaced by an older version; after
+      :data:`CAS_ATTEMPTS` conflicting attempts the object's keys are
+      invalidated instead (a miss is always safe).
+    * Every entry's lifetime is capped by ``max_lifetime``, which bounds how
+      long an invalidation that could not reach the backend can leave it stale.
+
+Every multi-step operation is written once, as a *plan*: a generator that
+yields the driver calls it needs (``("get_many", (keys,))``) and receives their
+results, so the same algorithm can be driven by a synchronous executor (here)
+or an asynchronous one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Generator, Hashable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Final, TypeVar
+
+from ..consistency import ABSENT_SLOT, Slot, SlotKind, put_allowed
+from ..exceptions import (
+    ConfigurationError,
+    ObjectError,
+    SerializationError,
+    StockpyleError,
+    StoreError,
+    StoreUnavailableError,
+    ValueTooLargeError,
+)
+from ..keys import Key, encode_key, lookup_key, object_keys, version_of
+from ..lifetimes import LifetimeCallback, seconds_remaining
+from ..serializers import Codec, HMACSigner, JSONSerializer, Serializer, Signer
+from .base import MISS, BaseStore, KeyDict, check_storable, check_tombstone_lifetime
+from .drivers import KVDriver
+
+__all__ = ["CAS_ATTEMPTS", "DEFAULT_MAX_LIFETIME", "ITEM_OVERHEAD", "KeyValueStore", "Op", "Plan"]
+
+T = TypeVar("T")
+log = logging.getLogger("stockpyle.kv")
+
+#: Default cap on entry lifetimes (one day): no entry lives forever unless asked.
+DEFAULT_MAX_LIFETIME: Final = 86_400
+#: Attempts of a version-checked put before it gives up and invalidates.
+CAS_ATTEMPTS: Final = 8
+#: Bytes of a backend's item size taken by its own header: memcached stores an
+#: item header (and the key) in the same slab item as the value; measured on
+#: memcached 1.6 the overhead is under 64 bytes.
+ITEM_OVERHEAD: Final = 64
+
+_SAFE_PART: Final = re.compile(r"[A-Za-z0-9_.\-]{0,64}\Z")
+_CLASS_UNSAFE: Final = re.compile(r"[^A-Za-z0-9_.]")
+_KEYS_LEN: Final = 4
+_KEY_CACHE_LIMIT: Final = 20_000
+#: Section length that marks a tombstone (no real key list is 4 GiB long).
+_TOMB_MARK: Final = 0xFFFFFFFF
+_TOMB_PREFIX: Final = _TOMB_MARK.to_bytes(_KEYS_LEN, "big")
+#: Lifetimes up to this long are relative in every backend (memcached reads
+#: longer ones as absolute unix times, so those are converted per write).
+_RELATIVE_EVERYWHERE: Final = 30 * 24 * 60 * 60
+#: Versions are JSON (tagged types), never pickles: reading one cannot run code.
+_VERSIONS: Final = JSONSerializer()
+
+#: One driver call requested by a plan: (method name, arguments[, action for messages]).
+Op = tuple[Any, ...]
+#: A multi-step operation: yields driver calls, receives their results, returns ``T``.
+Plan = Generator[Op, Any, T]
+
+
+def encode_version(version: Any) -> bytes | None:
+    """JSON bytes of a version, or ``None`` (unversioned, or a type JSON cannot carry)."""
+    if version is None:
+        return None
+    try:
+        return _VERSIONS.dumps(version)
+    except (TypeError, ValueError):
+        log.warning("stockpyle: version %r cannot be recorded in a key-value store; writes are not version-checked",
+                    version)  # fmt: skip
+        return None
+
+
+def decode_version(data: bytes) -> Any:
+    """The version recorded as JSON bytes (``None`` if empty or undecodable)."""
+    if not data:
+        return None
+    try:
+        return _VERSIONS.loads(data)
+    except ValueError:
+        return None
+
+
+def key_part(text: Any, what: str, store_name: str) -> str:
+    """A readable, backend-safe form of ``prefix``/``namespace`` (hashed if needed)."""
+    if not isinstance(text, str):
+        raise ConfigurationError(f"{store_name} {what} must be a str; got {text!r}")
+    if _SAFE_PART.match(text):
+        return text
+    # "~" never appears in a readable part, so a hashed part cannot equal one
+    return "~" + hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
+
+
+def _owned(owner: str, version: bytes | None) -> bytes | None:
+    """A tombstone's version record: the owner's first key and the version JSON (``None`` when unversioned)."""
+    return None if version is None else owner.encode("ascii") + b"\n" + version
+
+
+def check_max_lifetime(max_lifetime: Any) -> float | None:
+    """Validate ``max_lifetime`` (seconds, a timedelta, or ``None``); return seconds or ``None``.
+
+    :raises ConfigurationError: for anything else.
+    """
+    if max_lifetime is None:
+        return None
+    try:
+        seconds = seconds_remaining(max_lifetime, 0.0)
+    except Exception:  # noqa: BLE001 - reported as a configuration error below
+        seconds = None
+    if isinstance(max_lifetime, (bool, _dt.datetime)) or seconds is None or not seconds > 0:
+        raise ConfigurationError(
+            f"max_lifetime must be a positive number of seconds or a timedelta (or None); got {max_lifetime!r}"
+        )
+    return seconds
+
+
+class _Prepared:
+    """One object ready to be written: its keys, envelopes, lifetime and version."""
+
+    __slots__ = ("mkeys", "ttl", "values", "vbytes", "version")
+
+    def __init__(self, mkeys: list[str], ttl: Hashable | None, version: Any, vbytes: bytes | None) -> None:
+        self.mkeys = mkeys
+        #: the driver's lifetime argument; None: already expired (store nothing)
+        self.ttl = ttl
+        self.version = version
+        self.vbytes = vbytes
+        #: envelope per key; None when the object is not to be written
+        self.values: dict[str, bytes] | None = None
+
+
+def _by_ttl(items: Iterable[_Prepared]) -> dict[Hashable, dict[str, bytes]]:
+    """The envelopes of the storable ``items``, grouped by lifetime (one write per group)."""
+    groups: dict[Hashable, dict[str, bytes]] = {}
+    for it in items:
+        if it.values is not None and it.ttl is not None:
+            groups.setdefault(it.ttl, {}).update(it.values)
+    return groups
+
+
+class KeyValueStore(BaseStore):
+    """Objects in a key-value backend reached through a driver (see the module docs).
+
+    Most users create a :class:`~stockpyle.stores.MemcacheStore` or a
+    :class:`~stockpyle.stores.RedisStore`; this class is the engine they share,
+    and the base class for a store on another backend (see
+    ``docs/custom_stores.rst``).
+
+    :param driver: a :class:`~stockpyle.stores.drivers.KVDriver`.
+    :param polymorphic: also index objects under their storable base classes.
+    :param lifetime_cb: ``obj -> lifetime`` in this store.
+    :param prefix: first part of every backend key (default ``"sp"``).
+    :param namespace: second part, e.g. a code or schema version: stores with
+        different namespaces never see each other's entries.
+    :param serializer: a :class:`~stockpyle.serializers.Serializer`
+        (default :class:`~stockpyle.serializers.PickleSerializer`).
+    :param secret: sign entries with HMAC-SHA256 under this secret (``bytes``,
+        ``str`` or a ``{key_id: secret}`` keyring).
+    :param signer: a ready :class:`~stockpyle.serializers.Signer` instead of ``secret``.
+    :param cleanup_stale_keys: on ``put``/``delete``, read the entries under the
+        object's keys first and delete the keys they recorded that the object
+        no longer has (one extra round trip, skipped for objects with a single
+        key).  Turn off only if key attributes never change.
+    :param tombstone_lifetime: seconds a deleted key keeps a tombstone that
+        refuses back-fills; ``0`` deletes plainly.
+    :param max_lifetime: cap on the lifetime of every entry (default one day);
+        ``None`` lets entries without a lifetime live until evicted.
+    :raises ConfigurationError: for invalid arguments.
+
+    :ivar rejected: entries that failed verification or could not be decoded;
+        each was treated as a miss and deleted.
+    :ivar conflicts: version-checked writes that kept conflicting with other
+        writers for :data:`CAS_ATTEMPTS` attempts and invalidated the object's
+        keys instead.
+    """
+
+    supports_expiry = True
+    supports_add = True
+    #: Name used in messages about this store's arguments.
+    store_name: ClassVar[str] = "KeyValueStore"
+
+    def __init__(
+        self,
+        driver: KVDriver,
+        *,
+        polymorphic: bool = False,
+        lifetime_cb: LifetimeCallback | None = None,
+        prefix: str = "sp",
+        namespace: str = "",
+        serializer: Serializer | None = None,
+        secret: bytes | str | Mapping[int, bytes | str] | None = None,
+        signer: Signer | None = None,
+        cleanup_stale_keys: bool = True,
+        tombstone_lifetime: float = 5.0,
+        max_lifetime: Any = DEFAULT_MAX_LIFETIME,
+        tombstone_limit: float = float("inf"),
+    ) -> None:
+        super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb)
+        if secret is not None and signer is not None:
+            raise ConfigurationError(f"pass either secret= or signer= to {self.store_name}, not both")
+        self.prefix = prefix
+        self.namespace = namespace
+        self._head = (
+            f"{key_part(prefix, 'prefix', self.store_name)}:{key_part(namespace, 'namespace', self.store_name)}:"
+        )
+        if signer is None and secret is not None:
+            signer = HMACSigner(secret)
+        self.codec = Codec(serializer, signer)
+        # inline decoding of unsigned entries (see get/batch_get); a signing
+        # store never matches this header, so everything goes through the codec
+        self._fast_header = None if self.codec.signed else self.codec.header
+        self._raw_loads = self.codec.serializer.loads
+        self.cleanup_stale_keys = bool(cleanup_stale_keys)
+        self.tombstone_lifetime = check_tombstone_lifetime(tombstone_lifetime, tombstone_limit)
+        self.max_lifetime = max_lifetime
+        self._max_seconds = check_max_lifetime(max_lifetime)
+        self.rejected = 0
+        self.conflicts = 0
+        self._counter_lock = threading.Lock()
+        self._mkeys: dict[Key, str] = {}
+        self._class_parts: dict[type, str] = {}
+        self._driver = driver
+        self._errors = driver.errors
+        self._get = driver.get
+        self._tomb_ttl: Hashable | None = None
+        if self.tombstone_lifetime:
+            self._tomb_ttl = driver.ttl(max(driver.min_lifetime, self.tombstone_lifetime))
+        # the capped lifetime of entries that have none, or a longer one: fixed
+        # when it is short enough to be relative in every backend, else per write
+        self._cap_is_fixed = self._max_seconds is None or self._max_seconds <= _RELATIVE_EVERYWHERE
+        self._fixed_cap = driver.ttl(self._max_seconds) if self._cap_is_fixed else None
+        self._item_limit = None if driver.max_item_size is None else driver.max_item_size - ITEM_OVERHEAD
+
+    @property
+    def driver(self) -> KVDriver:
+        """The driver this store moves its bytes through."""
+        return self._driver
+
+    def describe(self) -> str:
+        return self._driver.describe()
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.describe()} namespace={self.namespace!r} polymorphic={self.polymorphic}"
+            f" signed={self.codec.signed}>"
+        )
+
+    # -- keys -----------------------------------------------------------
+
+    def _class_part(self, klass: type) -> str:
+        part = self._class_parts.get(klass)
+        if part is None:
+            part = _CLASS_UNSAFE.sub("_", klass.__qualname__)[-48:]
+            self._class_parts[klass] = part
+        return part
+
+    def storage_key(self, key: Key) -> str:
+        """The backend key of one stockpyle key (see the module docs for its form)."""
+        mkey = self._mkeys.get(key)
+        if mkey is None:
+            digest = hashlib.blake2b(encode_key(key).encode("utf-8", "surrogatepass"), digest_size=20).hexdigest()
+            mkey = f"{self._head}{self._class_part(key[0])}:{digest}"
+            mkeys = self._mkeys
+            if len(mkeys) >= _KEY_CACHE_LIMIT:
+                mkeys.clear()  # a plain bound: recomputing a key costs a few microseconds
+            mkeys[key] = mkey
+        return mkey
+
+    def key_for(self, klass: type, keydict: KeyDict) -> str:
+        """The backend key ``get(klass, keydict)`` reads."""
+        return self.storage_key(lookup_key(klass, keydict))
+
+    def _object_mkeys(self, obj: object) -> list[str]:
+        check_storable(obj)
+        mkey = self.storage_key
+        out = [mkey(k) for k in object_keys(obj, self.polymorphic)]
+        return out if len(out) == len(set(out)) else list(dict.fromkeys(out))
+
+    # -- entries --------------------------------------------------------
+
+    def _reject(self, mkey: str, exc: Exception, rejected: list[str]) -> Any:
+        with self._counter_lock:
+            self.rejected += 1
+        log.warning("stockpyle: rejected %s entry %s (deleted, treated as a miss): %s", self._driver.backend, mkey, exc)
+        rejected.append(mkey)
+        return MISS
+
+    def _decode(self, mkey: str, data: Any, rejected: list[str]) -> Any:
+        """The object in an entry, or MISS (a tombstone, or an entry rejected: its key is added to ``rejected``)."""
+        if type(data) is bytes and data[:5] == self._fast_header:
+            length = int.from_bytes(data[5:9], "big")
+            if length == _TOMB_MARK:
+                return MISS
+            try:
+                return self._raw_loads(data[9 + length :])
+            except Exception as exc:  # noqa: BLE001 - corrupt data of any kind is a rejected entry
+                return self._reject(mkey, SerializationError(f"cannot deserialize entry: {exc!r}"), rejected)
+        try:
+            if type(data) is not bytes:
+                raise SerializationError(f"client returned {type(data).__name__}, not bytes (is a serde configured?)")
+            start = self.codec.payload_offset(mkey, data)
+            length = int.from_bytes(data[start : start + _KEYS_LEN], "big")
+            if length == _TOMB_MARK:
+                return MISS
+            return self.codec.loads(data[start + _KEYS_LEN + length :])
+        except SerializationError as exc:
+            return self._reject(mkey, exc, rejected)
+
+    def _discard_rejected(self, rejected: list[str]) -> None:
+        # if the delete fails the entry stays unusable and is rejected again
+        try:
+            self._errors.call(self, "delete a rejected entry", self._driver.delete_many, rejected)
+        except StockpyleError as exc:
+            log.debug("stockpyle: could not delete rejected entries %s: %s", rejected, exc)
+
+    def _inspect(self, mkey: str, data: Any) -> tuple[Slot, list[str]]:
+        """The consistency state of an entry and the keys it records, without deserializing its object.
+
+        The owner is the first backend key of the object the entry (or the
+        tombstone) belongs to: versions are per object, so they are only ever
+        compared with entries of the same owner.
+        """
+        if data is None:
+            return ABSENT_SLOT, []
+        if type(data) is not bytes:
+            return Slot(SlotKind.UNREADABLE), []
+        try:
+            start = self.codec.payload_offset(mkey, data) + _KEYS_LEN
+        except SerializationError:
+            return Slot(SlotKind.UNREADABLE), []
+        length = int.from_bytes(data[start - _KEYS_LEN : start], "big")
+        if length == _TOMB_MARK:
+            owner, newline, version = data[start:].partition(b"\n")
+            if not newline:
+                return Slot(SlotKind.TOMBSTONE), []
+            return Slot(SlotKind.TOMBSTONE, owner.decode("ascii", "replace"), decode_version(version)), []
+        names, newline, version = data[start : start + length].partition(b"\n")
+        try:
+            recorded = names.decode("ascii").split(" ")
+        except UnicodeDecodeError:
+            recorded = []
+        first = recorded[0] if recorded else None
+        return Slot(SlotKind.ENTRY, first, decode_version(version) if newline else None), recorded
+
+    # -- lifetimes ------------------------------------------------------
+
+    def _cap_ttl(self) -> Hashable:
+        return self._fixed_cap if self._cap_is_fixed else self._driver.ttl(self._max_seconds)
+
+    def _ttl_for(self, obj: object) -> Hashable | None:
+        """The driver's lifetime for ``obj``: its lifetime capped at ``max_lifetime`` (None: already expired)."""
+        cap = self._max_seconds
+        if self.lifetimes.trivial:
+            return self._cap_ttl()
+        lifetime = self.lifetimes.lifetime_for(obj)
+        remaining = seconds_remaining(lifetime, time.time())
+        if remaining is None or (cap is not None and remaining > cap):
+            return self._cap_ttl()
+        if remaining <= 0:
+            return None
+        return self._driver.ttl(remaining)
+
+    # -- preparing writes (everything that can fail because of the caller, before any I/O)
+
+    def _prepare(self, objs: list[object]) -> tuple[list[_Prepared], ObjectError | None]:
+        """Encode every object.
+
+        :returns: the prepared objects (``values`` is ``None`` for one that is
+            not to be written: already expired, unserializable or too large)
+            and the first error to report.
+        """
+        keyed = [(self._object_mkeys(obj), obj, self._ttl_for(obj)) for obj in objs]
+        codec = self.codec
+        limit = self._item_limit
+        can_cas = self._driver.can_cas
+        failure: ObjectError | None = None
+        out = []
+        for mkeys, obj, ttl in keyed:
+            version = version_of(obj) if can_cas else None
+            vbytes = encode_version(version)
+            item = _Prepared(mkeys, ttl, None if vbytes is None else version, vbytes)
+            out.append(item)
+            if ttl is None:  # already expired: store nothing, drop what is there
+                continue
+            try:
+                body = codec.dumps(obj)
+            except SerializationError as exc:
+                exc.store, exc.action = self, "serialize"
+                failure = failure or exc
+                continue
+            section = " ".join(mkeys).encode("ascii")
+            if vbytes is not None:
+                section += b"\n" + vbytes
+            payload = len(section).to_bytes(_KEYS_LEN, "big") + section + body
+            values: dict[str, bytes] = {}
+            for mkey in mkeys:
+                value = codec.seal(mkey, payload)
+                if limit is not None and len(value) + len(mkey) > limit:
+                    failure = failure or ValueTooLargeError(
+                        f"{type(obj).__qualname__} object is {len(value)} bytes serialized; {self._driver.backend}"
+                        f" accepts at most about {limit} bytes per item (max_item_size="
+                        f"{self._driver.max_item_size})",
+                        store=self,
+                        action="put",
+                    )
+                    break
+                values[mkey] = value
+            else:
+                item.values = values
+        return out, failure
+
+    # -- the executor ---------------------------------------------------
+
+    def _run(self, plan: Plan[T], action: str) -> T:
+        """Drive ``plan`` against the driver synchronously; driver errors are translated and thrown into it."""
+        driver = self._driver
+        table = self._errors
+        try:
+            op = next(plan)
+            while True:
+                try:
+                    with table.translating(self, op[2] if len(op) > 2 else action):
+                        result = getattr(driver, op[0])(*op[1])
+                except StockpyleError as exc:
+                    op = plan.throw(exc)
+                else:
+                    op = plan.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    def _mapped(self, exc: BaseException, action: str) -> BaseException:
+        """A failure a driver returned (rather than raised), translated."""
+        if isinstance(exc, StockpyleError):
+            return exc
+        return self._errors.map(exc, self, action) or exc
+
+    # -- plans ----------------------------------------------------------
+
+    def _plan_bury(self, burials: Iterable[tuple[str, bytes | None]], action: str) -> Plan[None]:
+        """Replace keys by tombstones: ``(key, record or None)`` pairs, see :func:`_owned`.
+
+        Without a tombstone lifetime the keys are simply deleted.
+        """
+        seal = self.codec.seal
+        values = {mkey: seal(mkey, _TOMB_PREFIX + (version or b"")) for mkey, version in burials}
+        if not values:
+            return
+        if self._tomb_ttl is None:
+            yield ("delete_many", (list(values),), action)
+        else:
+            yield ("set_many", (values, self._tomb_ttl), action)
+
+    def _plan_invalidate(self, mkeys: list[str], action: str) -> Plan[None]:
+        """Tombstone (or delete) ``mkeys`` after a failed write, best effort: failures are logged."""
+        doing = f"{action} (invalidating after a failed write)"
+        try:
+            yield from self._plan_bury([(k, None) for k in mkeys], doing)
+        except StoreError as exc:
+            log.warning("stockpyle: could not invalidate %d %s keys after a failed write: %s",
+                        len(mkeys), self._driver.backend, exc)  # fmt: skip
+            if not isinstance(exc, StoreUnavailableError):
+                # e.g. a refused tombstone: fall back to deleting
+                try:
+                    yield ("delete_many", (mkeys,), doing)
+                except StoreError:
+                    pass
+
+    def _plan_undo(self, mkeys: list[str], action: str) -> Plan[None]:
+        """Delete keys an add wrote before another key was refused (best effort)."""
+        if not mkeys:
+            return
+        try:
+            yield ("delete_many", (mkeys,), f"{action} (undoing a partial add)")
+        except StoreError as exc:
+            log.warning("stockpyle: could not undo a partial %s add of %d keys: %s",
+                        self._driver.backend, len(mkeys), exc)  # fmt: skip
+
+    def _plan_stale(self, wanted: Sequence[list[str]], action: str) -> Plan[set[str]]:
+        """Keys recorded by the entries now under the objects' keys, minus their current keys.
+
+        :raises StoreError: when a server could not be read (its entries'
+            records are then unknown).
+        """
+        probe = [mkeys for mkeys in wanted if len(mkeys) > 1]
+        if not self.cleanup_stale_keys or not probe:
+            return set()
+        found = yield ("get_many", ([k for mkeys in probe for k in mkeys],), action)
+        stale: set[str] = set()
+        for mkeys in probe:
+            current = set(mkeys)
+            for mkey in mkeys:
+                data = found.get(mkey)
+                if data is not None:
+                    stale.update(k for k in self._inspect(mkey, data)[1] if k not in current)
+        return stale
+
+    def _plan_put(self, items: list[_Prepared], failure: ObjectError | None, action: str) -> Plan[None]:
+        plain = [it for it in items if it.values is not None and it.version is None]
+        versioned = [it for it in items if it.values is not None and it.version is not None]
+        doomed = [it for it in items if it.values is None]
+        everything = [k for it in items for k in it.mkeys]
+        # 1. find keys the objects occupied under old key values (versioned
+        # objects find them while reading their keys for the version check)
+        try:
+            stale = yield from self._plan_stale([it.mkeys for it in plain + doomed], action)
+        except StoreError:
+            # A server could not be read, so old keys may be unknown: don't
+            # write, invalidate what can be reached and report the outage.
+            yield from self._plan_invalidate(everything, action)
+            raise
+        written = {k for it in plain for k in it.mkeys}
+        burials = [(k, None) for k in stale if k not in written]
+        burials.extend((k, None) for it in doomed for k in it.mkeys)
+        # 2. tombstone stale and doomed entries (a racing back-fill must not
+        # put an old copy there), then write
+        try:
+            yield from self._plan_bury(burials, action)
+            for ttl, values in _by_ttl(plain).items():
+                yield ("set_many", (values, ttl), action)
+            if versioned:
+                yield from self._plan_put_versioned(versioned, action)
+        except (StoreError, ObjectError) as exc:
+            if not isinstance(exc, StoreUnavailableError):
+                # The server refused a write: don't leave older entries behind.
+                yield from self._plan_invalidate(everything, action)
+            raise
+        if failure is not None:
+            raise failure
+
+    def _plan_put_versioned(self, items: list[_Prepared], action: str) -> Plan[None]:
+        """Write versioned objects with compare-and-set so no entry is replaced by an older version.
+
+        Each attempt reads all keys of the pending objects (one ``gets_many``);
+        an object the rules refuse is dropped (a newer writer owns the keys, or
+        the version was deleted), the others are written key by key with
+        ``cas`` (an add where the key is absent).  A ``cas`` that fails means
+        another writer changed the key since it was read: the object is tried
+        again.  Two writers of ordered versions therefore converge on the
+        newer one: whichever writes second saw, or fails on, the other's write.
+        """
+        pending = items
+        for _attempt in range(CAS_ATTEMPTS):
+            keys = [k for it in pending for k in it.mkeys]
+            try:
+                seen: Mapping[str, tuple[Any, Any]] = yield ("gets_many", (keys,), action)
+            except StoreError:
+                yield from self._plan_invalidate(keys, action)
+                raise
+            retry = []
+            for it in pending:
+                states = [self._inspect(k, seen.get(k, (None, None))[0]) for k in it.mkeys]
+                if not put_allowed(it.mkeys[0], it.version, [slot for slot, _recorded in states]):
+                    continue  # a newer version is cached, or this one was deleted
+                if self.cleanup_stale_keys:
+                    stale = {k for _slot, recorded in states for k in recorded}.difference(it.mkeys)
+                    if stale:
+                        yield from self._plan_bury([(k, _owned(it.mkeys[0], it.vbytes)) for k in stale], action)
+                values = it.values
+                assert values is not None
+                for mkey in it.mkeys:
+                    token = seen.get(mkey, (None, None))[1]
+                    done = yield ("cas", (mkey, values[mkey], token, it.ttl), action)
+                    if not done:
+                        retry.append(it)
+                        break
+            pending = retry
+            if not pending:
+                return
+        with self._counter_lock:
+            self.conflicts += len(pending)
+        log.warning(
+            "stockpyle: %d versioned %s writes kept conflicting with other writers; invalidated instead",
+            len(pending),
+            self._driver.backend,
+        )
+        yield from self._plan_bury([(k, None) for it in pending for k in it.mkeys], action)
+
+    def _plan_add(self, items: list[_Prepared], action: str) -> Plan[list[bool]]:
+        groups = _by_ttl(items)
+        if not self._driver.can_add:
+            # a client without add(): back-fill with plain writes (no race protection)
+            for ttl, values in groups.items():
+                yield ("set_many", (values, ttl), action)
+            return [it.values is not None for it in items]
+        # one pipelined add per server and lifetime for the whole batch
+        stored: set[str] = set()
+        failure: BaseException | None = None
+        for ttl, values in groups.items():
+            done, error = yield ("add_many", (values, ttl), action)
+            stored |= done
+            failure = failure or error
+        results = []
+        partial: list[str] = []
+        for it in items:
+            if it.values is None:
+                results.append(False)
+                continue
+            added = [k for k in it.values if k in stored]
+            if len(added) == len(it.values):
+                results.append(True)
+            else:
+                # A key was taken (a newer entry, a tombstone, or a concurrent
+                # back-fill) or its server failed: don't leave the object under
+                # only some keys.
+                partial.extend(added)
+                results.append(False)
+        yield from self._plan_undo(partial, action)
+        if failure is not None:
+            raise self._mapped(failure, action)
+        return results
+
+    def _plan_delete(self, prepared: list[list[str]], objs: list[object], action: str) -> Plan[None]:
+        can_cas = self._driver.can_cas
+        versions = [
+            _owned(mkeys[0], encode_version(version_of(obj))) if can_cas and mkeys else None
+            for mkeys, obj in zip(prepared, objs, strict=True)
+        ]
+        unreadable: StoreError | None = None
+        try:
+            stale = yield from self._plan_stale(prepared, action)
+        except StoreError as exc:
+            # every reachable server still writes its tombstones
+            stale, unreadable = set(), exc
+        burials: dict[str, bytes | None] = dict.fromkeys(stale)
+        for mkeys, version in zip(prepared, versions, strict=True):
+            for mkey in mkeys:
+                burials[mkey] = version
+        yield from self._plan_bury(burials.items(), action)
+        if unreadable is not None:
+            raise unreadable
+
+    # -- the operations -------------------------------------------------
+
+    def get(self, klass: type[T], keydict: KeyDict) -> T | None:
+        key = lookup_key(klass, keydict)
+        mkey = self._mkeys.get(key) or self.storage_key(key)
+        data = self._errors.call(self, "get", self._get, mkey)
+        if data is None:
+            return None
+        rejected: list[str] = []
+        obj = self._decode(mkey, data, rejected)
+        if rejected:
+            self._discard_rejected(rejected)
+        return None if obj is MISS else obj
+
+    def _lookup_keys(self, klass: type, keydicts: Iterable[KeyDict]) -> list[str]:
+        cache = self._mkeys
+        storage_key = self.storage_key
+        mkeys = []
+        for keydict in keydicts:
+            key = lookup_key(klass, keydict)
+            mkeys.append(cache.get(key) or storage_key(key))
+        return mkeys
+
+    def _decode_found(self, mkeys: list[str], found: Mapping[str, Any]) -> list[Any]:
+        """Decode a ``get_many`` result in request order (rejected entries are deleted)."""
+        decoded: dict[str, Any] = {}
+        rejected: list[str] = []
+        decode = self._decode
+        for mkey, data in found.items():
+            obj = decode(mkey, data, rejected)
+            if obj is not MISS:
+                decoded[mkey] = obj
+        if rejected:
+            self._discard_rejected(rejected)
+        get = decoded.get
+        return [get(mkey) for mkey in mkeys]
+
+    def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
+        mkeys = self._lookup_keys(klass, keydicts)
+        if not mkeys:
+            return []
+        found = self._errors.call(self, "batch_get", self._driver.get_many, list(dict.fromkeys(mkeys)))
+        return self._decode_found(mkeys, found)
+
+    def _put_many(self, objs: list[object], action: str) -> None:
+        if objs:
+            items, failure = self._prepare(objs)
+            self._run(self._plan_put(items, failure, action), action)
+
+    def put(self, obj: object) -> None:
+        self._put_many([obj], "put")
+
+    def batch_put(self, objs: Iterable[object]) -> None:
+        self._put_many(list(objs), "batch_put")
+
+    def _delete_many(self, objs: list[object], action: str) -> None:
+        if objs:
+            prepared = [self._object_mkeys(obj) for obj in objs]
+            self._run(self._plan_delete(prepared, objs, action), action)
+
+    def delete(self, obj: object) -> None:
+        self._delete_many([obj], "delete")
+
+    def batch_delete(self, objs: Iterable[object]) -> None:
+        self._delete_many(list(objs), "batch_delete")
+
+    def _add_many(self, objs: list[object], action: str) -> list[bool]:
+        if not objs:
+            return []
+        items, failure = self._prepare(objs)
+        if failure is not None:
+            log.warning("stockpyle: %s back-fill skipped an object: %s", self._driver.backend, failure)
+        return self._run(self._plan_add(items, action), action)
+
+    def add(self, obj: object) -> bool:
+        """Store ``obj`` only where none of its keys holds an entry or a tombstone.
+
+        This is how a :class:`~stockpyle.ChainedStore` back-fills: a value read
+        from a lower layer must never replace a newer one written meanwhile, nor
+        bring back an object deleted meanwhile.  Each key is written with the
+        backend's atomic add; if any key is refused, the keys already added are
+        deleted again, so the object is never left under only some of its keys.
+        An object that cannot be serialized or is too large is not stored
+        (logged, ``False``): a back-fill is an optimisation, not a write.
+
+        :returns: whether the object was stored.
+        :raises StoreError: when the backend fails (keys added before the
+            failure are deleted again where possible).
+        """
+        return self._add_many([obj], "add")[0]
+
+    def batch_add(self, objs: Iterable[object]) -> list[bool]:
+        """:meth:`add` for many objects; returns which were stored.
+
+        :raises StoreError: when the backend fails.
+        """
+        return self._add_many(list(objs), "batch_add")
+
+    # -- lifecycle ------------------------------------------------------
+
+    def release(self) -> None:
+        """Close the driver's connections; the store reconnects on its next operation."""
+        try:
+            with self._errors.translating(self, "close"):
+                self._driver.close()
+        except StockpyleError as exc:
+            log.debug("stockpyle: error while closing %s: %r", self._driver.backend, exc)
