@@ -24,6 +24,21 @@ Class attributes describe capabilities so the suite asks only what applies:
   versions with the same constructors and attributes);
 * :attr:`~StoreContract.hostile_values` -- awkward key strings that must round-trip.
 
+Stores that declare the back-fill capability (``supports_add``, see
+:class:`~stockpyle.BaseStore`) also run :class:`ConsistencyContract`: the
+consistency rules of :mod:`stockpyle.consistency` (add refused by a live key
+and by a tombstone, a partial multi-key add undone, older versions refused,
+version tokens and mismatched version types, versions compared within one
+object only)::
+
+    from stockpyle.testing import ConsistencyContract
+
+    class TestMyStoreConsistency(ConsistencyContract):
+        def make_store(self, **options):
+            return MyStore(**options)
+
+``make_store`` receives ``tombstone_lifetime=`` where a test needs one.
+
 Requires pytest (``pip install stockpyle[test]``).
 """
 
@@ -31,6 +46,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -48,6 +64,7 @@ from .exceptions import (
 __all__ = [
     "Automobile",
     "Car",
+    "ConsistencyContract",
     "ContractModels",
     "DEFAULT_MODELS",
     "Falsy",
@@ -56,6 +73,7 @@ __all__ = [
     "StoreContract",
     "Truck",
     "Unkeyed",
+    "Versioned",
 ]
 
 
@@ -116,6 +134,19 @@ class Falsy(_Plain):
 
     def __bool__(self) -> bool:
         return False
+
+
+class Versioned(_Plain):
+    """A versioned object found by ``key`` or by ``alias`` (two keys, one object)."""
+
+    __stockpyle_keys__: ClassVar[list[Any]] = ["key", "alias"]
+    __stockpyle_version__: ClassVar[str] = "version"
+
+    def __init__(self, key: Any, alias: Any, version: Any, body: Any = "") -> None:
+        self.key = key
+        self.alias = alias
+        self.version = version
+        self.body = body
 
 
 class Unkeyed:
@@ -456,3 +487,152 @@ class StoreContract:
             store.put(Unkeyed("z"))
         with pytest.raises(TypeError):  # also a TypeError for callers that expect one
             store.put(Unkeyed("z"))
+
+
+class ConsistencyContract:
+    """Base class of a pytest test class that checks a store's consistency rules.
+
+    Runs against every store that declares ``supports_add``.  Objects are the
+    contract's :class:`Item` (two keys: ``key`` and ``(zap, bar)``) and
+    :class:`Versioned` (``key`` and ``alias``, version ``version``).
+
+    :cvar checks_versions: the store compares versions (stores whose driver
+        cannot compare-and-set write versioned objects like unversioned ones).
+    """
+
+    checks_versions: ClassVar[bool] = True
+
+    _created: list[Any]
+
+    def make_store(self, **options: Any) -> Any:
+        """Return a fresh, empty store built with ``options``; subclasses implement this."""
+        raise NotImplementedError("ConsistencyContract subclasses implement make_store(**options)")
+
+    @pytest.fixture(autouse=True)
+    def _release_stores(self) -> Iterator[None]:
+        self._created = []
+        yield
+        for store in reversed(self._created):
+            store.release()
+
+    def new_store(self, **options: Any) -> Any:
+        """Build a store with :meth:`make_store`; it is released after the test."""
+        store = self.make_store(**options)
+        self._created.append(store)
+        return store
+
+    @pytest.fixture
+    def store(self) -> Any:
+        return self.new_store()
+
+    def _versions(self) -> None:
+        if not self.checks_versions:
+            pytest.skip("this store does not compare versions")
+
+    @staticmethod
+    def _found(store: Any, klass: type, keydict: dict[str, Any]) -> Any:
+        found = store.get(klass, keydict)
+        assert found is not None, f"expected a hit for {keydict!r}"
+        return found
+
+    # -- the capability -----------------------------------------------------
+
+    def test_store_declares_add(self, store: Any) -> None:
+        assert type(store).supports_add is True
+
+    # -- add ----------------------------------------------------------------
+
+    def test_add_stores_into_absent_keys_only(self, store: Any) -> None:
+        assert store.add(Item("a", 1, 2, "first")) is True
+        assert store.add(Item("a", 1, 2, "second")) is False  # a live entry refuses
+        assert self._found(store, Item, {"zap": 1, "bar": 2}).payload == "first"
+        assert store.batch_add([Item("a", 1, 2, "third"), Item("b", 3, 4, "new")]) == [False, True]
+        assert [o.payload for o in store.batch_get(Item, [{"key": "a"}, {"key": "b"}])] == ["first", "new"]
+        assert store.batch_add([]) == []
+
+    def test_add_never_replaces_a_put(self, store: Any) -> None:
+        store.put(Item("p", 1, 1, "written"))
+        assert store.add(Item("p", 1, 1, "read earlier")) is False
+        assert self._found(store, Item, {"key": "p"}).payload == "written"
+
+    def test_a_tombstone_refuses_add(self) -> None:
+        store = self.new_store(tombstone_lifetime=30)
+        obj = Item("gone", 7, 8, "v1")
+        store.put(obj)
+        store.delete(obj)
+        assert store.add(Item("gone", 7, 8, "v1 read before the delete")) is False
+        assert store.get(Item, {"key": "gone"}) is None
+        assert store.get(Item, {"zap": 7, "bar": 8}) is None
+        store.put(Item("gone", 7, 8, "recreated"))  # an authoritative put goes through the tombstone
+        assert self._found(store, Item, {"key": "gone"}).payload == "recreated"
+
+    def test_a_partial_multi_key_add_is_undone(self, store: Any) -> None:
+        store.put(Item("new-key", 1, 2, "newer"))  # the entity now lives under key "new-key"
+        # a back-fill of an old copy still keyed "old-key" with the same (zap, bar)
+        assert store.add(Item("old-key", 1, 2, "older")) is False
+        assert store.get(Item, {"key": "old-key"}) is None  # never left half-present
+        assert self._found(store, Item, {"zap": 1, "bar": 2}).payload == "newer"
+        assert store.batch_add([Item("old-key", 1, 2, "older"), Item("free", 5, 5)]) == [False, True]
+        assert store.get(Item, {"key": "old-key"}) is None
+
+    # -- versions -----------------------------------------------------------
+
+    def test_an_older_version_is_refused(self, store: Any) -> None:
+        self._versions()
+        store.put(Versioned("d", "d-alias", 3, "three"))
+        store.put(Versioned("d", "d-alias", 2, "two"))  # a late writer
+        found = self._found(store, Versioned, {"alias": "d-alias"})
+        assert (found.version, found.body) == (3, "three")
+        store.put(Versioned("d", "d-alias", 3, "three again"))  # the same version is not refused
+        store.put(Versioned("d", "d-alias", 4, "four"))
+        found = store.batch_get(Versioned, [{"key": "d"}, {"alias": "d-alias"}])
+        assert [(o.version, o.body) for o in found] == [(4, "four"), (4, "four")]
+
+    def test_a_tombstone_refuses_a_late_put_of_the_deleted_version(self) -> None:
+        self._versions()
+        store = self.new_store(tombstone_lifetime=30)
+        store.put(Versioned("t", "t-alias", 2))
+        store.delete(Versioned("t", "t-alias", 2))
+        store.put(Versioned("t", "t-alias", 2, "late put of the deleted version"))
+        assert store.get(Versioned, {"key": "t"}) is None
+        store.put(Versioned("t", "t-alias", 3, "recreated"))
+        assert self._found(store, Versioned, {"alias": "t-alias"}).body == "recreated"
+
+    def test_version_tokens_are_equality_only(self) -> None:
+        """Non-integer versions never order writes: a committed write is never refused by a cache."""
+        self._versions()
+        store = self.new_store(tombstone_lifetime=30)
+        tokens = [uuid.UUID(int=n) for n in (9, 1, 5)]  # sort order unrelated to write order
+        for n, token in enumerate(tokens):
+            store.put(Versioned("u", "u-alias", token, f"write {n}"))
+            found = self._found(store, Versioned, {"key": "u"})
+            assert (found.version, found.body) == (token, f"write {n}")
+        store.delete(Versioned("u", "u-alias", tokens[-1]))
+        store.put(Versioned("u", "u-alias", tokens[-1], "late put of the deleted token"))
+        assert store.get(Versioned, {"key": "u"}) is None
+        store.put(Versioned("u", "u-alias", uuid.UUID(int=2), "a new token"))
+        assert self._found(store, Versioned, {"alias": "u-alias"}).body == "a new token"
+
+    def test_versions_of_different_types_are_not_ordered(self) -> None:
+        self._versions()
+        store = self.new_store(tombstone_lifetime=30)
+        store.put(Versioned("m", "m-alias", 5, "int five"))
+        store.put(Versioned("m", "m-alias", "2", "str two"))  # not older than 5: a different type
+        assert self._found(store, Versioned, {"key": "m"}).body == "str two"
+        store.put(Versioned("m", "m-alias", True, "bool"))  # bools are not ints here
+        assert self._found(store, Versioned, {"key": "m"}).body == "bool"
+        store.delete(Versioned("m", "m-alias", 1))
+        store.put(Versioned("m", "m-alias", "2", "after a tombstone of int 1"))
+        assert self._found(store, Versioned, {"alias": "m-alias"}).body == "after a tombstone of int 1"
+
+    def test_versions_are_compared_within_one_object_only(self) -> None:
+        """Another object may take a key value this one had, at its own (lower) version."""
+        self._versions()
+        store = self.new_store(tombstone_lifetime=30)
+        store.put(Versioned(1, "shared", 5))
+        store.delete(Versioned(1, "shared", 5))  # a tombstone of object 1 at version 5
+        store.put(Versioned(2, "shared", 1, "object 2"))
+        assert self._found(store, Versioned, {"alias": "shared"}).key == 2
+        store.put(Versioned(3, "taken", 9))
+        store.put(Versioned(4, "taken", 1, "object 4"))  # a live entry of object 3 at 9 does not block it
+        assert self._found(store, Versioned, {"alias": "taken"}).key == 4

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from stockpyle import BaseDictionaryStore, ChainedStore, ProcessMemoryStore, ThreadLocalStore
-from stockpyle.testing import StoreContract
+from stockpyle.testing import ConsistencyContract, StoreContract
 
 
 class TestProcessMemoryStore(StoreContract):
@@ -62,3 +62,31 @@ class TestChainOfThree(StoreContract):
                 BaseDictionaryStore({}, **options),
             ]
         )
+
+
+# -- the consistency contract -------------------------------------------------
+
+
+class TestProcessMemoryConsistency(ConsistencyContract):
+    def make_store(self, **options: Any) -> Any:
+        return ProcessMemoryStore(**options)
+
+
+class TestBoundedProcessMemoryConsistency(ConsistencyContract):
+    def make_store(self, **options: Any) -> Any:
+        return ProcessMemoryStore(maxsize=1000, **options)
+
+
+class TestThreadLocalConsistency(ConsistencyContract):
+    def make_store(self, **options: Any) -> Any:
+        return ThreadLocalStore(**options)
+
+
+class TestDictionaryStoreConsistency(ConsistencyContract):
+    def make_store(self, **options: Any) -> Any:
+        return BaseDictionaryStore({}, **options)
+
+
+class TestDictionaryStoreTextKeysConsistency(ConsistencyContract):
+    def make_store(self, **options: Any) -> Any:
+        return BaseDictionaryStore({}, string_keys=True, **options)

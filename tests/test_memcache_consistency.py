@@ -19,7 +19,7 @@ from stockpyle.exceptions import ConfigurationError
 from stockpyle.keys import version_of
 from stockpyle.stores import memcache as memcache_module
 from stockpyle.stores import sqlalchemy as sql_module
-from stockpyle.testing import Item
+from stockpyle.testing import ConsistencyContract, Item
 
 pytestmark = pytest.mark.memcache
 
@@ -52,6 +52,24 @@ def raw(address: str) -> Iterator[Client]:
     client = Client(address, default_noreply=False, timeout=2)
     yield client
     client.close()
+
+
+# ---------------------------------------------------------------------------
+# the shared consistency contract
+
+
+class TestMemcacheConsistency(ConsistencyContract):
+    @pytest.fixture(autouse=True)
+    def _factory(self, make_memcache_store: Callable[..., MemcacheStore]) -> None:
+        self.factory = make_memcache_store
+
+    def make_store(self, **options: Any) -> Any:
+        return self.factory(**options)
+
+
+class TestSignedMemcacheConsistency(TestMemcacheConsistency):
+    def make_store(self, **options: Any) -> Any:
+        return self.factory(secret=b"consistency-secret-01", **options)
 
 
 # ---------------------------------------------------------------------------

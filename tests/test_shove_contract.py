@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import pytest
 
 from stockpyle import ChainedStore, ProcessMemoryStore
-from stockpyle.testing import StoreContract
+from stockpyle.testing import ConsistencyContract, StoreContract
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("shove") is None, reason="shove is not installed: pip install stockpyle[shove]"
@@ -82,3 +82,39 @@ class TestChainedOverFileContract(ShoveContract):
         from stockpyle.stores.shove import ShoveStore
 
         return ChainedStore([ProcessMemoryStore(**options), ShoveStore(uri=self.uri(), **options)])
+
+
+# -- the consistency contract (atomic among the threads of one process) -----------
+
+
+class ShoveConsistency(ConsistencyContract):
+    scheme: ClassVar[str]
+    _counter = itertools.count()
+    _tmp: Path
+
+    @pytest.fixture(autouse=True)
+    def _tmp_dir(self, tmp_path: Path) -> None:
+        self._tmp = tmp_path
+
+    def make_store(self, **options: Any) -> Any:
+        from stockpyle.stores.shove import ShoveStore
+
+        name = f"consistency{next(self._counter)}"
+        uri = {
+            "memory": "memory://",
+            "file": f"file://{self._tmp}/{name}",
+            "lite": f"lite://{self._tmp}/{name}.sqlite",
+        }[self.scheme]
+        return ShoveStore(uri=uri, **options)
+
+
+class TestMemoryConsistency(ShoveConsistency):
+    scheme = "memory"
+
+
+class TestFileConsistency(ShoveConsistency):
+    scheme = "file"
+
+
+class TestLiteConsistency(ShoveConsistency):
+    scheme = "lite"
