@@ -304,6 +304,17 @@ class StoreContract:
     def test_batch_get_of_only_misses(self, store: Any) -> None:
         assert store.batch_get(self.models.Item, [{"key": "a"}, {"key": "b"}]) == [None, None]
 
+    def test_release_is_not_terminal(self, store: Any) -> None:
+        """release() frees connections and files; the store reconnects or reopens, and keeps its data."""
+        store.put(self.item("kept", 1, 2, "before release"))
+        store.release()
+        self.assert_item(store.get(self.models.Item, {"key": "kept"}), "kept", 1, 2, "before release")
+        store.put(self.item("after", 3, 4, "after release"))
+        store.release()
+        store.release()  # releasing twice is harmless
+        found = store.batch_get(self.models.Item, [{"key": "kept"}, {"key": "after"}])
+        self.assert_item(found[1], "after", 3, 4, "after release")
+
     def test_context_manager_returns_the_store(self) -> None:
         store = self.new_store()
         with store as entered:

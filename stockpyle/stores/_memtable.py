@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Final
 
 from ..consistency import ABSENT_SLOT, Slot, SlotKind, add_allowed, put_allowed
@@ -79,21 +79,21 @@ class MemoryTable:
 
     # -- the consistency rules' view of the table -------------------------------
 
-    def _slots(self, keys: list[Key], now: float) -> Iterator[Slot]:
+    def _slots(self, keys: list[Key], now: float) -> list[Slot]:
         """The state of each of ``keys`` (expired entries and tombstones are absent)."""
         index, tombstones = self.index, self.tombstones
+        slots = []
         for key in keys:
             rec = index.get(key)
             if rec is not None and (rec.expires is None or rec.expires > now):
-                yield Slot(SlotKind.ENTRY, rec.keys[0], rec.version)
-            elif tombstones:
-                stone = tombstones.get(key)
-                if stone is not None and stone[0] > now:
-                    yield Slot(SlotKind.TOMBSTONE, stone[2], stone[1])
-                else:
-                    yield ABSENT_SLOT
+                slots.append(Slot(SlotKind.ENTRY, rec.keys[0], rec.version))
+                continue
+            stone = tombstones.get(key) if tombstones else None
+            if stone is not None and stone[0] > now:
+                slots.append(Slot(SlotKind.TOMBSTONE, stone[2], stone[1]))
             else:
-                yield ABSENT_SLOT
+                slots.append(ABSENT_SLOT)
+        return slots
 
     def _class_refused(self, obj: object, now: float) -> bool:
         stones = self.class_stones
@@ -164,7 +164,12 @@ class MemoryTable:
         :returns: whether the object was stored.
         """
         now = self.clock()
-        if not add_allowed(self._slots(keys, now)):
+        index, tombstones = self.index, self.tombstones
+        # when no key holds an entry or a tombstone every slot is absent, which
+        # the rule always allows: only otherwise are the slots worth building
+        if (any(key in index for key in keys) or (tombstones and any(key in tombstones for key in keys))) and (
+            not add_allowed(self._slots(keys, now))
+        ):
             return False
         if self.class_stones and self._class_refused(obj, now):
             return False

@@ -26,6 +26,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from time import perf_counter
@@ -129,20 +130,43 @@ class DirectIndex:
 
     A :class:`~stockpyle.ChainedStore` whose top layer offers one looks the
     commonest lookups (one ``str`` or ``int`` key attribute) up in
-    :attr:`index` itself, saving a call, and counts each such hit in
-    :attr:`hits`, which the store adds to its own statistics.
+    :attr:`index` itself, saving a call.  The hits it serves that way are
+    still the store's hits: a reader either adds them to :attr:`hits`, or --
+    to keep its hit path as short as possible -- counts them itself and
+    registers a function returning its count with :meth:`count_with`.  The
+    store's statistics include both (:meth:`served`).
 
     :ivar index: maps in-process keys (``(klass, attribute, value)``) to
         :class:`MemoryEntry` objects.  Read it only; an entry whose
         ``expires`` has passed must be treated as a miss.
-    :ivar hits: hits served from the index by its reader.
+    :ivar hits: hits served from the index by readers that count here.
     """
 
-    __slots__ = ("hits", "index")
+    __slots__ = ("_counters", "hits", "index")
 
     def __init__(self, index: Mapping[Key, MemoryEntry]) -> None:
         self.index = index
         self.hits = 0
+        self._counters: list[weakref.WeakMethod[Callable[[], int]]] = []
+
+    def count_with(self, counter: Callable[[], int]) -> None:
+        """Register a bound method returning the (ever-growing) number of hits its object served.
+
+        Held weakly: a reader that goes away stops counting, and what it
+        counted stops being included.
+        """
+        self._counters.append(weakref.WeakMethod(counter))  # type: ignore[arg-type]
+
+    def served(self) -> int:
+        """Every hit served from the index so far."""
+        total = self.hits
+        for ref in list(self._counters):
+            counter = ref()
+            if counter is None:
+                self._counters.remove(ref)
+            else:
+                total += counter()
+        return total
 
 
 class Tombstone:

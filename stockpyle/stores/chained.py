@@ -172,6 +172,16 @@ class _Breaker:
                 self.pending.append(obj)
 
 
+def _finish(plan: Plan[T]) -> T:
+    """The result of a plan that makes no :class:`Call` (every layer it touches is in process)."""
+    try:
+        call = plan.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    plan.close()
+    raise AssertionError(f"a plan meant for in-process layers yielded {call!r}")  # pragma: no cover
+
+
 def _layer_type_has(layer: Any, name: str) -> bool:
     """Whether ``layer``'s type offers ``name`` -- checked on the type, never on the instance.
 
@@ -230,39 +240,68 @@ class ChainPolicy:
             return getattr(self.stores[index], method)(*args)
         return (yield Call(index, method, args))
 
-    def _guarded(self, index: int, action: str, method: str, *args: Any) -> Plan[Any]:
-        """Call a cache layer through its breaker.
-
-        :returns: the method's result, or :data:`_FAILED` when the layer was
-            skipped or failed (the failure is counted and logged).
-        :raises ObjectError: when the layer refuses one object on a write.
-        """
+    def _admit(self, index: int) -> bool:
+        """Whether layer ``index``'s breaker lets a call through now (counted when it does not)."""
         breaker = self._breakers[index]
         if breaker.open_until:
             now = _monotonic()
             if now < breaker.open_until:
                 self._layer_stats[index].skipped += 1
-                return _FAILED
+                return False
             # half-open: this call probes; concurrent callers keep skipping
             breaker.open_until = now + breaker.cooldown
-        # writes this layer missed (while unreachable, or in a single failed
-        # call) are invalidated before it serves anything again
+        return True
+
+    def _absorb(self, index: int, action: str, exc: BaseException) -> Any:
+        """Count and log a cache layer's failure; :data:`_FAILED`, or the object fault re-raised on writes."""
+        if isinstance(exc, ObjectError):
+            self._layer_stats[index].errors += 1
+            if action not in _READS:
+                raise exc
+            log.warning("stockpyle: cache layer %d (%r) could not %s an object: %s",
+                        index, self.stores[index], action, exc)  # fmt: skip
+        else:
+            self._failed(index, action, exc)
+        return _FAILED
+
+    def _in_process_call(self, index: int, action: str, method: str, *args: Any) -> Any:
+        """:meth:`_guarded` for an in-process layer: the same rules, without a plan."""
+        breaker = self._breakers[index]
+        if breaker.open_until and not self._admit(index):
+            return _FAILED
+        if breaker.pending and not _finish(self._replay(index)):
+            return _FAILED
+        try:
+            result = getattr(self.stores[index], method)(*args)
+        except (ObjectError, StoreError) as exc:
+            return self._absorb(index, action, exc)
+        if breaker.failures:
+            self._recovered(index)
+        return result
+
+    def _guarded(self, index: int, action: str, method: str, *args: Any) -> Plan[Any]:
+        """Call a cache layer through its breaker.
+
+        Writes this layer missed (while unreachable, or in a single failed
+        call) are invalidated in it before it serves anything again.
+
+        :returns: the method's result, or :data:`_FAILED` when the layer was
+            skipped or failed (the failure is counted and logged).
+        :raises ObjectError: when the layer refuses one object on a write.
+        """
+        if self._in_process[index]:
+            return self._in_process_call(index, action, method, *args)
+        breaker = self._breakers[index]
+        if breaker.open_until and not self._admit(index):
+            return _FAILED
         if breaker.pending:
             replayed = yield from self._replay(index)
             if not replayed:
                 return _FAILED
         try:
-            result = yield from self._ask(index, method, *args)
-        except ObjectError as exc:
-            self._layer_stats[index].errors += 1
-            if action not in _READS:
-                raise
-            log.warning("stockpyle: cache layer %d (%r) could not %s an object: %s",
-                        index, self.stores[index], action, exc)  # fmt: skip
-            return _FAILED
-        except StoreError as exc:
-            self._failed(index, action, exc)
-            return _FAILED
+            result = yield Call(index, method, args)
+        except (ObjectError, StoreError) as exc:
+            return self._absorb(index, action, exc)
         if breaker.failures:
             self._recovered(index)
         return result
@@ -323,18 +362,24 @@ class ChainPolicy:
     def _plan_get(self, start: int, klass: type[T], keydict: KeyDict, timed: bool) -> Plan[T | None]:
         """Ask the layers from ``start`` down; back-fill the layers above the hit."""
         last = self._last
+        in_process = self._in_process
         for index in range(start, last + 1):
             stats = self._layer_stats[index]
             # in-process layers are timed when sampled, the others (I/O) always
-            clock = timed or not self._in_process[index]
+            clock = timed or not in_process[index]
             began = perf_counter() if clock else 0.0
             try:
-                if index == last:
-                    obj = yield from self._ask(index, "get", klass, keydict)
-                else:
-                    obj = yield from self._guarded(index, "get", "get", klass, keydict)
+                if index != last:
+                    if in_process[index]:
+                        obj = self._in_process_call(index, "get", "get", klass, keydict)
+                    else:
+                        obj = yield from self._guarded(index, "get", "get", klass, keydict)
                     if obj is _FAILED:
                         continue
+                elif in_process[index]:
+                    obj = self.stores[index].get(klass, keydict)
+                else:
+                    obj = yield Call(index, "get", (klass, keydict))
             except UnknownKeyError:
                 if index == last:
                     raise
@@ -345,17 +390,16 @@ class ChainPolicy:
                 stats.misses += 1
                 continue
             stats.hits += 1
-            if index:
-                yield from self._plan_backfill(index, obj)
+            # back-fill every layer above the hit
+            for above in range(index - 1, -1, -1):
+                if in_process[above]:
+                    done = self._in_process_call(above, "backfill", self._add[above], obj)
+                else:
+                    done = yield from self._guarded(above, "backfill", self._add[above], obj)
+                if done is not _FAILED:
+                    self._layer_stats[above].backfills += 1
             return obj  # type: ignore[no-any-return]
         return None
-
-    def _plan_backfill(self, found_at: int, obj: Any) -> Plan[None]:
-        """Add an object found at layer ``found_at`` to every layer above it."""
-        for index in range(found_at - 1, -1, -1):
-            done = yield from self._guarded(index, "backfill", self._add[index], obj)
-            if done is not _FAILED:
-                self._layer_stats[index].backfills += 1
 
     def _plan_batch_get(self, klass: type[T], requests: list[KeyDict]) -> Plan[list[T | None]]:
         results: list[Any] = [None] * len(requests)
@@ -407,8 +451,12 @@ class ChainPolicy:
             # validate keys before anything is written anywhere
             object_keys(obj)
         last = self._last
+        in_process = self._in_process
         try:
-            yield from self._ask(last, operation, argument)
+            if in_process[last]:
+                getattr(self.stores[last], operation)(argument)
+            else:
+                yield Call(last, operation, (argument,))
         except BaseException:
             # the system of record may or may not have applied the write
             # (a timeout after commit): make sure no cache keeps the old value
@@ -416,7 +464,10 @@ class ChainPolicy:
             raise
         for index in range(last - 1, -1, -1):
             try:
-                done = yield from self._guarded(index, operation, operation, argument)
+                if in_process[index]:
+                    done = self._in_process_call(index, operation, operation, argument)
+                else:
+                    done = yield from self._guarded(index, operation, operation, argument)
             except ObjectError as exc:
                 # this cache cannot hold the object (unpicklable, too large): leave
                 # no layer from here up holding the old value, then report it
@@ -547,13 +598,18 @@ class ChainedStore(ChainPolicy, BaseStore):
         self._first_breaker = self._breakers[0]
         self._first_in_process = self._in_process[0]
         self._single = len(layers) == 1
+        # hits the top layer served through its get(), and from its index (a
+        # total the top layer counts as its own, see DirectIndex.count_with)
         self._l1_hits = 0
+        self._fast_hits = 0
+        self._fast_hits_seen = 0
         # the top layer's index, probed directly on the hit path when it offers one
-        self._direct: DirectIndex | None = None
+        self._fast_index = None
         if self._first_in_process and callable(getattr(type(layers[0]), "direct_index", None)):
-            self._direct = layers[0].direct_index()
-        self._fast_index = None if self._direct is None else self._direct.index
-        self._direct_base = 0
+            direct: DirectIndex | None = layers[0].direct_index()
+            if direct is not None:
+                direct.count_with(self._fast_hit_count)
+                self._fast_index = direct.index
         self._countdown = SAMPLE_EVERY
 
     # -- the executor -------------------------------------------------------
@@ -581,18 +637,20 @@ class ChainedStore(ChainPolicy, BaseStore):
         ``chain.stats()[i]`` (or ``.layers[i]``) is the :class:`LayerStats` of layer ``i``.
         """
         hits, self._l1_hits = self._l1_hits, 0
-        if self._direct is not None:
-            served = self._direct.hits
-            hits += served - self._direct_base
-            self._direct_base = served
+        fast = self._fast_hits
+        hits += fast - self._fast_hits_seen
+        self._fast_hits_seen = fast
         self._first_stats.hits += hits
         return self._refresh_totals()
+
+    def _fast_hit_count(self) -> int:
+        """Hits served from the top layer's index since the chain was built (never reset)."""
+        return self._fast_hits
 
     def reset_stats(self) -> None:
         """Set the chain's and every layer's counters back to zero."""
         self._l1_hits = 0
-        if self._direct is not None:
-            self._direct_base = self._direct.hits
+        self._fast_hits_seen = self._fast_hits
         self._totals.reset()
         for stats in self._layer_stats:
             stats.reset()
@@ -616,7 +674,7 @@ class ChainedStore(ChainPolicy, BaseStore):
             if type(value) is str or type(value) is int:
                 rec = index.get((klass, name, value))
                 if rec is not None and (rec.expires is None or rec.expires > _monotonic()):
-                    self._direct.hits += 1  # type: ignore[union-attr]
+                    self._fast_hits += 1
                     return rec.obj  # type: ignore[return-value]
                 if not self._single:
                     # L1 does not have it (its get() would probe the same index

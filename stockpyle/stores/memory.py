@@ -82,6 +82,7 @@ class _InProcessStore(BaseStore):
         self.tombstone_lifetime = check_tombstone_lifetime(tombstone_lifetime)
         self._counters = super().stats()
         self._direct: DirectIndex | None = None
+        self._direct_base = 0
         # get() does not count hits: the sampling countdown already counts
         # calls, and hits = calls - misses (see stats())
         self._countdown = SAMPLE_EVERY
@@ -97,7 +98,7 @@ class _InProcessStore(BaseStore):
         # every cycle is SAMPLE_EVERY calls, whose last one re-enters get()
         # once more (see _sampled_get): calls = N + cycles - (16*cycles - 16 + countdown)
         calls = SAMPLE_EVERY + (SAMPLE_EVERY - 1) * self._cycles - self._countdown
-        direct = 0 if self._direct is None else self._direct.hits
+        direct = 0 if self._direct is None else self._direct.served() - self._direct_base
         counters.hits = max(0, calls - counters.misses) + direct
         return counters
 
@@ -105,7 +106,7 @@ class _InProcessStore(BaseStore):
         self._countdown = SAMPLE_EVERY
         self._cycles = 0
         if self._direct is not None:
-            self._direct.hits = 0
+            self._direct_base = self._direct.served()
         self._counters.reset()
 
     def _sampled_get(self, klass: type[T], keydict: KeyDict) -> T | None:

@@ -50,6 +50,9 @@ _DIGEST_CHARS: Final = 40
 # what the key prefix may take of MAX_QUOTED_KEY once the mark and digest are added
 _PREFIX_BUDGET: Final = MAX_QUOTED_KEY - len(quote_plus(_DIGEST_MARK)) - _DIGEST_CHARS
 
+#: shove backends whose data lives in this process: release() must not close them.
+_IN_MEMORY_SCHEMES: Final = ("simple", "memory")
+
 # Errors of the built-in backends: files (OSError), lite:// (sqlite3), dbm://.
 _BACKEND_ERRORS: Final = (OSError, sqlite3.Error, *dbm.error)
 
@@ -285,16 +288,17 @@ class ShoveStore(BaseDictionaryStore):
         """Write everything through and free the backend's files and connections.
 
         Releasing is not final: a store that opened its shove from a URI
-        closes it and opens it again on its next operation.  A shove passed in
-        with ``shove=`` is synced, not closed (it is yours to close): the store
-        cannot reopen it.
+        closes it and opens it again on its next operation.  Shoves that hold
+        their data in this process's memory (``simple://``, ``memory://``) are
+        not closed, since reopening would lose it, and neither is a shove
+        passed in with ``shove=`` (it is yours to close): both are synced only.
         """
         with self._lock:
             if self._released:
                 return
             with self._backend_errors("close"):
                 self._sync()
-                if self.uri is not None:
+                if self.uri is not None and self.uri.split("://", 1)[0] not in _IN_MEMORY_SCHEMES:
                     self._released = True
                     closer = getattr(self.mapping, "close", None)
                     if callable(closer):
