@@ -155,7 +155,7 @@ class DirectIndex:
         Held weakly: a reader that goes away stops counting, and what it
         counted stops being included.
         """
-        self._counters.append(weakref.WeakMethod(counter))  # type: ignore[arg-type]
+        self._counters.append(weakref.WeakMethod(counter))
 
     def served(self) -> int:
         """Every hit served from the index so far."""
