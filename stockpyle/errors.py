@@ -149,6 +149,13 @@ class ErrorTable:
                 return rule.raise_as(text, store=store, action=action)
         return None
 
+    def error_for(self, exc: BaseException, store: Any = None, action: str = "operate") -> StoreError | ObjectError:
+        """:meth:`map` for an exception known to come from the backend: a plain StoreError when no row applies."""
+        mapped = self.map(exc, store, action)
+        if mapped is not None:
+            return mapped
+        return StoreError(f"{self.backend} failed to {action}: {_describe(exc)}", store=store, action=action)
+
     def translating(self, store: Any, action: str) -> _Translation:
         """A context manager that re-raises driver exceptions as stockpyle errors.
 

@@ -415,7 +415,7 @@ def test_backend_failures_are_store_errors(tmp_path: Path, opened: Callable[...,
 
 def test_unwritable_location_is_a_store_error(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("")
-    with pytest.raises(StoreError, match="could not open"):
+    with pytest.raises(StoreError, match="failed to open .*sub.sqlite"):
         ShoveStore(uri=f"lite://{tmp_path}/afile/sub.sqlite")
 
 

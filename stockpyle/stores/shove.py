@@ -32,6 +32,7 @@ from typing import Any, Final, TypeVar, cast
 from urllib.parse import quote_plus
 
 from .._shove_compat import import_shove
+from ..errors import ErrorRule, ErrorTable
 from ..exceptions import ConfigurationError, SerializationError, StockpyleError, StoreError
 from ..keys import Key, encode_key, object_keys
 from ..lifetimes import LifetimeCallback
@@ -55,6 +56,16 @@ _IN_MEMORY_SCHEMES: Final = ("simple", "memory")
 
 # Errors of the built-in backends: files (OSError), lite:// (sqlite3), dbm://.
 _BACKEND_ERRORS: Final = (OSError, sqlite3.Error, *dbm.error)
+
+#: How the shove backends' errors map into the stockpyle tree.
+ERRORS: Final = ErrorTable(
+    "shove backend",
+    [
+        ErrorRule(_BACKEND_ERRORS, StoreError),
+        # shove's file backend reports a failed file write as KeyError
+        ErrorRule(KeyError, StoreError, message="the backend could not write the entry"),
+    ],
+)
 
 
 def shove_key(key: Key) -> str:
@@ -131,7 +142,7 @@ def open_shove(uri: str, **options: Any) -> Any:
     try:
         return shove.Shove(uri, **options)
     except _BACKEND_ERRORS as exc:
-        raise StoreError(f"could not open the shove backend {uri!r}: {exc}") from exc
+        raise ERRORS.error_for(exc, None, f"open {uri!r}") from exc
 
 
 def _is_shove(mapping: object) -> bool:
@@ -234,7 +245,7 @@ class ShoveStore(BaseDictionaryStore):
         except KeyError:
             return MISS
         except _BACKEND_ERRORS as exc:
-            raise StoreError(f"shove backend {self._where()} failed to read {mkey!r}: {exc}") from exc
+            raise ERRORS.error_for(exc, self, f"read {mkey!r}") from exc
         except Exception as exc:
             raise SerializationError(f"the shove entry {mkey!r} could not be decoded: {exc!r}") from exc
         if type(entry) is not tuple or len(entry) != 2 or not (entry[1] is None or isinstance(entry[1], (int, float))):
@@ -318,22 +329,20 @@ class ShoveStore(BaseDictionaryStore):
                 self.mapping = open_shove(self.uri, **self._shove_options)
             self._released = False
 
+    def describe(self) -> str:
+        return self._where()
+
     def _where(self) -> str:
         return repr(self.uri) if self.uri is not None else type(self.mapping).__name__
 
     @contextmanager
     def _backend_errors(self, action: str) -> Iterator[None]:
         try:
-            yield
-        except StockpyleError:
+            with ERRORS.translating(self, action):
+                yield
+        except StoreError:
+            self._drop_unwritten()
             raise
-        except _BACKEND_ERRORS as exc:
-            self._drop_unwritten()
-            raise StoreError(f"shove backend {self._where()} failed to {action}: {exc}") from exc
-        except KeyError as exc:
-            # shove's file backend reports a failed file write as KeyError
-            self._drop_unwritten()
-            raise StoreError(f"shove backend {self._where()} failed to {action} the entry {exc}") from exc
 
     def _drop_unwritten(self) -> None:
         # Shove.sync() keeps its write buffer when the backend fails, and every
