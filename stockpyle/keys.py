@@ -68,7 +68,6 @@ Key: TypeAlias = tuple[Any, ...]
 #: ``__stockpyle_keys__`` (for example SQLAlchemy mapped classes), or ``None``.
 KeyResolver: TypeAlias = Callable[[type], "Sequence[str | Sequence[str]] | None"]
 
-_UTC: Final = _dt.timezone.utc
 
 SUPPORTED_TYPES: Final = "str, bytes, int, bool, float, Decimal, UUID, date, datetime, time, None and tuples of these"
 
@@ -90,7 +89,9 @@ def canonical_value(value: Any) -> Any:
     :raises UnsupportedKeyValueError: for any other type, and for NaN.
     """
     cls = type(value)
-    if cls is str or cls is int or cls is bytes or value is None:
+    if cls is str:
+        return value if value.isascii() else _checked_text(value)
+    if cls is int or cls is bytes or value is None:
         return value
     if cls is bool:
         return ("b", value)
@@ -104,11 +105,42 @@ def canonical_value(value: Any) -> Any:
         if value.is_nan():
             raise UnsupportedKeyValueError("Decimal NaN cannot be used as a key value")
         return ("d", value)
-    if cls is uuid.UUID or cls is _dt.date or cls is _dt.time:
+    if cls is uuid.UUID or cls is _dt.date:
         return value
     if cls is _dt.datetime:
-        return value if value.tzinfo is None or value.utcoffset() is None else ("dtz", value)
+        if value.tzinfo is None:
+            return value
+        offset = value.utcoffset()
+        if offset is None:  # a zone that gives no offset: the value is naive
+            return value.replace(tzinfo=None)
+        # the UTC instant: Python's own == ignores fold between two times of one
+        # zone, so the two instants of a DST fold would otherwise be one key
+        return ("dtz", (value - offset).replace(tzinfo=None))
+    if cls is _dt.time:
+        if value.tzinfo is None:
+            return value
+        offset = value.utcoffset()
+        if offset is None:
+            return value.replace(tzinfo=None)
+        # microseconds after midnight UTC, not taken modulo a day (as Python compares them)
+        since_midnight = _dt.timedelta(
+            hours=value.hour, minutes=value.minute, seconds=value.second, microseconds=value.microsecond
+        )
+        return ("ttz", (since_midnight - offset) // _dt.timedelta(microseconds=1))
     return _canonical_subclass(value)
+
+
+def _checked_text(value: str) -> str:
+    """``value`` when it encodes to UTF-8; lone surrogates are refused (no database can store them)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnsupportedKeyValueError(
+            f"key value {_short_repr(value)} contains a lone surrogate ({value[exc.start]!r} at position "
+            f"{exc.start}): it is not valid Unicode text and no database can store it; decode the text with "
+            "errors='replace' or use bytes"
+        ) from None
+    return value
 
 
 def _canonical_subclass(value: Any) -> Any:
@@ -119,7 +151,7 @@ def _canonical_subclass(value: Any) -> Any:
     if isinstance(value, int):
         return canonical_value(int(value))
     if isinstance(value, str):
-        return str.__str__(value)
+        return canonical_value(str.__str__(value))
     if isinstance(value, bytes):
         return bytes(value)
     if isinstance(value, float):
@@ -195,7 +227,9 @@ def _encode_canonical(canon: Any) -> str:
         if tag == "d":
             return "d:" + ("0" if inner == 0 else str(inner.normalize()))
         if tag == "dtz":
-            return f"dtz:{inner.astimezone(_UTC).replace(tzinfo=None).isoformat()}"
+            return f"dtz:{inner.isoformat()}"
+        if tag == "ttz":
+            return f"ttz:{inner}"
     if cls is uuid.UUID:
         return "u:" + str(canon)
     if cls is _dt.datetime:
@@ -328,7 +362,10 @@ class KeyModel:
                 if type(key_id) is str:
                     raw = getattr(obj, key_id)
                     kind = type(raw)
-                    out.append((klass, key_id, raw if kind is str or kind is int else canonical_value(raw)))
+                    if (kind is str and raw.isascii()) or kind is int:
+                        out.append((klass, key_id, raw))
+                    else:
+                        out.append((klass, key_id, canonical_value(raw)))
                 else:
                     out.append((klass, key_id, *[canonical_value(getattr(obj, name)) for name in spec]))
         except AttributeError:
@@ -437,7 +474,9 @@ def lookup_key(klass: type, keydict: Mapping[str, Any]) -> Key:
     if type(key_id) is str:
         value = keydict[key_id]
         kind = type(value)
-        return (klass, key_id, value if kind is str or kind is int else canonical_value(value))
+        if (kind is str and value.isascii()) or kind is int:
+            return (klass, key_id, value)
+        return (klass, key_id, canonical_value(value))
     return (klass, key_id, *[canonical_value(keydict[name]) for name in key_id])
 
 

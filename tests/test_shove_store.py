@@ -17,7 +17,7 @@ from urllib.parse import quote_plus
 import pytest
 
 from stockpyle import ChainedStore, ProcessMemoryStore
-from stockpyle.exceptions import ConfigurationError, SerializationError, StoreError
+from stockpyle.exceptions import ConfigurationError, SerializationError, StoreError, UnsupportedKeyValueError
 from stockpyle.keys import encode_key, lookup_key
 from stockpyle.testing import Automobile, Car, Item
 
@@ -154,9 +154,15 @@ HOSTILE = [
     "x" * 10_000,
     "\u65e5" * 2_000,
     "\U0001f600" * 300,
-    "lone \ud800 surrogate",
     "",
 ]
+
+
+def test_lone_surrogates_are_refused_like_in_every_store(tmp_path: Path, opened: Callable[..., ShoveStore]) -> None:
+    store = opened(uri=uri_for("file", tmp_path))
+    with pytest.raises(UnsupportedKeyValueError, match="surrogate"):
+        store.put(Item("lone \ud800 surrogate", 1, 1))
+    assert list(store.mapping) == []
 
 
 @pytest.mark.parametrize("scheme", PERSISTENT)
@@ -415,7 +421,7 @@ def test_backend_failures_are_store_errors(tmp_path: Path, opened: Callable[...,
 
 def test_unwritable_location_is_a_store_error(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("")
-    with pytest.raises(StoreError, match="failed to open .*sub.sqlite"):
+    with pytest.raises(StoreError, match=r"failed to open .*sub\.sqlite"):
         ShoveStore(uri=f"lite://{tmp_path}/afile/sub.sqlite")
 
 

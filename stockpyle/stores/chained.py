@@ -20,7 +20,7 @@ from time import perf_counter
 from typing import Any, TypeVar
 
 from ..exceptions import ConfigurationError, ObjectError, StoreError, UnknownKeyError
-from ..keys import object_keys
+from ..keys import canonical_value, object_keys
 from ..stats import SAMPLE_EVERY, Latency, StoreStats
 from .base import BaseStore, DirectIndex, KeyDict
 
@@ -678,7 +678,8 @@ class ChainedStore(ChainPolicy, BaseStore):
                     return rec.obj  # type: ignore[return-value]
                 if not self._single:
                     # L1 does not have it (its get() would probe the same index
-                    # again): ask the layers below, which also validate the lookup
+                    # again): refuse a value no layer could take, then ask below
+                    canonical_value(value)
                     self._first_stats.misses += 1
                     return self._run(self._plan_get(1, klass, keydict, False))
         if not self._first_in_process or self._first_breaker.open_until or self._first_breaker.failures:
