@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from pymemcache.client.base import Client
 from stockpyle import MemcacheStore
 from stockpyle.exceptions import ConfigurationError, SerializationError, SignatureError
 from stockpyle.serializers import Codec, HMACSigner, JSONSerializer, PickleSerializer
+from stockpyle.stores.kv import REPLAY_TOLERANCE
 from stockpyle.testing import Item
 
 pytestmark = pytest.mark.memcache
@@ -200,3 +202,63 @@ def test_signer_rejects_bad_configuration() -> None:
     with pytest.raises(ConfigurationError):
         HMACSigner({1: b"x"}, current=2)
     assert "x" not in repr(HMACSigner({1: b"x" * 20}))
+
+
+# -- replays of the key's own old entries -------------------------------------------
+
+
+class Account:
+    __stockpyle_keys__ = ["name"]  # noqa: RUF012
+
+    def __init__(self, name: str, role: str) -> None:
+        self.name, self.role = name, role
+
+
+def test_an_old_entry_replayed_after_a_change_is_refused(raw: Client, store_factory: Any) -> None:
+    """An attacker who can write to memcached replays the 'admin' entry after a demotion."""
+    store = store_factory(secret=b"replay-secret-0123456")
+    key = store.key_for(Account, {"name": "mallory"})
+    store.put(Account("mallory", "admin"))
+    admin_entry = raw.get(key)
+    time.sleep(REPLAY_TOLERANCE + 0.2)
+    store.put(Account("mallory", "user"))  # the demotion
+    raw.set(key, admin_entry)  # the replay, without expiry
+    assert store.get(Account, {"name": "mallory"}) is None  # refused: written before a newer write
+    assert store.rejected == 1
+    assert raw.get(key) is None  # and deleted
+
+
+def test_an_old_entry_replayed_after_a_delete_is_refused(raw: Client, store_factory: Any) -> None:
+    store = store_factory(secret=b"replay-secret-0123456")
+    key = store.key_for(Account, {"name": "gone"})
+    store.put(Account("gone", "admin"))
+    entry = raw.get(key)
+    time.sleep(REPLAY_TOLERANCE + 0.2)
+    store.delete(Account("gone", "admin"))
+    raw.set(key, entry)
+    assert store.get(Account, {"name": "gone"}) is None
+    assert store.rejected == 1
+
+
+def test_an_entry_older_than_max_lifetime_is_refused_by_any_reader(raw: Client, store_factory: Any) -> None:
+    """A reader that has seen nothing of the key (another process) still refuses an outlived entry."""
+    writer = store_factory(secret=b"replay-secret-0123456", max_lifetime=1)
+    key = writer.key_for(Account, {"name": "old"})
+    writer.put(Account("old", "admin"))
+    entry = raw.get(key)
+    time.sleep(2 + REPLAY_TOLERANCE + 0.3)  # the expiry is rounded up to whole seconds
+    raw.set(key, entry)  # memcached dropped it after its second; the attacker puts it back for ever
+    reader = store_factory(secret=b"replay-secret-0123456", max_lifetime=3600, namespace=writer.namespace)
+    assert reader.get(Account, {"name": "old"}) is None  # its own signed expiry has passed
+    assert reader.rejected == 1
+
+
+def test_entries_of_an_unsigned_release_are_misses_for_a_signing_store(raw: Client, store_factory: Any) -> None:
+    store = store_factory(secret=b"replay-secret-0123456")
+    key = store.key_for(Account, {"name": "legacy"})
+    codec = Codec(signer=HMACSigner(b"replay-secret-0123456"))
+    # an entry in the layout of stockpyle 0.2 (no signed write time): section length first
+    section = key.encode()
+    raw.set(key, codec.seal(key, len(section).to_bytes(4, "big") + section + pickle.dumps(Account("legacy", "x"))))
+    assert store.get(Account, {"name": "legacy"}) is None
+    assert store.rejected == 1

@@ -59,7 +59,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import logging
+import math
 import re
+import struct
 import threading
 import time
 from collections.abc import Generator, Hashable, Iterable, Mapping, Sequence
@@ -70,6 +72,7 @@ from ..exceptions import (
     ConfigurationError,
     ObjectError,
     SerializationError,
+    SignatureError,
     StockpyleError,
     StoreError,
     StoreUnavailableError,
@@ -81,7 +84,7 @@ from ..serializers import Codec, HMACSigner, JSONSerializer, Serializer, Signer
 from .base import MISS, BaseStore, KeyDict, check_storable, check_tombstone_lifetime
 from .drivers import KVDriver
 
-__all__ = ["CAS_ATTEMPTS", "DEFAULT_MAX_LIFETIME", "ITEM_OVERHEAD", "KeyValueStore", "Op", "Plan"]
+__all__ = ["CAS_ATTEMPTS", "DEFAULT_MAX_LIFETIME", "ITEM_OVERHEAD", "REPLAY_TOLERANCE", "KeyValueStore", "Op", "Plan"]
 
 T = TypeVar("T")
 log = logging.getLogger("stockpyle.kv")
@@ -102,6 +105,17 @@ _KEY_CACHE_LIMIT: Final = 20_000
 #: Section length that marks a tombstone (no real key list is 4 GiB long).
 _TOMB_MARK: Final = 0xFFFFFFFF
 _TOMB_PREFIX: Final = _TOMB_MARK.to_bytes(_KEYS_LEN, "big")
+#: First byte of the payload of every entry and tombstone written since stockpyle 1.0: a
+#: stamp follows with the write time (ms) and the expiry (unix seconds, 0 = never).  Earlier
+#: payloads start with a section length, whose first byte is 0x00 (or 0xFF for tombstones).
+_LAYOUT: Final = 2
+_STAMP: Final = struct.Struct(">BQI")
+_STAMPED: Final = _STAMP.size
+#: Clock difference tolerated between writers and readers when a signing store
+#: checks the signed times of an entry (seconds).
+REPLAY_TOLERANCE: Final = 2.0
+#: Keys whose latest write time a signing store remembers (the most recent ones).
+_SEEN_LIMIT: Final = 20_000
 #: Lifetimes up to this long are relative in every backend (memcached reads
 #: longer ones as absolute unix times, so those are converted per write).
 _RELATIVE_EVERYWHERE: Final = 30 * 24 * 60 * 60
@@ -172,10 +186,12 @@ def check_max_lifetime(max_lifetime: Any) -> float | None:
 class _Prepared:
     """One object ready to be written: its keys, envelopes, lifetime and version."""
 
-    __slots__ = ("mkeys", "ttl", "values", "vbytes", "version")
+    __slots__ = ("mkeys", "ttl", "values", "vbytes", "version", "written")
 
     def __init__(self, mkeys: list[str], ttl: Hashable | None, version: Any, vbytes: bytes | None) -> None:
         self.mkeys = mkeys
+        #: the write time (ms) stamped into its entries
+        self.written = 0
         #: the driver's lifetime argument; None: already expired (store nothing)
         self.ttl = ttl
         self.version = version
@@ -264,6 +280,8 @@ class KeyValueStore(BaseStore):
         # inline decoding of unsigned entries (see get/batch_get); a signing
         # store never matches this header, so everything goes through the codec
         self._fast_header = None if self.codec.signed else self.codec.header
+        # signed entries carry signed write times and expiries: replays of old ones are refused
+        self._guard_replays = self.codec.signed
         self._raw_loads = self.codec.serializer.loads
         self.cleanup_stale_keys = bool(cleanup_stale_keys)
         self.tombstone_lifetime = check_tombstone_lifetime(tombstone_lifetime, tombstone_limit)
@@ -272,6 +290,9 @@ class KeyValueStore(BaseStore):
         self.rejected = 0
         self.conflicts = 0
         self._counter_lock = threading.Lock()
+        # backend key -> the latest write time (ms) of an entry or tombstone this
+        # process wrote or read there: a signing store never goes back behind it
+        self._seen: dict[str, int] = {}
         self._mkeys: dict[Key, str] = {}
         self._class_parts: dict[type, str] = {}
         self._driver = driver
@@ -343,23 +364,85 @@ class KeyValueStore(BaseStore):
     def _decode(self, mkey: str, data: Any, rejected: list[str]) -> Any:
         """The object in an entry, or MISS (a tombstone, or an entry rejected: its key is added to ``rejected``)."""
         if type(data) is bytes and data[:5] == self._fast_header:
-            length = int.from_bytes(data[5:9], "big")
+            # an unsigned entry of our serializer: the common case, decoded inline
+            start = 5 + _STAMPED if data[5] == _LAYOUT else 5
+            length = int.from_bytes(data[start : start + _KEYS_LEN], "big")
             if length == _TOMB_MARK:
                 return MISS
             try:
-                return self._raw_loads(data[9 + length :])
+                return self._raw_loads(data[start + _KEYS_LEN + length :])
             except Exception as exc:  # noqa: BLE001 - corrupt data of any kind is a rejected entry
                 return self._reject(mkey, SerializationError(f"cannot deserialize entry: {exc!r}"), rejected)
         try:
             if type(data) is not bytes:
                 raise SerializationError(f"client returned {type(data).__name__}, not bytes (is a serde configured?)")
-            start = self.codec.payload_offset(mkey, data)
+            start, written, expires = self._open(mkey, data)
             length = int.from_bytes(data[start : start + _KEYS_LEN], "big")
             if length == _TOMB_MARK:
+                self._saw(mkey, written)
                 return MISS
+            if self._guard_replays:
+                self._check_fresh(mkey, written, expires)
             return self.codec.loads(data[start + _KEYS_LEN + length :])
         except SerializationError as exc:
             return self._reject(mkey, exc, rejected)
+
+    def _open(self, mkey: str, data: bytes) -> tuple[int, int | None, int]:
+        """Verify an envelope; return where its section length starts, its write time (ms) and expiry.
+
+        Entries written before the stamp existed have no write time (``None``).
+
+        :raises SerializationError: for an envelope that fails verification.
+        """
+        start = self.codec.payload_offset(mkey, data)
+        if len(data) > start and data[start] == _LAYOUT:
+            if len(data) < start + _STAMPED + _KEYS_LEN:
+                raise SerializationError(f"entry for {mkey!r} is truncated")
+            _layout, written, expires = _STAMP.unpack_from(data, start)
+            return start + _STAMPED, written, expires
+        return start, None, 0
+
+    def _saw(self, mkey: str, written: int | None) -> None:
+        """Remember the write time of an entry or tombstone read or written under ``mkey`` (signing stores)."""
+        if written is None or not self._guard_replays:
+            return
+        seen = self._seen
+        if seen.get(mkey, -1) < written:
+            if len(seen) >= _SEEN_LIMIT:
+                seen.clear()  # a plain bound: forgetting only weakens the check for a while
+            seen[mkey] = written
+
+    def _saw_written(self, items: Iterable[_Prepared]) -> None:
+        if self._guard_replays:
+            for it in items:
+                if it.values is not None:
+                    for mkey in it.mkeys:
+                        self._saw(mkey, it.written)
+
+    def _check_fresh(self, mkey: str, written: int | None, expires: int) -> None:
+        """Refuse a signed entry that cannot be current: a replay of an old one.
+
+        The signature covers the write time and the expiry, so they are the
+        writer's.  Refused: entries without them (written by a release before
+        stockpyle 1.0), expired ones, ones older than ``max_lifetime``, and ones
+        written before an entry or a tombstone this process has seen under the
+        same key (each with :data:`REPLAY_TOLERANCE` seconds of clock skew).
+
+        :raises SignatureError: for such an entry.
+        """
+        if written is None:
+            raise SignatureError(f"entry for {mkey!r} carries no signed write time (written before stockpyle 1.0)")
+        now = time.time()
+        if expires and expires + REPLAY_TOLERANCE < now:
+            raise SignatureError(f"entry for {mkey!r} expired at {expires}: a replayed entry")
+        if self._max_seconds is not None and written / 1000 + self._max_seconds + REPLAY_TOLERANCE < now:
+            raise SignatureError(f"entry for {mkey!r} is older than max_lifetime: a replayed entry")
+        seen = self._seen.get(mkey)
+        if seen is not None and written < seen - REPLAY_TOLERANCE * 1000:
+            raise SignatureError(
+                f"entry for {mkey!r} was written before a newer write or delete of that key: a replayed entry"
+            )
+        self._saw(mkey, written)
 
     def _discard_rejected(self, rejected: list[str]) -> None:
         # if the delete fails the entry stays unusable and is rejected again
@@ -380,10 +463,12 @@ class KeyValueStore(BaseStore):
         if type(data) is not bytes:
             return Slot(SlotKind.UNREADABLE), []
         try:
-            start = self.codec.payload_offset(mkey, data) + _KEYS_LEN
+            start, written, _expires = self._open(mkey, data)
         except SerializationError:
             return Slot(SlotKind.UNREADABLE), []
-        length = int.from_bytes(data[start - _KEYS_LEN : start], "big")
+        self._saw(mkey, written)
+        length = int.from_bytes(data[start : start + _KEYS_LEN], "big")
+        start += _KEYS_LEN
         if length == _TOMB_MARK:
             owner, newline, version = data[start:].partition(b"\n")
             if not newline:
@@ -402,18 +487,21 @@ class KeyValueStore(BaseStore):
     def _cap_ttl(self) -> Hashable:
         return self._fixed_cap if self._cap_is_fixed else self._driver.ttl(self._max_seconds)
 
-    def _ttl_for(self, obj: object) -> Hashable | None:
-        """The driver's lifetime for ``obj``: its lifetime capped at ``max_lifetime`` (None: already expired)."""
+    def _ttl_for(self, obj: object, now: float) -> tuple[Hashable | None, int]:
+        """The driver's lifetime for ``obj`` and its expiry (unix seconds, 0: never).
+
+        Its lifetime is capped at ``max_lifetime``; ``None`` means already expired.
+        """
         cap = self._max_seconds
-        if self.lifetimes.trivial:
-            return self._cap_ttl()
-        lifetime = self.lifetimes.lifetime_for(obj)
-        remaining = seconds_remaining(lifetime, time.time())
+        remaining = None if self.lifetimes.trivial else seconds_remaining(self.lifetimes.lifetime_for(obj), now)
         if remaining is None or (cap is not None and remaining > cap):
-            return self._cap_ttl()
+            return self._cap_ttl(), 0 if cap is None else math.ceil(now + cap)
         if remaining <= 0:
-            return None
-        return self._driver.ttl(remaining)
+            return None, 0
+        return self._driver.ttl(remaining), math.ceil(now + remaining)
+
+    def _stamp(self, now: float, expires: int) -> bytes:
+        return _STAMP.pack(_LAYOUT, int(now * 1000), expires)
 
     # -- preparing writes (everything that can fail because of the caller, before any I/O)
 
@@ -424,13 +512,14 @@ class KeyValueStore(BaseStore):
             not to be written: already expired, unserializable or too large)
             and the first error to report.
         """
-        keyed = [(self._object_mkeys(obj), obj, self._ttl_for(obj)) for obj in objs]
+        now = time.time()
+        keyed = [(self._object_mkeys(obj), obj, self._ttl_for(obj, now)) for obj in objs]
         codec = self.codec
         limit = self._item_limit
         can_cas = self._driver.can_cas
         failure: ObjectError | None = None
         out = []
-        for mkeys, obj, ttl in keyed:
+        for mkeys, obj, (ttl, expires) in keyed:
             version = version_of(obj) if can_cas else None
             vbytes = encode_version(version)
             item = _Prepared(mkeys, ttl, None if vbytes is None else version, vbytes)
@@ -446,7 +535,8 @@ class KeyValueStore(BaseStore):
             section = " ".join(mkeys).encode("ascii")
             if vbytes is not None:
                 section += b"\n" + vbytes
-            payload = len(section).to_bytes(_KEYS_LEN, "big") + section + body
+            payload = self._stamp(now, expires) + len(section).to_bytes(_KEYS_LEN, "big") + section + body
+            item.written = int(now * 1000)
             values: dict[str, bytes] = {}
             for mkey in mkeys:
                 value = codec.seal(mkey, payload)
@@ -497,13 +587,17 @@ class KeyValueStore(BaseStore):
         Without a tombstone lifetime the keys are simply deleted.
         """
         seal = self.codec.seal
-        values = {mkey: seal(mkey, _TOMB_PREFIX + (version or b"")) for mkey, version in burials}
+        now = time.time()
+        head = self._stamp(now, math.ceil(now + max(self.tombstone_lifetime, self._driver.min_lifetime)))
+        values = {mkey: seal(mkey, head + _TOMB_PREFIX + (version or b"")) for mkey, version in burials}
         if not values:
             return
         if self._tomb_ttl is None:
             yield ("delete_many", (list(values),), action)
         else:
             yield ("set_many", (values, self._tomb_ttl), action)
+        for mkey in values:
+            self._saw(mkey, int(now * 1000))
 
     def _plan_invalidate(self, mkeys: list[str], action: str) -> Plan[None]:
         """Tombstone (or delete) ``mkeys`` after a failed write, best effort: failures are logged."""
@@ -572,6 +666,7 @@ class KeyValueStore(BaseStore):
             yield from self._plan_bury(burials, action)
             for ttl, values in _by_ttl(plain).items():
                 yield ("set_many", (values, ttl), action)
+            self._saw_written(plain)
             if versioned:
                 yield from self._plan_put_versioned(versioned, action)
         except (StoreError, ObjectError) as exc:
@@ -618,6 +713,7 @@ class KeyValueStore(BaseStore):
                     if not done:
                         retry.append(it)
                         break
+                    self._saw(mkey, it.written)
             pending = retry
             if not pending:
                 return
@@ -653,6 +749,7 @@ class KeyValueStore(BaseStore):
             added = [k for k in it.values if k in stored]
             if len(added) == len(it.values):
                 results.append(True)
+                self._saw_written([it])
             else:
                 # A key was taken (a newer entry, a tombstone, or a concurrent
                 # back-fill) or its server failed: don't leave the object under
