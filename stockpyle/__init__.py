@@ -23,9 +23,12 @@ from . import exceptions
 from .exceptions import (
     ConfigurationError,
     NonUniqueKeyError,
+    NotStorableError,
     StockpyleError,
     StoreError,
+    StoreNotBoundError,
     StoreUnavailableError,
+    UnknownKeyError,
 )
 from .storable import Storable
 from .stores.base import BaseDictionaryStore, BaseStore
@@ -47,14 +50,17 @@ __all__ = [
     "MemcacheStore",
     "MultiStore",
     "NonUniqueKeyError",
+    "NotStorableError",
     "ProcessMemoryStore",
     "ShoveStore",
     "SqlAlchemyStore",
     "StockpyleError",
     "Storable",
     "StoreError",
+    "StoreNotBoundError",
     "StoreUnavailableError",
     "ThreadLocalStore",
+    "UnknownKeyError",
     "exceptions",
 ]
 

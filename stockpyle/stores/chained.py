@@ -352,7 +352,8 @@ class ChainedStore(BaseStore):
             self._countdown = SAMPLE_EVERY
             return self._get_from(0, klass, keydict, timed=True)
         index = self._l1_index
-        if index is not None and len(keydict) == 1:
+        # (anything but a dict, e.g. get(Foo, 1), goes to L1's get(), which says what a lookup is)
+        if index is not None and type(keydict) is dict and len(keydict) == 1:
             (name,) = keydict
             value = keydict[name]
             if type(value) is str or type(value) is int:
