@@ -341,3 +341,52 @@ def test_plot_keeps_title_labels_and_legend_inside_the_image() -> None:
             assert inside and box.y1 <= bounds.y1 + 1, (getattr(text, "get_text", lambda: "legend")(), box, bounds)
     finally:
         plt.close(figure)
+
+
+def installed_copy(tmp_path: Path) -> Path:
+    """The package alone, as a wheel installs it: no benchmarks/ beside it."""
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "stockpyle", site / "stockpyle", ignore=shutil.ignore_patterns("__pycache__"))
+    return site
+
+
+def run_installed(site: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stockpyle", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=site.parent,
+        env={**os.environ, "PYTHONPATH": str(site), "COLUMNS": "200"},
+        check=False,
+    )
+
+
+def test_bench_from_an_installed_package_says_how_to_get_the_benchmarks(tmp_path: Path) -> None:
+    import stockpyle
+
+    site = installed_copy(tmp_path)
+    line = one_line_error(run_installed(site, "bench", "--quick"))
+    version = stockpyle.__version__
+    assert "the benchmarks are not part of the installed package" in line
+    assert f"python -m pip download --no-deps --no-binary stockpyle stockpyle=={version}" in line
+    assert f"stockpyle bench --benchmarks stockpyle-{version}/benchmarks" in line
+
+
+def test_bench_from_an_installed_package_runs_the_benchmarks_it_is_given(tmp_path: Path) -> None:
+    site = installed_copy(tmp_path)
+    target = tmp_path / "bench.json"
+    result = run_installed(
+        site, "bench", "--benchmarks", str(ROOT / "benchmarks"), "--quick", "--only", "memory", "--json", str(target)
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(target.read_text(encoding="utf-8"))
+    assert document["rows"]
+    assert f"--benchmarks {ROOT / 'benchmarks'}" in document["command"]
+
+
+def test_bench_with_a_directory_that_holds_no_benchmarks(tmp_path: Path) -> None:
+    line = one_line_error(stockpyle("bench", "--benchmarks", str(tmp_path)))
+    assert "holds no benchmarks" in line

@@ -1,8 +1,9 @@
 """``stockpyle bench``: run the benchmark suites of ``benchmarks/`` and report ratios to peers.
 
-The suites live in the source checkout, next to the package
-(``benchmarks/bench_<suite>.py``, each exposing ``run(quick=...)``); this
-command imports them, prints one table of every row -- stockpyle's median
+The suites live in the repository and the source distribution, next to the
+package (``benchmarks/bench_<suite>.py``, each exposing ``run(quick=...)``),
+not in the wheel: an installed stockpyle is pointed at them with
+``--benchmarks DIR``.  This command imports them, prints one table of every row -- stockpyle's median
 and its ratio to the peer or hand-written baseline measured in the same run
 -- and optionally writes the rows as JSON and a chart of the ratios as PNG.
 """
@@ -43,7 +44,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "bench",
         help="run the benchmarks and report ratios to peers measured in the same run",
         description=(
-            "Run the benchmark suites in benchmarks/ (a source checkout is needed) and print, for every row, "
+            "Run the benchmark suites in benchmarks/ (in a checkout or the source distribution, not in the "
+            "installed package: see --benchmarks) and print, for every row, "
             "stockpyle's median and its ratio to the peer or hand-written baseline measured in the same run "
             "(interleaved; the ratio is the median of per-round ratios, below 1.0 means stockpyle is faster). "
             "Suites: " + "; ".join(f"{name}: {what}" for name, what in SUITES.items()) + ". "
@@ -62,23 +64,45 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the rows and notes as JSON to PATH")
     parser.add_argument(
+        "--benchmarks",
+        type=Path,
+        metavar="DIR",
+        help="the benchmarks/ directory of a checkout or an unpacked source distribution "
+        "(default: the one beside the stockpyle package, in a checkout)",
+    )
+    parser.add_argument(
         "--plot", type=Path, metavar="PATH", help=f"write a PNG chart of the ratios to PATH (needs {PLOT_HINT})"
     )
     parser.set_defaults(handler=run)
 
 
-def benchmarks_dir() -> Path:
-    """The checkout's ``benchmarks/`` directory.
+def benchmarks_dir(explicit: Path | None = None) -> Path:
+    """The ``benchmarks/`` directory to run: ``explicit``, or the checkout's.
 
-    :raises CLIError: when stockpyle was not installed from a checkout.
+    The benchmarks are not part of the installed package: they live in the
+    repository and the source distribution, beside ``stockpyle/``.
+
+    :param explicit: a directory given with ``--benchmarks``.
+    :raises CLIError: when there are no benchmarks there, saying how to get them.
     """
     from .. import __file__ as package_file
+    from .. import __version__
 
+    if explicit is not None:
+        if not (explicit / "_timing.py").is_file():
+            raise CLIError(
+                f"--benchmarks {str(explicit)!r} holds no benchmarks (no _timing.py); "
+                "give the benchmarks/ directory of a stockpyle checkout or source distribution"
+            )
+        return explicit
     directory = Path(package_file).resolve().parent.parent / "benchmarks"
     if not (directory / "_timing.py").is_file():
+        sdist = f"stockpyle-{__version__}"
         raise CLIError(
-            f"the benchmarks are not installed (no {directory}); they live in the source checkout: "
-            "clone the repository, pip install -e . there and run python -m stockpyle bench from it"
+            "the benchmarks are not part of the installed package; they ship in the source distribution: "
+            f"python -m pip download --no-deps --no-binary stockpyle stockpyle=={__version__} && "
+            f"tar xzf {sdist}.tar.gz && stockpyle bench --benchmarks {sdist}/benchmarks "
+            "(or pass --benchmarks the benchmarks/ directory of a checkout)"
         )
     return directory
 
@@ -255,12 +279,14 @@ def _command_line(args: argparse.Namespace) -> str:
         parts += ["--json", str(args.json)]
     if args.plot is not None:
         parts += ["--plot", str(args.plot)]
+    if args.benchmarks is not None:
+        parts += ["--benchmarks", str(args.benchmarks)]
     return " ".join(shlex.quote(part) for part in parts)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the selected suites; returns 0."""
-    directory = benchmarks_dir()
+    directory = benchmarks_dir(args.benchmarks)
     if args.plot is not None:
         _check_plotting()
     names = [name for name in SUITES if not args.only or name in args.only]
