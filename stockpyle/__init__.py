@@ -40,7 +40,7 @@ if _typing.TYPE_CHECKING:  # pragma: no cover
     from .stores.shove import ShoveStore
     from .stores.sqlalchemy import SqlAlchemyStore
 
-__version__ = "0.2.0.dev0"
+__version__ = "1.0.0rc1"
 
 __all__ = [
     "BaseDictionaryStore",
