@@ -91,6 +91,8 @@ def test_both_commands_work_in_a_fresh_clone(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         check=True,
+        cwd=tmp_path,  # not this checkout, which python -c would put first on sys.path
+        env=newcomer_env(),
     ).stdout.split()
     assert where[0] == str(clone / "stockpyle" / "__init__.py")  # installed from the clone, editable
     assert tuple(int(part) for part in where[1].split(".")[:2]) >= (25, 1)  # knows --group
