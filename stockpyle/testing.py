@@ -24,7 +24,7 @@ Class attributes describe capabilities so the suite asks only what applies:
   versions with the same constructors and attributes);
 * :attr:`~StoreContract.hostile_values` -- awkward key strings that must round-trip.
 
-Requires pytest (``pip install stockpyle[test]``).
+Requires pytest (``pip install pytest``).
 """
 
 from __future__ import annotations
