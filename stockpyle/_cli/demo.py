@@ -426,7 +426,7 @@ def _layer_table(console: Console, chain: ChainedStore) -> Any:
     The boxed table with each layer's server or dialect needs about 110
     columns; in a narrower terminal (80 columns is common) a compact table
     without borders, with two-line headers and bare store names (the chain
-    line above the table names the servers), takes 77.
+    line above the table names the servers), takes about 75.
     """
     from rich import box
     from rich.table import Table
