@@ -1,6 +1,7 @@
 """Sphinx configuration for the stockpyle documentation.
 
-Build the HTML pages and run every example as a doctest with::
+Build the HTML pages and run every example as a doctest with (after
+``pip install -e ".[all]" --group docs``)::
 
     sphinx-build -W --keep-going -b html docs docs/_build/html
     sphinx-build -W -b doctest docs docs/_build/doctest
@@ -45,13 +46,22 @@ autodoc_preserve_defaults = True
 
 # Every ">>>" block in the pages is a test; output must match exactly.
 doctest_test_doctest_blocks = "default"
+# Run before every group (and for ":skipif:"): the memcached binary that the
+# MemcacheStore page starts a private server from, or None to skip those examples.
+doctest_global_setup = """
+import os as _os, shutil as _shutil
+MEMCACHED_BINARY = _shutil.which("memcached") or (
+    "/usr/bin/memcached" if _os.access("/usr/bin/memcached", _os.X_OK) else None
+)
+"""
 
-html_theme = "alabaster"
+# furo: a sidebar with the whole table of contents, a search box, and a
+# per-page outline; it needs no network access at build time.
+html_theme = "furo"
 html_static_path: list[str] = []
 html_title = f"stockpyle {release}"
 html_theme_options = {
-    "description": "Layered, write-through object storage and caching",
-    "fixed_sidebar": True,
+    "navigation_with_keys": True,
 }
 
 

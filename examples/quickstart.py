@@ -1,6 +1,7 @@
 """The stockpyle quickstart, in memory only: no server and no extra package needed.
 
-Run it from a checkout with ``pip install -e . && python examples/quickstart.py``.
+Run it from a checkout, in the virtual environment that ``bash scripts/demo``
+makes: ``.venv/bin/python examples/quickstart.py``.
 It stores objects, reads them back through alternate keys and batches, layers
 a per-thread cache over a process-wide one with different lifetimes, and ends
 with the chain's per-layer statistics.  Every result is checked; the script

@@ -23,9 +23,12 @@ from . import exceptions
 from .exceptions import (
     ConfigurationError,
     NonUniqueKeyError,
+    NotStorableError,
     StockpyleError,
     StoreError,
+    StoreNotBoundError,
     StoreUnavailableError,
+    UnknownKeyError,
 )
 from .storable import Storable
 from .stores.base import BaseDictionaryStore, BaseStore
@@ -37,7 +40,7 @@ if _typing.TYPE_CHECKING:  # pragma: no cover
     from .stores.shove import ShoveStore
     from .stores.sqlalchemy import SqlAlchemyStore
 
-__version__ = "0.2.0.dev0"
+__version__ = "1.0.0rc1"
 
 __all__ = [
     "BaseDictionaryStore",
@@ -47,14 +50,17 @@ __all__ = [
     "MemcacheStore",
     "MultiStore",
     "NonUniqueKeyError",
+    "NotStorableError",
     "ProcessMemoryStore",
     "ShoveStore",
     "SqlAlchemyStore",
     "StockpyleError",
     "Storable",
     "StoreError",
+    "StoreNotBoundError",
     "StoreUnavailableError",
     "ThreadLocalStore",
+    "UnknownKeyError",
     "exceptions",
 ]
 

@@ -467,17 +467,40 @@ def lookup_key(klass: type, keydict: Mapping[str, Any]) -> Key:
         key_id = model._by_names[tuple(keydict)]
     except (KeyError, TypeError):
         if not isinstance(keydict, Mapping):
-            raise TypeError(
-                f"a lookup must be a dict of key attribute values, e.g. {{'id': 1}}; got {_short_repr(keydict)}"
-            ) from None
+            raise TypeError(_not_a_lookup(model, keydict)) from None
         key_id = model.spec_for(tuple(keydict))
-    if type(key_id) is str:
-        value = keydict[key_id]
-        kind = type(value)
-        if (kind is str and value.isascii()) or kind is int:
-            return (klass, key_id, value)
-        return (klass, key_id, canonical_value(value))
-    return (klass, key_id, *[canonical_value(keydict[name]) for name in key_id])
+    try:
+        if type(key_id) is str:
+            value = keydict[key_id]
+            kind = type(value)
+            if (kind is str and value.isascii()) or kind is int:
+                return (klass, key_id, value)
+            return (klass, key_id, canonical_value(value))
+        return (klass, key_id, *[canonical_value(keydict[name]) for name in key_id])
+    except TypeError:
+        if isinstance(keydict, Mapping):
+            raise
+        # a sequence of the key's names, e.g. get(Foo, ["id"])
+        raise TypeError(_not_a_lookup(model, keydict)) from None
+
+
+def _not_a_lookup(model: KeyModel, keydict: object) -> str:
+    # get(Foo, 1) is the natural mistake: show the dict that was meant
+    names = model.specs[0]
+    attributes = {name for spec in model.specs for name in spec}
+    if len(names) == 1 and type(keydict) in (int, str) and keydict not in attributes:
+        example = f"{{{names[0]!r}: {_short_repr(keydict)}}}"
+    else:
+        example = "{" + ", ".join(f"{name!r}: ..." for name in names) + "}"
+    declared = " or ".join(spec[0] if len(spec) == 1 else "(" + ", ".join(spec) + ")" for spec in model.specs)
+    message = (
+        f"a lookup is a dict of key attribute values, e.g. {example}, not {_short_repr(keydict)} "
+        f"(the keys of {model.klass.__name__}: {declared})"
+    )
+    if isinstance(keydict, str) and keydict in attributes:
+        # batch_get(Foo, {"id": 1}) iterates the dict: its keys arrive here
+        message += "; batch_get() takes a list of such dicts"
+    return message
 
 
 def object_keys(obj: object, polymorphic: bool = False) -> list[Key]:

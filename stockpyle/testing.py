@@ -39,7 +39,7 @@ object only)::
 
 ``make_store`` receives ``tombstone_lifetime=`` where a test needs one.
 
-Requires pytest (``pip install stockpyle[test]``).
+Requires pytest (``pip install pytest``).
 """
 
 from __future__ import annotations

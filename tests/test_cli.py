@@ -5,11 +5,14 @@ Every test runs the real command in a subprocess, as a user would.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -165,3 +168,227 @@ def test_demo_without_rich_names_the_extra(tmp_path: Path) -> None:
     line = one_line_error(result)
     assert "rich not installed" in line
     assert 'pip install "stockpyle[sqlalchemy,cli]"' in line
+
+
+def in_terminal(*args: str, columns: int, timeout: float = 60) -> tuple[int, str]:
+    """Run ``python -m stockpyle ARGS`` in a pseudo-terminal ``columns`` wide: (status, text without colours)."""
+    pty = pytest.importorskip("pty")
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "NO_COLOR")}
+    env.update(PYTHONPATH=str(ROOT), TERM="xterm")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stockpyle", *args], stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env
+    )
+    os.close(slave)
+    output = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the terminal closes when the process ends
+                break
+            if not chunk:
+                break
+            output += chunk
+        status = process.wait(timeout=timeout)
+    finally:
+        os.close(master)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode("utf-8", "replace")).replace("\r", "")
+    return status, text
+
+
+def test_demo_help_shows_the_mix_with_plain_percent_signs() -> None:
+    result = stockpyle("demo", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "72% reads by id, 18% reads by email, 6% updates, 2% inserts, 2% deletes" in text
+    assert "%%" not in result.stdout
+
+
+def test_demo_help_states_each_default_once() -> None:
+    text = " ".join(stockpyle("demo", "--help").stdout.split())
+    options = re.split(r" (?=--[a-z])", text.split("show this help message and exit", 1)[1])
+    for option in options:
+        assert option.count("(default:") <= 1, option
+    assert "(default: None)" not in text
+    assert "(default: False)" not in text
+    for expected in ("(default: 20000)", "(default: 5000)", "(default: 7)", "(default: 1.1)", "(default: a temporary"):
+        assert expected in text
+
+
+def test_an_uninstalled_driver_is_named_with_its_own_package() -> None:
+    import importlib.util
+
+    if any(importlib.util.find_spec(name) is not None for name in ("oracledb", "cx_Oracle")):
+        pytest.skip("an Oracle driver is installed here")
+    line = one_line_error(stockpyle("demo", "--database-url", "oracle://scott@127.0.0.1/db", "--operations", "10"))
+    # SQLAlchemy 2.1's default Oracle driver is oracledb, 2.0's cx_Oracle
+    found = re.search(r"No module named '(oracledb|cx_Oracle)'", line)
+    assert found, line
+    assert f'pip install "{found[1]}"' in line
+    assert "psycopg" not in line
+    assert "PyMySQL" not in line
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_an_unknown_option_shows_the_subcommand_usage(command: str) -> None:
+    result = stockpyle(command, "--bogus")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"usage: stockpyle {command} ")
+    assert f"stockpyle {command}: error: unrecognized arguments: --bogus" in result.stderr
+
+
+def test_an_unknown_top_level_option_shows_the_top_level_usage() -> None:
+    result = stockpyle("--bogus")
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: stockpyle [-h]")
+
+
+def test_demo_table_fits_an_80_column_terminal(tmp_path: Path) -> None:
+    status, text = in_terminal(
+        "demo", "--operations", "600", "--users", "200", "--dir", str(tmp_path), "--no-progress", columns=80
+    )
+    assert status == 0, text
+    lines = text.splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80, text
+    assert "…" not in text, text  # nothing truncated
+    for layer in ("ThreadLocalStore", "ProcessMemoryStore", "SqlAlchemyStore"):
+        # each layer is one row: the name, then its seven figures, on one line
+        row = next(line for line in lines if line.startswith(layer))
+        assert len(row.split()) == 1 + 5 + 2 * 2, row  # latencies are "2.4 us"
+    assert "agree with the database" in text
+
+
+def test_demo_table_keeps_the_boxed_layout_when_there_is_room(tmp_path: Path) -> None:
+    status, text = in_terminal(
+        "demo", "--operations", "300", "--users", "100", "--dir", str(tmp_path), "--no-progress", columns=160
+    )
+    assert status == 0, text
+    assert "│ 3. SqlAlchemyStore (sqlite)" in text
+
+
+BENCH_ROWS: list[dict[str, Any]] = [
+    {
+        "suite": "memory",
+        "name": "ChainedStore([PM, PM]).get L1 hit",
+        "median": 123.4,
+        "unit": "ns",
+        "baseline": "ProcessMemoryStore.get hit",
+        "baseline_median": 100.2,
+        "ratio": 1.23,
+        "target": "<= 1.3x",
+        "note": "interleaved over 30 rounds",
+    },
+    {
+        "suite": "sqlalchemy",
+        "name": "ChainedStore([PM, Memcache, SqlAlchemy]).batch_get(100) postgres cold",
+        "median": 1234567.0,
+        "unit": "ns",
+        "baseline": "hand-written cache-aside with pymemcache and SQLAlchemy",
+        "baseline_median": 1200000.0,
+        "ratio": 1.03,
+        "target": "",
+        "note": "",
+    },
+]
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+def test_bench_table_fits_the_terminal(columns: int) -> None:
+    from rich.console import Console
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the table formats quantities with benchmarks/_timing.py
+    from stockpyle._cli import bench
+
+    out = io.StringIO()
+    console = Console(width=columns, file=out, force_terminal=True, color_system=None)
+    bench._print_table(BENCH_ROWS, ["memory: a note"], console=console)
+    text = out.getvalue()
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= columns, text
+    assert "…" not in text
+    words = text.split()
+    for row in BENCH_ROWS:
+        # a long name may wrap within its cell, but every word of it is shown whole
+        for value in (row["name"], row["baseline"], f"{row['ratio']:.2f}x"):
+            assert all(word in words for word in value.split()), value
+    assert "note: memory: a note" in text
+
+
+def test_plot_keeps_title_labels_and_legend_inside_the_image() -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from stockpyle._cli import bench
+
+    rows = [*BENCH_ROWS, {**BENCH_ROWS[0], "name": "ProcessMemoryStore.get hit", "baseline": "dict.get", "ratio": 0.6}]
+    figure = bench._figure(rows)
+    try:
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()  # type: ignore[attr-defined]
+        bounds = figure.bbox
+        (axes,) = figure.axes
+        legend = axes.get_legend()
+        assert legend is not None
+        assert len(legend.get_texts()) == 2
+        texts = [figure._suptitle, axes.xaxis.label, legend, *axes.get_yticklabels()]
+        assert len(texts) == 3 + len(rows)
+        for text in texts:
+            box = text.get_window_extent(renderer)
+            inside = box.x0 >= bounds.x0 - 1 and box.x1 <= bounds.x1 + 1 and box.y0 >= bounds.y0 - 1
+            assert inside and box.y1 <= bounds.y1 + 1, (getattr(text, "get_text", lambda: "legend")(), box, bounds)
+    finally:
+        plt.close(figure)
+
+
+def installed_copy(tmp_path: Path) -> Path:
+    """The package alone, as a wheel installs it: no benchmarks/ beside it."""
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "stockpyle", site / "stockpyle", ignore=shutil.ignore_patterns("__pycache__"))
+    return site
+
+
+def run_installed(site: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stockpyle", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=site.parent,
+        env={**os.environ, "PYTHONPATH": str(site), "COLUMNS": "200"},
+        check=False,
+    )
+
+
+def test_bench_from_an_installed_package_says_how_to_get_the_benchmarks(tmp_path: Path) -> None:
+    import stockpyle
+
+    site = installed_copy(tmp_path)
+    line = one_line_error(run_installed(site, "bench", "--quick"))
+    version = stockpyle.__version__
+    assert "the benchmarks are not part of the installed package" in line
+    assert f"python -m pip download --no-deps --no-binary stockpyle stockpyle=={version}" in line
+    assert f"stockpyle bench --benchmarks stockpyle-{version}/benchmarks" in line
+
+
+def test_bench_from_an_installed_package_runs_the_benchmarks_it_is_given(tmp_path: Path) -> None:
+    site = installed_copy(tmp_path)
+    target = tmp_path / "bench.json"
+    result = run_installed(
+        site, "bench", "--benchmarks", str(ROOT / "benchmarks"), "--quick", "--only", "memory", "--json", str(target)
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(target.read_text(encoding="utf-8"))
+    assert document["rows"]
+    assert f"--benchmarks {ROOT / 'benchmarks'}" in document["command"]
+
+
+def test_bench_with_a_directory_that_holds_no_benchmarks(tmp_path: Path) -> None:
+    line = one_line_error(stockpyle("bench", "--benchmarks", str(tmp_path)))
+    assert "holds no benchmarks" in line

@@ -15,9 +15,15 @@ from stockpyle.exceptions import NonUniqueKeyError, StockpyleError
 
 PUBLIC = {
     "BaseDictionaryStore", "BaseStore", "ChainedStore", "ConfigurationError", "MemcacheStore", "MultiStore",
-    "NonUniqueKeyError", "ProcessMemoryStore", "ShoveStore", "SqlAlchemyStore", "StockpyleError", "Storable",
-    "StoreError", "StoreUnavailableError", "ThreadLocalStore", "exceptions",
+    "NonUniqueKeyError", "NotStorableError", "ProcessMemoryStore", "ShoveStore", "SqlAlchemyStore",
+    "StockpyleError", "Storable", "StoreError", "StoreNotBoundError", "StoreUnavailableError", "ThreadLocalStore",
+    "UnknownKeyError", "exceptions",
 }  # fmt: skip
+# the errors a newcomer meets first, importable as `from stockpyle import ...`
+TOP_LEVEL_ERRORS = (
+    "ConfigurationError", "NonUniqueKeyError", "NotStorableError", "StockpyleError", "StoreError",
+    "StoreNotBoundError", "StoreUnavailableError", "UnknownKeyError",
+)  # fmt: skip
 STORES_PUBLIC = {
     "BaseDictionaryStore", "BaseStore", "ChainedStore", "LayerStats", "MemcacheStore", "MultiStore",
     "ProcessMemoryStore", "ShoveStore", "SqlAlchemyStore", "ThreadLocalStore",
@@ -43,6 +49,29 @@ def test_exception_module_exports_its_whole_tree() -> None:
     for name in exceptions.__all__:
         assert issubclass(getattr(exceptions, name), StockpyleError)
         assert name in (exceptions.__doc__ or ""), f"{name} missing from the drawn tree"
+
+
+@pytest.mark.parametrize("name", TOP_LEVEL_ERRORS)
+def test_top_level_errors_are_the_exception_classes(name: str) -> None:
+    assert getattr(stockpyle, name) is getattr(exceptions, name)
+
+
+def test_the_errors_of_a_first_session_can_be_caught_from_the_top_level() -> None:
+    from stockpyle import NotStorableError, ProcessMemoryStore, Storable, StoreNotBoundError, UnknownKeyError
+
+    class Keyed:
+        __stockpyle_keys__ = ("id",)
+
+    class Unbound(Storable):
+        __stockpyle_keys__ = ("id",)
+
+    store = ProcessMemoryStore()
+    with pytest.raises(NotStorableError):
+        store.put(object())
+    with pytest.raises(UnknownKeyError):
+        store.get(Keyed, {"name": "x"})
+    with pytest.raises(StoreNotBoundError):
+        Unbound.get({"id": 1})
 
 
 def test_non_unique_key_error_carries_class_and_key() -> None:

@@ -45,13 +45,83 @@ def test_the_only_missing_names_are_the_aliased_ones() -> None:
     result = run_python(
         """
         import collections, collections.abc
+        from stockpyle._shove_compat import pkg_resources_standin
         for name in ("Mapping", "MutableMapping", "Sequence"):
             setattr(collections, name, getattr(collections.abc, name))
-        import shove, shove.store, shove.cache
+        with pkg_resources_standin():
+            import shove, shove.store, shove.cache
         print("imported")
         """
     )
     assert result.stdout.strip() == "imported", result.stderr
+
+
+def test_shove_imports_without_pkg_resources() -> None:
+    # As with setuptools 82+ (no pkg_resources) or a Python 3.12+ venv (no
+    # setuptools): shove's one pkg_resources function comes from the stand-in,
+    # which is gone again afterwards, and the backends are the declared ones.
+    result = run_python(
+        """
+        import sys
+        sys.modules["pkg_resources"] = None  # any import of it fails
+        from stockpyle._shove_compat import import_shove
+        shove = import_shove()
+        from shove import _imports
+        print(sorted(_imports.stores), sorted(_imports.caches), sys.modules["pkg_resources"])
+        s = shove.Shove("simple://")
+        s["k"] = 1
+        print(s["k"])
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "['dbm', 'file', 'lite', 'memory', 'simple'] "
+        "['file', 'filelru', 'lite', 'memlru', 'memory', 'simple', 'simplelru'] None",
+        "1",
+    ]
+
+
+def test_the_standin_is_used_only_during_the_import() -> None:
+    result = run_python(
+        """
+        import sys
+        from stockpyle._shove_compat import import_shove
+        import_shove()
+        from shove import _imports
+        print("pkg_resources" in sys.modules, _imports.iter_entry_points.__module__)
+        """
+    )
+    assert result.stdout.split() == ["False", "stockpyle._shove_compat"], result.stderr
+
+
+def test_an_imported_pkg_resources_is_used_as_it_is() -> None:
+    result = run_python(
+        """
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # setuptools 81 warns that pkg_resources is deprecated
+            try:
+                import pkg_resources
+            except ImportError:
+                raise SystemExit("no pkg_resources")
+        from stockpyle._shove_compat import import_shove
+        import_shove()
+        from shove import _imports
+        print(_imports.iter_entry_points is pkg_resources.iter_entry_points, sorted(_imports.stores))
+        """
+    )
+    if "no pkg_resources" in result.stderr:
+        pytest.skip("this environment has no pkg_resources (setuptools 82+ or none)")
+    assert result.stdout.strip() == "True ['dbm', 'file', 'lite', 'memory', 'simple']", result.stderr
+
+
+def test_iter_entry_points_matches_pkg_resources_semantics() -> None:
+    from stockpyle._shove_compat import iter_entry_points
+
+    stores = {entry_point.name: entry_point for entry_point in iter_entry_points("shove.stores")}
+    assert set(stores) == {"dbm", "file", "lite", "memory", "simple"}
+    assert [entry_point.name for entry_point in iter_entry_points("shove.stores", "file")] == ["file"]
+    assert list(iter_entry_points("stockpyle.no-such-group")) == []
 
 
 def test_import_shove_works_and_removes_the_aliases_afterwards() -> None:

@@ -94,6 +94,11 @@ def test_constructor_misuse_is_a_configuration_error(kwargs: dict[str, Any], mes
     assert isinstance(info.value, ValueError)
 
 
+def test_a_uri_as_first_argument_suggests_uri_keyword() -> None:
+    with pytest.raises(ConfigurationError, match=r"write ShoveStore\(uri='memory://'\)"):
+        ShoveStore("memory://")  # type: ignore[arg-type]
+
+
 def test_bad_arguments_open_nothing(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError):
         ShoveStore(uri=uri_for("file", tmp_path), polymorphic=1)  # type: ignore[arg-type]
@@ -524,6 +529,57 @@ def test_threads_can_share_a_store(scheme: str, tmp_path: Path, opened: Callable
         t.join()
     assert errors == []
     assert len(set(store.mapping)) == 4 * 30 * 2
+
+
+def test_owner_thread_mapping_makes_a_thread_bound_backend_shareable(tmp_path: Path) -> None:
+    # lite:// is bound to the thread that opened it on every Python, so it shows
+    # the mechanism that dbm:// uses on Python 3.13+ (dbm.sqlite3)
+    import threading
+
+    from stockpyle.stores.shove import OwnerThreadMapping
+
+    mapping = OwnerThreadMapping(lambda: open_shove(uri_for("lite", tmp_path)))
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(20):
+                mapping[f"{n}-{i}"] = (n, i)
+                assert mapping[f"{n}-{i}"] == (n, i)
+            del mapping[f"{n}-0"]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(mapping) == 3 * 19
+    with pytest.raises(KeyError):
+        mapping["1-0"]
+    mapping.close()
+    assert raw_entries(uri_for("lite", tmp_path))["2-5"] == (2, 5)
+
+
+def test_owner_thread_mapping_passes_on_an_opening_error() -> None:
+    from stockpyle.stores.shove import OwnerThreadMapping
+
+    with pytest.raises(ConfigurationError, match="no 'nosuch' backend"):
+        OwnerThreadMapping(lambda: open_shove("nosuch://x"))
+
+
+@pytest.mark.skipif(sys.version_info < (3, 13), reason="dbm.sqlite3 (thread-bound) is the default from Python 3.13")
+def test_dbm_store_on_python_313_runs_on_its_own_thread(tmp_path: Path, opened: Callable[..., ShoveStore]) -> None:
+    import dbm
+
+    from stockpyle.stores.shove import OwnerThreadMapping
+
+    store = opened(uri=uri_for("dbm", tmp_path))
+    store.put(Item("k", 1, 2, "v"))
+    assert isinstance(store.mapping, OwnerThreadMapping)
+    assert dbm.whichdb(str(tmp_path / "store.dbm")) == "dbm.sqlite3"
 
 
 def test_lite_store_used_from_another_thread_is_a_clear_error(

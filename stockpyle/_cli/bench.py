@@ -1,8 +1,9 @@
 """``stockpyle bench``: run the benchmark suites of ``benchmarks/`` and report ratios to peers.
 
-The suites live in the source checkout, next to the package
-(``benchmarks/bench_<suite>.py``, each exposing ``run(quick=...)``); this
-command imports them, prints one table of every row -- stockpyle's median
+The suites live in the repository and the source distribution, next to the
+package (``benchmarks/bench_<suite>.py``, each exposing ``run(quick=...)``),
+not in the wheel: an installed stockpyle is pointed at them with
+``--benchmarks DIR``.  This command imports them, prints one table of every row -- stockpyle's median
 and its ratio to the peer or hand-written baseline measured in the same run
 -- and optionally writes the rows as JSON and a chart of the ratios as PNG.
 """
@@ -43,7 +44,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "bench",
         help="run the benchmarks and report ratios to peers measured in the same run",
         description=(
-            "Run the benchmark suites in benchmarks/ (a source checkout is needed) and print, for every row, "
+            "Run the benchmark suites in benchmarks/ (in a checkout or the source distribution, not in the "
+            "installed package: see --benchmarks) and print, for every row, "
             "stockpyle's median and its ratio to the peer or hand-written baseline measured in the same run "
             "(interleaved; the ratio is the median of per-round ratios, below 1.0 means stockpyle is faster). "
             "Suites: " + "; ".join(f"{name}: {what}" for name, what in SUITES.items()) + ". "
@@ -62,23 +64,45 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the rows and notes as JSON to PATH")
     parser.add_argument(
+        "--benchmarks",
+        type=Path,
+        metavar="DIR",
+        help="the benchmarks/ directory of a checkout or an unpacked source distribution "
+        "(default: the one beside the stockpyle package, in a checkout)",
+    )
+    parser.add_argument(
         "--plot", type=Path, metavar="PATH", help=f"write a PNG chart of the ratios to PATH (needs {PLOT_HINT})"
     )
     parser.set_defaults(handler=run)
 
 
-def benchmarks_dir() -> Path:
-    """The checkout's ``benchmarks/`` directory.
+def benchmarks_dir(explicit: Path | None = None) -> Path:
+    """The ``benchmarks/`` directory to run: ``explicit``, or the checkout's.
 
-    :raises CLIError: when stockpyle was not installed from a checkout.
+    The benchmarks are not part of the installed package: they live in the
+    repository and the source distribution, beside ``stockpyle/``.
+
+    :param explicit: a directory given with ``--benchmarks``.
+    :raises CLIError: when there are no benchmarks there, saying how to get them.
     """
     from .. import __file__ as package_file
+    from .. import __version__
 
+    if explicit is not None:
+        if not (explicit / "_timing.py").is_file():
+            raise CLIError(
+                f"--benchmarks {str(explicit)!r} holds no benchmarks (no _timing.py); "
+                "give the benchmarks/ directory of a stockpyle checkout or source distribution"
+            )
+        return explicit
     directory = Path(package_file).resolve().parent.parent / "benchmarks"
     if not (directory / "_timing.py").is_file():
+        sdist = f"stockpyle-{__version__}"
         raise CLIError(
-            f"the benchmarks are not installed (no {directory}); they live in the source checkout: "
-            "clone the repository, pip install -e . there and run python -m stockpyle bench from it"
+            "the benchmarks are not part of the installed package; they ship in the source distribution: "
+            f"python -m pip download --no-deps --no-binary stockpyle stockpyle=={__version__} && "
+            f"tar xzf {sdist}.tar.gz && stockpyle bench --benchmarks {sdist}/benchmarks "
+            "(or pass --benchmarks the benchmarks/ directory of a checkout)"
         )
     return directory
 
@@ -112,8 +136,15 @@ def _quantity(value: float, unit: str) -> str:
     return str(timing.format_quantity(value, unit))
 
 
-def _print_table(rows: list[dict[str, Any]], notes: list[str]) -> None:
-    headers = ("suite", "operation", "stockpyle", "baseline", "baseline median", "ratio", "target", "note")
+HEADERS = ("suite", "operation", "stockpyle", "baseline", "baseline median", "ratio", "target", "note")
+
+
+def _print_table(rows: list[dict[str, Any]], notes: list[str], console: Any = None) -> None:
+    """Print the rows as a table that fits the terminal, then the notes.
+
+    :param console: a ``rich.console.Console`` to print to (default: a new one
+        on standard output); without rich, plain aligned text is printed.
+    """
     cells = [
         (
             row["suite"],
@@ -129,44 +160,106 @@ def _print_table(rows: list[dict[str, Any]], notes: list[str]) -> None:
     ]
     try:
         from rich.console import Console
-        from rich.table import Table
     except ImportError:
-        widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
-        print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+        widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(HEADERS)]
+        print("  ".join(h.ljust(w) for h, w in zip(HEADERS, widths, strict=True)))
         for cell in cells:
             print("  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)))
     else:
-        console = Console(highlight=False)
-        if not console.is_terminal:
-            console = Console(highlight=False, width=200)
-        table = Table(title="stockpyle / baseline, measured in the same run", title_justify="left")
-        for header in headers:
-            table.add_column(header, justify="right" if header in ("stockpyle", "baseline median", "ratio") else "left")
-        for cell in cells:
-            table.add_row(*cell)
-        console.print(table)
+        if console is None:
+            console = Console(highlight=False)
+            if not console.is_terminal:
+                console = Console(highlight=False, width=200)
+        console.print(_rich_table(console, cells))
     for note in notes:
-        print(f"note: {note}")
+        print(f"note: {note}", file=console.file if console is not None else None)
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+def _rich_table(console: Any, cells: Sequence[Sequence[str]]) -> Any:
+    """One row per line when the terminal is wide enough, else three lines per row.
+
+    The one-line table needs about 170 columns; the stacked one puts the
+    operation over its baseline, stockpyle's median over the baseline's, the
+    ratio over the target, and fits in 80.
+    """
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text  # cells are plain text: names such as "ChainedStore([PM, PM])" are not markup
+
+    title = "stockpyle / baseline, measured in the same run"
+    full = Table(title=title, title_justify="left")
+    for header in HEADERS:
+        full.add_column(
+            header, justify="right" if header in ("stockpyle", "baseline median", "ratio") else "left", no_wrap=True
+        )
+    for cell in cells:
+        full.add_row(*(Text(c) for c in cell))
+    if console.measure(full, options=console.options.update_width(1_000)).maximum <= console.width:
+        return full
+    stacked = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+    stacked.add_column("suite: operation\n  vs baseline (note)", overflow="fold")
+    stacked.add_column("stockpyle\nbaseline", justify="right", no_wrap=True)
+    stacked.add_column("ratio\ntarget", justify="right", no_wrap=True)
+    for suite, name, median, baseline, baseline_median, ratio, target, note in cells:
+        what = f"{suite}: {name}\n  vs {baseline}" + (f"\n  ({note})" if note else "")
+        stacked.add_row(Text(what), Text(f"{median}\n{baseline_median}"), Text(f"{ratio}\n{target or '-'}"))
+    return stacked
+
+
+FASTER_COLOUR = "tab:green"
+SLOWER_COLOUR = "tab:orange"
+
+
+def _figure(rows: list[dict[str, Any]]) -> Any:
+    """A horizontal bar chart of the ratios, sized so that no label or title is cut off.
+
+    :returns: the matplotlib ``Figure`` (the caller saves and closes it).
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.pyplot import figure as new_figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     labels = [f"{row['name']}  /  {row['baseline']}" for row in rows]
     ratios = [float(row["ratio"]) for row in rows]
-    figure, axes = plt.subplots(figsize=(11, 0.32 * len(rows) + 1.4))
-    colours = ["tab:green" if r <= 1.0 else "tab:orange" for r in ratios]
+    # constrained layout reserves room for the tick labels, the title and the
+    # legend, whatever their length (tight_layout cut the longest label off)
+    # wide enough for the longest label (about 0.06 in per character at 7 pt) beside a 6 in plot
+    width = 6 + 0.06 * max((len(label) for label in labels), default=0)
+    figure = new_figure(figsize=(width, 0.32 * len(rows) + 2.2), layout="constrained")
+    axes = figure.add_subplot()
+    colours = [FASTER_COLOUR if r <= 1.0 else SLOWER_COLOUR for r in ratios]
     axes.barh(range(len(rows)), ratios, color=colours)
     axes.set_yticks(range(len(rows)), labels, fontsize=7)
     axes.invert_yaxis()
     axes.axvline(1.0, color="black", linewidth=0.8)
-    axes.set_xscale("log")  # 0.5x and 2x are equally far from 1
-    axes.set_xlabel("stockpyle / baseline (below 1: stockpyle is faster or smaller)")
-    axes.set_title("stockpyle benchmarks: ratio to the baseline measured in the same run")
-    figure.tight_layout()
+    axes.set_xscale("log", base=2)  # 0.5x and 2x are equally far from 1
+    axes.xaxis.set_major_locator(LogLocator(base=2))
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _position: f"{value:g}x"))
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.set_xlabel("stockpyle / baseline, log scale (below 1: stockpyle is faster or smaller)")
+    # the figure's title spans the whole image, not just the axes beside the labels
+    figure.suptitle("stockpyle benchmarks: ratio to the baseline measured in the same run", fontsize=11)
+    axes.legend(
+        handles=[
+            Patch(color=FASTER_COLOUR, label="stockpyle faster or smaller (ratio <= 1)"),
+            Patch(color=SLOWER_COLOUR, label="baseline faster or smaller (ratio > 1)"),
+        ],
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncols=2,
+        fontsize=8,
+        frameon=False,
+    )
+    return figure
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure = _figure(rows)
     try:
         figure.savefig(path, dpi=110)
     except OSError as exc:
@@ -186,12 +279,14 @@ def _command_line(args: argparse.Namespace) -> str:
         parts += ["--json", str(args.json)]
     if args.plot is not None:
         parts += ["--plot", str(args.plot)]
+    if args.benchmarks is not None:
+        parts += ["--benchmarks", str(args.benchmarks)]
     return " ".join(shlex.quote(part) for part in parts)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the selected suites; returns 0."""
-    directory = benchmarks_dir()
+    directory = benchmarks_dir(args.benchmarks)
     if args.plot is not None:
         _check_plotting()
     names = [name for name in SUITES if not args.only or name in args.only]

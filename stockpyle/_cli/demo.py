@@ -40,6 +40,29 @@ INSTALL_HINT = 'the demo needs SQLAlchemy and rich: pip install "stockpyle[sqlal
 
 #: The operation mix, in percent: reads by id, reads by email, updates, inserts, deletes.
 MIX = {"read": 72, "read_email": 18, "update": 6, "insert": 2, "delete": 2}
+_MIX_LABELS = {
+    "read": "reads by id",
+    "read_email": "reads by email",
+    "update": "updates",
+    "insert": "inserts",
+    "delete": "deletes",
+}
+
+#: DBAPI module -> the package that provides it, for "driver not installed" errors.
+DRIVER_PACKAGES = {
+    "psycopg": "psycopg[binary]",
+    "psycopg2": "psycopg2-binary",
+    "asyncpg": "asyncpg",
+    "pg8000": "pg8000",
+    "pymysql": "PyMySQL",
+    "MySQLdb": "mysqlclient",
+    "mysql": "mysql-connector-python",
+    "mariadb": "mariadb",
+    "oracledb": "oracledb",
+    "cx_Oracle": "cx_Oracle",
+    "pyodbc": "pyodbc",
+    "pymssql": "pymssql",
+}
 
 
 def _positive_int(text: str) -> int:
@@ -70,17 +93,33 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "Store users (an integer id and a unique email, mapped with SQLAlchemy) in a database and read "
             "them through ChainedStore([ThreadLocalStore, ProcessMemoryStore, (MemcacheStore,) SqlAlchemyStore]). "
+            # the description is not %-formatted (help texts are): a plain % sign
             "The workload is read-heavy with a Zipf-like key distribution: "
-            + ", ".join(f"{share}%% {name.replace('_', ' by ')}s" for name, share in MIX.items())
+            + ", ".join(f"{share}% {_MIX_LABELS[name]}" for name, share in MIX.items())
             + ". It ends with per-layer statistics, the database queries the caches saved, and a check of "
             'a sample of users against the database. Needs: pip install "stockpyle[sqlalchemy,cli]".'
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--operations", type=_positive_int, default=20_000, help="operations in the workload")
-    parser.add_argument("--users", type=_positive_int, default=5_000, help="users stored before the workload")
-    parser.add_argument("--seed", type=int, default=7, help="random seed (the same seed replays the same workload)")
-    parser.add_argument("--skew", type=_skew, default=1.1, help="Zipf exponent of the key distribution (0 = uniform)")
+    # Each help text states its own default, once: ArgumentDefaultsHelpFormatter
+    # would append "(default: None)" to options whose help already explains it.
+    parser.add_argument(
+        "--operations", type=_positive_int, default=20_000, help="operations in the workload (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--users", type=_positive_int, default=5_000, help="users stored before the workload (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=7,
+        help="random seed; the same seed replays the same workload (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--skew",
+        type=_skew,
+        default=1.1,
+        help="Zipf exponent of the key distribution, 0 = uniform (default: %(default)s)",
+    )
     parser.add_argument(
         "--dir",
         type=Path,
@@ -92,13 +131,14 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         metavar="URL",
         help="SQLAlchemy URL of the database instead of SQLite, e.g. postgresql+psycopg://postgres@127.0.0.1/test "
-        "or mysql+pymysql://root@127.0.0.1/test (the demo creates and finally drops the table stockpyle_demo_users)",
+        "or mysql+pymysql://root@127.0.0.1/test; the demo creates and finally drops the table stockpyle_demo_users "
+        "(default: an SQLite file, see --dir)",
     )
     parser.add_argument(
         "--memcache",
         default=None,
         metavar="HOST:PORT[,HOST:PORT...]",
-        help="add a MemcacheStore layer on these memcached servers (needs stockpyle[memcache])",
+        help="add a MemcacheStore layer on these memcached servers; needs stockpyle[memcache] (default: no memcached)",
     )
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     parser.set_defaults(handler=run)
@@ -147,6 +187,19 @@ def _memcache_servers(spec: str) -> list[str]:
     return servers
 
 
+def _missing_driver(drivername: str, exc: ImportError) -> str:
+    """What to install for the URL's driver, named after the module that failed to import."""
+    module = (exc.name or "").split(".")[0]
+    package = DRIVER_PACKAGES.get(module)
+    if package is not None:
+        fix = f'pip install "{package}"'
+    elif module:
+        fix = f"install the package that provides the Python module {module!r}"
+    else:
+        fix = "install its DBAPI driver"
+    return f"SQLAlchemy's {drivername!r} dialect needs a driver that is not installed ({exc}); {fix}"
+
+
 def _engine(url_text: str) -> Engine:
     """Create and probe the engine; every failure becomes a :class:`CLIError`."""
     import sqlalchemy as sa
@@ -171,10 +224,7 @@ def _engine(url_text: str) -> Engine:
             "use sqlite, postgresql+psycopg or mysql+pymysql"
         ) from None
     except ImportError as exc:
-        raise CLIError(
-            f"--database-url {shown}: the driver for {url.drivername!r} is not installed ({exc}); "
-            "pip install psycopg[binary] for postgresql+psycopg or PyMySQL for mysql+pymysql"
-        ) from None
+        raise CLIError(f"--database-url {shown}: {_missing_driver(url.drivername, exc)}") from None
     except (sa.exc.ArgumentError, TypeError) as exc:
         raise CLIError(f"--database-url {shown}: {exc}") from None
     if url.get_backend_name() == "sqlite":
@@ -370,26 +420,54 @@ def _layer_name(store: Any) -> str:
     return name
 
 
+def _layer_table(console: Console, chain: ChainedStore) -> Any:
+    """The per-layer statistics as a rich table that fits the console.
+
+    The boxed table with each layer's server or dialect needs about 110
+    columns; in a narrower terminal (80 columns is common) a compact table
+    without borders, with two-line headers and bare store names (the chain
+    line above the table names the servers), takes about 75.
+    """
+    from rich import box
+    from rich.table import Table
+
+    rows = []
+    for index, layer in enumerate(chain.stats(), 1):
+        latency = layer.latency.summary()
+        rows.append(
+            (
+                index,
+                layer.store,
+                f"{layer.hits:,}",
+                f"{layer.misses:,}",
+                f"{layer.hit_ratio:.1%}",
+                f"{layer.backfills:,}",
+                f"{layer.errors:,}",
+                _duration(latency.median),
+                _duration(latency.p99),
+            )
+        )
+    full = Table(title="Per-layer statistics", title_justify="left")
+    for column in ("Layer", "Hits", "Misses", "Hit ratio", "Backfills", "Errors", "Median", "p99"):
+        full.add_column(column, justify="left" if column == "Layer" else "right", no_wrap=True)
+    for index, store, *cells in rows:
+        full.add_row(f"{index}. {_layer_name(store)}", *cells)
+    if console.measure(full, options=console.options.update_width(1_000)).maximum <= console.width:
+        return full
+    compact = Table(
+        title="Per-layer statistics", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0)
+    )
+    for column in ("Layer", "Hits", "Misses", "Hit\nratio", "Back-\nfills", "Errors", "Median", "p99"):
+        compact.add_column(column, justify="left" if column == "Layer" else "right", no_wrap=column != "Layer")
+    for _index, store, *cells in rows:
+        compact.add_row(type(store).__name__, *cells)
+    return compact
+
+
 def _report(
     console: Console, chain: ChainedStore, counters: _Counters, elapsed: float, args: argparse.Namespace
 ) -> None:
-    from rich.table import Table
-
-    table = Table(title="Per-layer statistics", title_justify="left")
-    for column in ("Layer", "Hits", "Misses", "Hit ratio", "Backfills", "Errors", "Median", "p99"):
-        table.add_column(column, justify="left" if column == "Layer" else "right")
-    for index, layer in enumerate(chain.stats(), 1):
-        latency = layer.latency.summary()
-        table.add_row(
-            f"{index}. {_layer_name(layer.store)}",
-            f"{layer.hits:,}",
-            f"{layer.misses:,}",
-            f"{layer.hit_ratio:.1%}",
-            f"{layer.backfills:,}",
-            f"{layer.errors:,}",
-            _duration(latency.median),
-            _duration(latency.p99),
-        )
+    table = _layer_table(console, chain)
     done = counters.done
     console.print(
         f"{args.operations:,} operations in {elapsed:.2f} s ({args.operations / elapsed:,.0f}/s): "

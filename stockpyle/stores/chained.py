@@ -668,7 +668,8 @@ class ChainedStore(ChainPolicy, BaseStore):
             self._countdown = SAMPLE_EVERY
             return self._run(self._plan_get(0, klass, keydict, True))
         index = self._fast_index
-        if index is not None and len(keydict) == 1:
+        # (anything but a dict, e.g. get(Foo, 1), goes to L1's get(), which says what a lookup is)
+        if index is not None and type(keydict) is dict and len(keydict) == 1:
             (name,) = keydict
             value = keydict[name]
             if type(value) is str or type(value) is int:

@@ -276,11 +276,14 @@ class ProcessMemoryStore(_InProcessStore):
         if self._countdown <= 0:  # <=: concurrent decrements may skip zero
             return self._sampled_get(klass, keydict)
         rec = None
-        if len(keydict) == 1:
-            (name,) = keydict
-            value = keydict[name]
-            if type(value) is str or type(value) is int:
-                rec = self._index.get((klass, name, value))
+        try:
+            if len(keydict) == 1:
+                (name,) = keydict
+                value = keydict[name]
+                if type(value) is str or type(value) is int:
+                    rec = self._index.get((klass, name, value))
+        except TypeError:
+            pass  # not a dict (get(Foo, 1)): lookup_key() below explains what a lookup is
         if rec is None:
             rec = self._index.get(lookup_key(klass, keydict))
             if rec is None:

@@ -16,17 +16,25 @@ never produces, so a shortened key can never equal a natural one) and a
 SHA-256 digest of the full text.
 
 shove 0.6.6 does not import on Python 3.10+; see :mod:`stockpyle._shove_compat`
-for the narrow compatibility measure applied when a ShoveStore needs shove.
+for the narrow compatibility measures applied when a ShoveStore needs shove.
+
+From Python 3.13 on, ``dbm`` creates new databases with ``dbm.sqlite3``,
+whose database object only the thread that opened it may use.  A store
+opened from a ``dbm://`` URI on such a Python therefore opens and uses its
+shove on one thread of its own (:class:`OwnerThreadMapping`), so it can be
+shared between threads like on earlier versions.
 """
 
 from __future__ import annotations
 
 import dbm
 import hashlib
+import importlib.util
 import logging
 import pickle
 import sqlite3
-from collections.abc import Hashable, Iterator, MutableMapping
+from collections.abc import Callable, Hashable, Iterator, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from typing import Any, Final, TypeVar, cast
 from urllib.parse import quote_plus
@@ -38,7 +46,7 @@ from ..keys import Key, encode_key, object_keys
 from ..lifetimes import LifetimeCallback
 from .base import MISS, BaseDictionaryStore
 
-__all__ = ["MAX_QUOTED_KEY", "ShoveStore", "open_shove", "shove_key"]
+__all__ = ["MAX_QUOTED_KEY", "OwnerThreadMapping", "ShoveStore", "open_shove", "shove_key"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -66,6 +74,9 @@ ERRORS: Final = ErrorTable(
         ErrorRule(KeyError, StoreError, message="the backend could not write the entry"),
     ],
 )
+
+# Python 3.13+: new dbm databases are dbm.sqlite3 ones, bound to their thread
+_DBM_THREAD_BOUND: Final = importlib.util.find_spec("dbm.sqlite3") is not None
 
 
 def shove_key(key: Key) -> str:
@@ -145,6 +156,71 @@ def open_shove(uri: str, **options: Any) -> Any:
         raise ERRORS.error_for(exc, None, f"open {uri!r}") from exc
 
 
+class OwnerThreadMapping(MutableMapping[Any, Any]):
+    """A mapping opened, used and closed on one thread that this object owns.
+
+    For backends whose objects may only be used by the thread that created
+    them (``dbm.sqlite3``, the default ``dbm`` of Python 3.13 and later):
+    every operation is handed to that thread and its result (or exception)
+    handed back, so callers may use the mapping from any thread.  Calls are
+    carried out one at a time, in the order they arrive.
+
+    :param opener: called on the owner thread to open the mapping.
+    :raises Exception: whatever ``opener`` raises (the owner thread is then stopped).
+    """
+
+    def __init__(self, opener: Callable[[], MutableMapping[Any, Any]]) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stockpyle-shove-owner")
+        try:
+            self.target: MutableMapping[Any, Any] = self._call(opener)
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            raise
+
+    def _call(self, function: Callable[..., T], *args: Any) -> T:
+        return self._executor.submit(function, *args).result()
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._call(self.target.__getitem__, key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._call(self.target.__setitem__, key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self._call(self.target.__delitem__, key)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._call(list, self.target))
+
+    def __len__(self) -> int:
+        return self._call(len, self.target)
+
+    def sync(self) -> None:
+        """Run the mapping's ``sync()`` (if it has one) on the owner thread."""
+        syncer = getattr(self.target, "sync", None)
+        if callable(syncer):
+            self._call(syncer)
+
+    def close(self) -> None:
+        """Close the mapping on the owner thread, then stop that thread."""
+        try:
+            closer = getattr(self.target, "close", None)
+            if callable(closer):
+                self._call(closer)
+        finally:
+            self._executor.shutdown(wait=True)
+
+    # shove's write buffer and cache are plain in-memory objects, safe to reach
+    # from any thread (ShoveStore clears them after a failed write)
+    @property
+    def _buffer(self) -> Any:
+        return getattr(self.target, "_buffer", None)
+
+    @property
+    def _cache(self) -> Any:
+        return getattr(self.target, "_cache", None)
+
+
 def _is_shove(mapping: object) -> bool:
     module = type(mapping).__module__
     return module == "shove" or module.startswith("shove.")
@@ -187,6 +263,12 @@ class ShoveStore(BaseDictionaryStore):
         tombstone_lifetime: float = 5.0,
         **shove_options: Any,
     ) -> None:
+        if isinstance(shove, str):
+            # ShoveStore("file:///...") reads naturally but the first argument is the shove object
+            raise ConfigurationError(
+                f"ShoveStore's first argument is a shove.Shove or a MutableMapping, not a URI; "
+                f"to open a shove URI write ShoveStore(uri={shove!r})"
+            )
         if uri is not None and shoveuri is not None:
             raise ConfigurationError("give the shove URI once: uri= and shoveuri= are the same argument")
         uri = shoveuri if uri is None else uri
@@ -210,13 +292,13 @@ class ShoveStore(BaseDictionaryStore):
         self.uri = uri
         self._shove_options = shove_options
         if uri is not None:
-            self.mapping = open_shove(uri, **shove_options)
+            self.mapping = self._open(uri)
         elif shove is not None:
             self.mapping = shove
         # shove backends pickle what they hold: check that up front, because the
         # file backend truncates a file before it pickles into it, and a failure
         # there would lose the previous entry
-        self._pickles = _is_shove(self.mapping)
+        self._pickles = _is_shove(self.mapping.target if isinstance(self.mapping, OwnerThreadMapping) else self.mapping)
         self._released = False
 
     # -- hooks of BaseDictionaryStore ---------------------------------------
@@ -326,8 +408,15 @@ class ShoveStore(BaseDictionaryStore):
     def _reopen(self) -> None:
         if self._released and self.uri is not None:
             with self._backend_errors("reopen"):
-                self.mapping = open_shove(self.uri, **self._shove_options)
+                self.mapping = self._open(self.uri)
             self._released = False
+
+    def _open(self, uri: str) -> MutableMapping[Any, Any]:
+        """Open the shove at ``uri`` (3.13+ dbm databases on a thread of their own)."""
+        options = self._shove_options
+        if _DBM_THREAD_BOUND and uri.startswith("dbm://"):
+            return OwnerThreadMapping(lambda: open_shove(uri, **options))
+        return cast("MutableMapping[Any, Any]", open_shove(uri, **options))
 
     def describe(self) -> str:
         return self._where()
