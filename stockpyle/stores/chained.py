@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from time import perf_counter
 from typing import Any, TypeVar
 
+from ..effects import WriteEffects
 from ..exceptions import ConfigurationError, SerializationError, StoreError, UnknownKeyError, ValueTooLargeError
 from ..keys import object_keys
 from ..stats import SAMPLE_EVERY, Latency, StoreStats
@@ -472,13 +473,20 @@ class ChainedStore(BaseStore):
             object_keys(obj)
         stores = self.stores
         last = self._last
+        effects: WriteEffects | None = None
         try:
-            getattr(stores[last], operation)(argument)
+            if getattr(type(stores[last]), "reports_effects", False):
+                effects = stores[last].write("put" if operation.endswith("put") else "delete", objs)
+            else:
+                getattr(stores[last], operation)(argument)
         except BaseException:
             # the system of record may or may not have applied the write
             # (a timeout after commit): make sure no cache keeps the old value
             self._invalidate(range(last - 1, -1, -1), objs)
             raise
+        if effects is not None:
+            self._apply_effects(effects)
+            return
         for index in range(last - 1, -1, -1):
             try:
                 done = self._call(index, operation, getattr(stores[index], operation), argument)
@@ -501,6 +509,62 @@ class ChainedStore(BaseStore):
                     self._invalidate([index], objs)
                 else:
                     self._breakers[index].remember(objs)
+
+    def _apply_effects(self, effects: WriteEffects) -> None:
+        """Bring every cache layer in line with what the system of record reports a write did.
+
+        Used instead of repeating the caller's operation when the last layer
+        declares ``reports_effects`` (see :class:`~stockpyle.effects.WriteEffects`):
+        first every class in ``effects.classes`` is invalidated, then, layer
+        by layer from the bottom up, ``effects.removed`` is deleted and
+        ``effects.stored`` is put.  Failures are handled as for any write: a
+        layer that misses a delete gets it when it answers again, a layer that
+        fails a put has those objects invalidated, and an object a layer
+        cannot hold is invalidated there and above and reported.
+        """
+        for klass in effects.classes:
+            self.invalidate_class(klass)
+        removed, stored = list(effects.removed), list(effects.stored)
+        for index in range(self._last - 1, -1, -1):
+            layer = self.stores[index]
+            if removed and self._call(index, "batch_delete", layer.batch_delete, removed) is _FAILED:
+                self._breakers[index].remember(removed)
+            if not stored:
+                continue
+            try:
+                done = self._call(index, "batch_put", layer.batch_put, stored)
+            except _OBJECT_FAULTS as exc:
+                self._invalidate(range(index, -1, -1), stored)
+                raise type(exc)(
+                    f"the system of record stored the object, but cache layer {index} ({layer!r}) "
+                    f"could not ({exc}); it was invalidated in that layer and the ones above"
+                ) from exc
+            except BaseException:
+                self._invalidate(range(index, -1, -1), stored)
+                raise
+            if done is _FAILED:
+                self._invalidate([index], stored)
+
+    def invalidate_class(self, klass: type) -> None:
+        """Drop every cached ``klass`` instance (subclasses included) from every cache layer.
+
+        For writes whose rows cannot be known.  The system of record (a last
+        layer that reports effects) is left alone.  A cache layer without
+        ``invalidate_class`` may keep serving stale objects of the class
+        until their lifetime ends: that is logged and counted in its errors.
+        """
+        for index, layer in enumerate(self.stores):
+            if index == self._last and getattr(type(layer), "reports_effects", False):
+                continue
+            invalidate = getattr(layer, "invalidate_class", None)
+            if invalidate is None:
+                self._layer_stats[index].errors += 1
+                log.error("stockpyle: cache layer %d (%r) cannot invalidate every cached %s; they may be stale "
+                          "until their lifetime ends", index, layer, klass.__qualname__)  # fmt: skip
+            elif index == self._last:
+                invalidate(klass)
+            else:
+                self._call(index, "invalidate_class", invalidate, klass)
 
     def _invalidate(self, indexes: Iterable[int], objs: list[Any]) -> None:
         for index in indexes:

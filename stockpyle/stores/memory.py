@@ -223,6 +223,17 @@ class _InProcessStore(BaseStore):
         get = self.get
         return [get(klass, kd) for kd in keydicts]
 
+    def invalidate_class(self, klass: type) -> None:
+        """Remove every stored instance of ``klass`` (subclasses included), under all its keys.
+
+        For writes to the system of record whose rows cannot be known (see
+        :class:`~stockpyle.effects.WriteEffects`).  :class:`ThreadLocalStore`
+        removes them from the calling thread's objects only.
+        """
+        with self._locked_table() as table:
+            for rec in [rec for rec in table.records.values() if isinstance(rec.obj, klass)]:
+                table.drop(rec)
+
     def clear(self) -> None:
         """Remove every object (for ThreadLocalStore: of the calling thread)."""
         with self._locked_table() as table:
