@@ -524,7 +524,9 @@ def test_reading_stored_values_back_costs_one_select_per_chunk(db: sa.Engine) ->
     with QueryCounter(db) as queries:
         store.batch_put([Account(id=i, name=f"again {i}") for i in range(1, 1201)])
     assert reads_after_first_write(queries.statements) == 3
-    assert sum(s.lstrip().upper().startswith("SELECT") for s in queries.statements) == 6  # the rows are loaded per chunk too
+    assert (
+        sum(s.lstrip().upper().startswith("SELECT") for s in queries.statements) == 6
+    )  # the rows are loaded per chunk too
     with QueryCounter(db) as queries:
         store.put(Account(id=1, name="renamed"))
     assert reads_after_first_write(queries.statements) == 1
