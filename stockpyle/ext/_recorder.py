@@ -516,7 +516,7 @@ class FlushRecorder:
         self._connections: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._connections_lock = threading.Lock()
         self._engines: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._listening: set[type] = set()
+        self._listening: weakref.WeakSet[Any] = weakref.WeakSet()
         self._listening_lock = threading.Lock()
         self.listeners: dict[str, Callable[..., Any]] = {
             "before_flush": self._before_flush,
@@ -532,21 +532,47 @@ class FlushRecorder:
 
     # -- attaching ----------------------------------------------------------
 
+    @staticmethod
+    def _event_target(target: Any) -> Any:
+        """What listening to ``target`` really listens to (a factory's session class)."""
+        from sqlalchemy.orm import scoped_session
+        from sqlalchemy.orm import sessionmaker as sa_sessionmaker
+
+        if isinstance(target, scoped_session):
+            target = target.session_factory
+        if isinstance(target, sa_sessionmaker):
+            target = target.class_
+        return target
+
     def attach(self, target: Any) -> None:
-        """Listen to the session events of ``target`` (idempotent)."""
+        """Listen to the session events of ``target`` (idempotent).
+
+        Whether a target is attached is remembered here, by weak reference:
+        SQLAlchemy's ``event.contains`` keys its records by ``id()``, so it can
+        mistake a new session class for a collected one and skip listening.
+        """
         from sqlalchemy import event
 
-        for name, listener in self.listeners.items():
-            if not event.contains(target, name, listener):
-                event.listen(target, name, listener)
+        resolved = self._event_target(target)
+        with self._listening_lock:
+            if resolved in self._listening:
+                return
+            for name, listener in self.listeners.items():
+                event.listen(resolved, name, listener)
+            self._listening.add(resolved)
 
     def detach(self, target: Any) -> None:
         """Stop listening to ``target``."""
         from sqlalchemy import event
 
-        for name, listener in self.listeners.items():
-            if event.contains(target, name, listener):
-                event.remove(target, name, listener)
+        resolved = self._event_target(target)
+        with self._listening_lock:
+            if resolved not in self._listening:
+                return
+            self._listening.discard(resolved)
+            for name, listener in self.listeners.items():
+                if event.contains(resolved, name, listener):
+                    event.remove(resolved, name, listener)
 
     def mark(self, session: Session) -> None:
         """Record ``session`` (``opt_in`` recorders), listening to its class once.
@@ -559,14 +585,7 @@ class FlushRecorder:
 
         session.info[self.info_key] = _SessionRecords()
         klass = type(session)
-        if klass is BaseSession:
-            self.attach(session)
-            return
-        if klass not in self._listening:
-            with self._listening_lock:
-                if klass not in self._listening:
-                    self.attach(klass)
-                    self._listening.add(klass)
+        self.attach(session if klass is BaseSession else klass)
 
     def _records(self, session: Session) -> _SessionRecords | None:
         records: _SessionRecords | None = session.info.get(self.info_key)

@@ -442,7 +442,6 @@ class SqlAlchemyStore(BaseStore):
         self.sessionmaker: Callable[..., Session] = maker
         self._infos: dict[type, _Mapped | None] = {}
         self._infos_lock = threading.Lock()
-        self._recorder = FlushRecorder(_keep_outcome, opt_in=True, statements=False)
         self._warned: set[type] = set()
 
     # -- helpers ------------------------------------------------------------
@@ -489,7 +488,7 @@ class SqlAlchemyStore(BaseStore):
     def _session(self) -> Session:
         """A short-lived session of this store whose writes the recorder follows."""
         session = self.sessionmaker(expire_on_commit=False)
-        self._recorder.mark(session)
+        _RECORDER.mark(session)
         return session
 
     def _raise_mapped(self, exc: Exception, action: str) -> NoReturn:
@@ -1018,6 +1017,11 @@ class SqlAlchemyStore(BaseStore):
 def _keep_outcome(session: Session, outcome: FlushOutcome) -> None:
     """Where a store session's recorder leaves what the committed transaction wrote."""
     session.info[_OUTCOME] = outcome
+
+
+#: One recorder for the write sessions of every SqlAlchemyStore: it listens
+#: once per session class, and records only the sessions a store marked.
+_RECORDER: Final = FlushRecorder(_keep_outcome, opt_in=True, statements=False)
 
 
 def _changed_columns(state: Any, info: _Mapped) -> frozenset[str]:
