@@ -44,7 +44,8 @@ from stockpyle.stores.sqlalchemy import SqlAlchemyStore
 
 url, address, namespace = sys.argv[1:4]
 engine = sa.create_engine(url)
-chain = ChainedStore([ProcessMemoryStore(), MemcacheStore([address], namespace=namespace), SqlAlchemyStore(engine=engine)])
+memcache = MemcacheStore([address], namespace=namespace)
+chain = ChainedStore([ProcessMemoryStore(), memcache, SqlAlchemyStore(engine=engine)])
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     command = json.loads(line)

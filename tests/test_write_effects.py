@@ -259,11 +259,11 @@ def test_serialized_orm_entries_hold_class_and_columns_only(orm_db: sa.Engine) -
     assert state.detached and not state.modified
     assert (copy.id, copy.email, copy.name, copy.bio) == (1, "a@x", "ada", "b")
     with pytest.raises(RelationshipNotCachedError):
-        copy.books  # noqa: B018
+        copy.books
     # a plain pickle of a cached copy works too (the guard pickles)
     again = pickle.loads(pickle.dumps(store.get(Author, {"id": 1})))
     with pytest.raises(RelationshipNotCachedError):
-        again.books  # noqa: B018
+        again.books
     # modified or new objects pickle as SQLAlchemy does; other serializers are untouched
     loaded.name = "changed"
     assert b"_sa_instance_state" in codec.dumps(loaded)
@@ -372,12 +372,14 @@ def test_a_store_without_invalidate_class_is_reported_by_the_extension(
 ) -> None:
     memcache = MemcacheStore([memcached_server.address], namespace=f"ext-ic-{uuid.uuid4().hex[:8]}")
     ext = StockpyleSessionExtension(store=memcache)
-    with caplog.at_level(logging.ERROR, logger="stockpyle.ext.sqlalchemy"):
-        with sessionmaker(extension=ext, bind=orm_db)() as session:
-            session.add(Account(id=1, name="a"))
-            session.commit()
-            session.execute(sa.text(f"UPDATE {Account.__tablename__} SET balance = 3"))
-            session.commit()
+    with (
+        caplog.at_level(logging.ERROR, logger="stockpyle.ext.sqlalchemy"),
+        sessionmaker(extension=ext, bind=orm_db)() as session,
+    ):
+        session.add(Account(id=1, name="a"))
+        session.commit()
+        session.execute(sa.text(f"UPDATE {Account.__tablename__} SET balance = 3"))
+        session.commit()
     assert ext.errors == 1
     assert "invalidate every cached Account" in caplog.text
     memcache.release()
