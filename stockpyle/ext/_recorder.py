@@ -454,10 +454,11 @@ class FlushOutcome:
 class _SessionRecords:
     """Per session: the outcome of each open (sub)transaction, and what the session is doing."""
 
-    __slots__ = ("by_transaction", "executing", "flushing")
+    __slots__ = ("by_transaction", "connections", "executing", "flushing")
 
     def __init__(self) -> None:
         self.by_transaction: dict[Any, FlushOutcome] = {}
+        self.connections: list[Any] = []  # registered for Core statements until the transaction ends
         self.flushing = False  # between before_flush and after_flush: the ORM's own statements
         self.executing = 0  # inside session.execute() of a statement recorded at the ORM level
 
@@ -776,6 +777,7 @@ class FlushRecorder:
         from sqlalchemy import event
 
         engine = connection.engine
+        records.connections.append(connection)
         with self._connections_lock:
             self._connections[connection] = weakref.ref(session)
             if engine not in self._engines:
@@ -874,11 +876,11 @@ class FlushRecorder:
             return
         records.flushing = False
         records.by_transaction.pop(transaction, None)
-        if transaction.parent is None and self._connections:
+        if transaction.parent is None and records.connections:
             with self._connections_lock:
-                for conn, ref in list(self._connections.items()):
-                    if ref() is session:
-                        del self._connections[conn]
+                for conn in records.connections:
+                    self._connections.pop(conn, None)
+            records.connections.clear()
 
 
 # ----------------------------------------------------------------------------
