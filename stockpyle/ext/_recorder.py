@@ -133,6 +133,7 @@ class ClassFacts:
 
     __slots__ = (
         "_database_cascades",
+        "_read_back",
         "_unhandled_cascades",
         "columns",
         "guards",
@@ -161,6 +162,23 @@ class ClassFacts:
         self.hierarchy: tuple[type, ...] = tuple(m.class_ for m in mapper.self_and_descendants)
         self._database_cascades: frozenset[type] | None = None
         self._unhandled_cascades: frozenset[type] | None = None
+        self._read_back: Any = None
+
+    def read_back(self, condition: Any = None) -> Any:
+        """``SELECT`` of every column; by ``condition``, or by a single primary key in ``:stockpyle_idents``.
+
+        The statement without a condition is built once, so SQLAlchemy's
+        compiled cache serves it.
+        """
+        from sqlalchemy import bindparam, select
+
+        columns = [getattr(self.klass, name) for name in self.columns]
+        if condition is not None:
+            return select(*columns).where(condition)
+        if self._read_back is None:
+            pk = getattr(self.klass, self.pk_names[0])
+            self._read_back = select(*columns).where(pk.in_(bindparam("stockpyle_idents", expanding=True)))
+        return self._read_back
 
     def database_cascades(self, orm_handles_loaded: bool) -> frozenset[type]:
         """Classes whose rows the database changes when a row of this class is deleted.
@@ -337,11 +355,12 @@ def column_copy(klass: type, values: Mapping[str, Any]) -> Any:
     :class:`~stockpyle.exceptions.RelationshipNotCachedError` while detached.
     """
     from sqlalchemy.orm import make_transient_to_detached
-    from sqlalchemy.orm.attributes import set_committed_value
 
     copy = _new_instance(klass)
-    for name, value in values.items():
-        set_committed_value(copy, name, value)
+    # what set_committed_value() does per attribute, at once: the values go
+    # into the instance dictionary and make_transient_to_detached() commits
+    # them all (no history, nothing modified)
+    copy.__dict__.update(values)
     make_transient_to_detached(copy)
     return guard_relationships(copy)
 
@@ -928,15 +947,15 @@ def _chunks(items: Sequence[Any], size: int = CHUNK_SIZE) -> Iterator[Sequence[A
 
 def _read_rows(execute: Any, facts: ClassFacts, idents: Sequence[Any]) -> dict[tuple[Any, ...], dict[str, Any]]:
     """Every column of the rows with primary keys ``idents``, as the database stores them (one SELECT per chunk)."""
-    from sqlalchemy import select
-
-    klass = facts.klass
     names = facts.columns
-    columns = [getattr(klass, name) for name in names]
     positions = [names.index(n) for n in facts.pk_names]
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
     for chunk in _chunks(list(idents)):
-        for row in execute(select(*columns).where(_values_condition(facts, facts.pk_names, chunk))).all():
+        if len(facts.pk_names) == 1:
+            rows = execute(facts.read_back(), {"stockpyle_idents": [ident[0] for ident in chunk]}).all()
+        else:
+            rows = execute(facts.read_back(_values_condition(facts, facts.pk_names, chunk))).all()
+        for row in rows:
             found[tuple(row[p] for p in positions)] = dict(zip(names, row, strict=True))
     return found
 

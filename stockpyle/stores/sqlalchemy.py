@@ -186,6 +186,7 @@ class _Mapped:
         "options",
         "pk_names",
         "pk_set",
+        "preload",
         "types",
         "unique_rows",
         "version_attr",
@@ -235,6 +236,13 @@ class _Mapped:
         self.unique_rows = any(rel.lazy == "joined" and rel.uselist for rel in mapper.relationships)
         # relationships a merge follows: an object carrying one of them must be merged
         self.merge_relationships = tuple(rel.key for rel in mapper.relationships if "merge" in rel.cascade)
+        # the rows of a chunk of single-column primary keys, built once (compiled cache)
+        self.preload: Any = None
+        if len(self.pk_names) == 1:
+            from sqlalchemy import bindparam, select
+
+            where = self.attrs[self.pk_names[0]].in_(bindparam("stockpyle_idents", expanding=True))
+            self.preload = select(self.entity).where(where).options(*self.options)
         self.version_attr: str | None = None
         if mapper.version_id_col is not None:
             self.version_attr = mapper.get_property_by_column(mapper.version_id_col).key
@@ -928,11 +936,12 @@ class SqlAlchemyStore(BaseStore):
             unique = list(idents)
             for start in range(0, len(unique), self.chunk_size):
                 chunk = unique[start : start + self.chunk_size]
-                if len(info.pk_names) == 1:
-                    where = info.attrs[info.pk_names[0]].in_([i[0] for i in chunk])
+                if info.preload is not None:
+                    found = session.scalars(info.preload, {"stockpyle_idents": [i[0] for i in chunk]})
                 else:
                     where = tuple_(*[info.attrs[n] for n in info.pk_names]).in_(chunk)
-                loaded.extend(session.scalars(select(info.entity).where(where).options(*info.options)).all())
+                    found = session.scalars(select(info.entity).where(where).options(*info.options))
+                loaded.extend(found.all())
         return loaded
 
     def _merge_one(
