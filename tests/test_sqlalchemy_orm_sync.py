@@ -291,16 +291,24 @@ def test_cached_entries_hold_column_state_on_every_fill_path(stack: Stack) -> No
 
 
 def test_relationships_of_a_cached_copy_load_through_the_users_session(stack: Stack) -> None:
-    seed(stack.engine, author(1, 10, 11))
+    seed(stack.engine, author(1, 10, 11), Tag(id=1, label="t1"))
     cached = stack.chain.get(Author, {"id": 1})
     with stack.Session() as session:
         session.get(Book, 11).title = "changed after caching"  # type: ignore[union-attr]
+        writer = session.get(Author, 1)
+        assert writer is not None
+        writer.tags.append(session.get(Tag, 1))  # type: ignore[arg-type]
         session.commit()
     for copy in (cached, stack.memcache.get(Author, {"id": 1})):
         with plain_session(stack.engine) as session:
             attached = session.merge(copy, load=False)
             assert [(b.id, b.title) for b in attached.books] == [(10, "book 10"), (11, "changed after caching")]
             assert attached.books[0].author is attached
+            assert [t.label for t in attached.tags] == ["t1"]
+    with plain_session(stack.engine) as session:  # session.add() works too
+        copy = stack.memcache.get(Author, {"id": 1})
+        session.add(copy)
+        assert [b.id for b in copy.books] == [10, 11]
 
 
 # ---------------------------------------------------------------------------

@@ -146,6 +146,10 @@ class ClassFacts:
     )
 
     def __init__(self, klass: type, mapper: Mapper[Any], key_specs: tuple[tuple[str, ...], ...]) -> None:
+        if not mapper.configured:
+            from sqlalchemy.orm import configure_mappers
+
+            configure_mappers()  # relationships get their loaders only now
         self.klass = klass
         self.mapper = mapper
         self.columns: tuple[str, ...] = tuple(prop.key for prop in mapper.column_attrs)
