@@ -12,6 +12,10 @@ ratios stockpyle / hand-written:
 * ``get``: ``SqlAlchemyStore.get`` by primary key vs ``with Session() as s: s.get(Model, pk)``;
 * ``batch_get(100)``: vs one hand-written ``SELECT ... WHERE id IN (...)`` put
   back in request order (the number of statements stockpyle sent is noted);
+* ``put`` (a changed copy read from the store) and ``batch_put(100)`` vs
+  hand-written ``Session.merge`` + commit: the cost of what stockpyle adds to
+  a write -- reading the written rows back so the caches hold the stored
+  values, recording the flush for the caches, writing only changed columns;
 * ``chain ... hit``: ``ChainedStore([ProcessMemoryStore(), MemcacheStore,
   SqlAlchemyStore])`` when the object is in process memory, only in
   memcached, or only in the database, vs hand-written cache-aside code (a
@@ -179,8 +183,62 @@ def _backend(suite: Suite, model: Any, label: str, *, url: str, address: str | N
             target="<= 1.10",
             note=f"{len(statements)} SQL statement(s) per batch_get(100)",
         )
+        _puts(suite, model, label, store=store, maker=maker, pks=pks, batch_ids=batch_ids, rounds=rounds)
         if address is not None:
             _chain(suite, model, label, store=store, maker=maker, address=address, pks=pks, rounds=rounds)
+
+
+def _puts(
+    suite: Suite, model: Any, label: str, *, store: Any, maker: Any, pks: list[int], batch_ids: list[int], rounds: int
+) -> None:
+    """put and batch_put of changed rows vs hand-written merge + commit."""
+    singles = [store.get(model, {"id": pk}) for pk in pks[:50]]
+    batch = store.batch_get(model, [{"id": i} for i in batch_ids])
+    counter = [0]
+
+    def ours_put() -> None:
+        counter[0] += 1
+        for obj in singles:
+            obj.value = counter[0]
+            store.put(obj)
+
+    def theirs_put() -> None:
+        counter[0] += 1
+        for obj in singles:
+            with maker.begin() as s:
+                s.merge(model(id=obj.id, name=obj.name, value=counter[0], note=obj.note))
+
+    results = interleaved(
+        [("ours", ours_put), ("theirs", theirs_put)], number=1, rounds=rounds, ops_per_call=len(singles)
+    )
+    suite.compare(
+        results,
+        "ours",
+        "theirs",
+        label=f"[{label}] SqlAlchemyStore.put (update of a changed copy)",
+        baseline_label="hand-written merge + commit",
+    )
+
+    def ours_batch_put() -> None:
+        counter[0] += 1
+        for obj in batch:
+            obj.value = counter[0]
+        store.batch_put(batch)
+
+    def theirs_batch_put() -> None:
+        counter[0] += 1
+        with maker.begin() as s:
+            for obj in batch:
+                s.merge(model(id=obj.id, name=obj.name, value=counter[0], note=obj.note))
+
+    results = interleaved([("ours", ours_batch_put), ("theirs", theirs_batch_put)], number=1, rounds=rounds)
+    suite.compare(
+        results,
+        "ours",
+        "theirs",
+        label=f"[{label}] SqlAlchemyStore.batch_put(100) (updates)",
+        baseline_label="hand-written merges + one commit",
+    )
 
 
 def _chain(
@@ -270,6 +328,36 @@ def _chain(
             label=f"[{label}] chain get, {depth} hit",
             baseline_label="hand-written cache-aside (one bare connection)",
         )
+    # -- a write through every layer ------------------------------------------
+    copies = [chain.get(model, {"id": pk}) for pk in pks[:50]]
+    counter = [0]
+
+    def ours_put() -> None:
+        counter[0] += 1
+        for obj in copies:
+            obj.value = counter[0]
+            chain.put(obj)
+
+    def theirs_put() -> None:
+        # write-through by hand: merge + commit, then memcached and the dict
+        counter[0] += 1
+        for obj in copies:
+            with maker.begin() as s:
+                merged = s.merge(model(id=obj.id, name=obj.name, value=counter[0], note=obj.note))
+            key = f"hand:{label}:Row:{obj.id}"
+            pooled.set(key, pickle.dumps(merged, protocol=pickle.HIGHEST_PROTOCOL))
+            local[key] = merged
+
+    results = interleaved(
+        [("ours", ours_put), ("theirs", theirs_put)], number=1, rounds=rounds, ops_per_call=len(copies)
+    )
+    suite.compare(
+        results,
+        "ours",
+        "theirs",
+        label=f"[{label}] chain put (changed copy, every layer)",
+        baseline_label="hand-written merge + commit + set + dict",
+    )
     cache.release()
     pooled.close()
     bare.close()

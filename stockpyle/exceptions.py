@@ -7,6 +7,7 @@ keep working::
 
     StockpyleError
     ├── ConfigurationError (ValueError)       bad constructor arguments, empty chain
+    │   └── SchemaError (also a StoreError)   the database lacks a mapped table or column
     ├── KeyDeclarationError (TypeError)       malformed ``__stockpyle_keys__``
     ├── NotStorableError (TypeError)          object/class without ``__stockpyle_keys__``
     ├── MissingKeyAttributeError (AttributeError)  object lacks a declared key attribute
@@ -14,12 +15,15 @@ keep working::
     ├── UnknownKeyError (KeyError)            lookup dict matches no declared key
     ├── NonUniqueKeyError                     a lookup matched more than one object
     ├── StoreNotBoundError                    Storable class used before bind_store()
+    ├── RelationshipNotCachedError            relationship read on a cached ORM copy
     ├── ObjectError                           one object or entry cannot be handled; the layer is fine
     │   ├── SerializationError                value could not be (de)serialized
     │   │   └── SignatureError                signed entry failed verification
     │   └── ValueTooLargeError (ValueError)   the backend refuses values of that size
     └── StoreError                            a backend failed: the layer itself is in trouble
-        └── StoreUnavailableError             server down, refused, timed out
+        ├── StoreUnavailableError             server down, refused, timed out
+        ├── StaleVersionError                 a put of an out-of-date versioned copy
+        └── SchemaError (ConfigurationError)  a table or column the mapping needs is missing
 
 The split between :class:`ObjectError` and :class:`StoreError` is what a
 :class:`~stockpyle.ChainedStore` decides by: an object error concerns one
@@ -44,8 +48,11 @@ __all__ = [
     "NonUniqueKeyError",
     "NotStorableError",
     "ObjectError",
+    "RelationshipNotCachedError",
+    "SchemaError",
     "SerializationError",
     "SignatureError",
+    "StaleVersionError",
     "StockpyleError",
     "StoreError",
     "StoreNotBoundError",
@@ -150,3 +157,28 @@ class StoreError(StockpyleError):
 
 class StoreUnavailableError(StoreError):
     """The backend could not be reached: refused, timed out, or connection lost."""
+
+
+class SchemaError(StoreError, ConfigurationError):
+    """The database lacks a table or column that the mapping needs.
+
+    A configuration problem rather than an outage (create the tables or
+    migrate the schema), so it is also a :class:`ConfigurationError`; the
+    same error is raised on every database.
+    """
+
+
+class StaleVersionError(StoreError):
+    """A put was refused: the object carries a version older than the one stored.
+
+    Another writer changed the object since this copy was read.  Read it
+    again, reapply the change and put it again.
+    """
+
+
+class RelationshipNotCachedError(StockpyleError):
+    """A relationship was read on a cached ORM copy, which holds column values only.
+
+    Load it through a session of yours: ``obj = session.merge(obj, load=False)``,
+    then read the relationship on the returned object.
+    """

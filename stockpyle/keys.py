@@ -24,8 +24,10 @@ re-implements them:
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import math
 import re
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -49,7 +51,6 @@ __all__ = [
     "class_name",
     "encode_key",
     "encode_value",
-    "is_older",
     "key_model",
     "lookup_key",
     "object_keys",
@@ -257,6 +258,18 @@ def class_name(klass: type) -> str:
 
 _RESOLVERS: list[KeyResolver] = []
 _VERSION_RESOLVERS: list[Callable[[type], str | None]] = []
+# Integrations that register resolvers, by the module whose import means
+# they may be needed: a process that only reads a cache (it never imported
+# stockpyle's SQLAlchemy store) must key mapped classes the same way.
+_INTEGRATIONS: dict[str, str] = {"sqlalchemy": "stockpyle.stores.sqlalchemy"}
+_INTEGRATIONS_LOCK = threading.RLock()
+
+
+def _load_integrations() -> None:
+    with _INTEGRATIONS_LOCK:  # other threads wait until the resolvers are registered
+        for trigger in [t for t in _INTEGRATIONS if sys.modules.get(t) is not None]:
+            importlib.import_module(_INTEGRATIONS[trigger])
+            del _INTEGRATIONS[trigger]
 
 
 def register_version_resolver(resolver: Callable[[type], str | None]) -> None:
@@ -446,6 +459,8 @@ def key_model(klass: type) -> KeyModel:
         return model
     if not isinstance(klass, type):
         raise NotStorableError(f"expected a class, got {_short_repr(klass)}")
+    if _INTEGRATIONS:
+        _load_integrations()
     declared = _declared_specs(klass)
     if declared is None:
         raise NotStorableError(
@@ -528,24 +543,16 @@ def version_of(obj: object) -> Any:
     """The version of ``obj`` (see ``__stockpyle_version__``), or ``None`` when unversioned.
 
     A class opts in with ``__stockpyle_version__ = "version"``: the named
-    attribute must increase with every change committed to the system of
-    record (an SQLAlchemy ``version_id_col`` does).  Stores use it to let
+    attribute changes with every change committed to the system of record
+    (an SQLAlchemy ``version_id_col`` does).  Stores use it to let
     concurrent writers converge: a write never replaces a newer version.
+    Integer versions are ordered; other versions only tell versions apart
+    (the rules are :mod:`stockpyle.consistency`).
     """
     klass = type(obj)
     model = _MODELS.get(klass) or key_model(klass)
     attr = model.version_attr
     return None if attr is None else getattr(obj, attr, None)
-
-
-def is_older(candidate: Any, stored: Any) -> bool:
-    """True when version ``candidate`` is older than ``stored`` (unknown or incomparable: False)."""
-    if candidate is None or stored is None:
-        return False
-    try:
-        return bool(candidate < stored)
-    except TypeError:
-        return False
 
 
 def encode_key(key: Key) -> str:

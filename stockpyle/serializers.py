@@ -35,7 +35,7 @@ import hmac
 import json
 import pickle
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -46,8 +46,10 @@ __all__ = [
     "HMACSigner",
     "JSONSerializer",
     "PickleSerializer",
+    "Reducer",
     "Serializer",
     "Signer",
+    "register_reducer",
 ]
 
 MAGIC: Final = b"SP"
@@ -104,6 +106,47 @@ class PickleSerializer:
 
     def __repr__(self) -> str:
         return f"PickleSerializer(protocol={self.protocol})"
+
+
+#: ``reducer(obj)`` returns a pickle reduction (``(callable, args)``) for the
+#: objects it knows, ``None`` for every other object.
+Reducer = Callable[[object], "tuple[Any, ...] | None"]
+_REDUCERS: list[Reducer] = []
+
+
+def register_reducer(reducer: Reducer) -> None:
+    """Let an integration decide how the objects it knows are pickled into cache entries.
+
+    A :class:`Codec` with a :class:`PickleSerializer` offers each object it
+    is asked to serialize (the entry itself, not the objects inside it) to
+    the registered reducers; the first that returns a reduction
+    ``(callable, args)`` wins: the entry holds that, and unpickling it calls
+    ``callable(*args)``.  The SQLAlchemy integration registers one that
+    stores a mapped instance as its class and column values, so entries never
+    carry ORM session state.  Registering the same reducer twice is harmless.
+    """
+    if reducer not in _REDUCERS:
+        _REDUCERS.append(reducer)
+
+
+class _Reduced:
+    """Pickles as the reduction a reducer chose for the object it stands for."""
+
+    __slots__ = ("reduction",)
+
+    def __init__(self, reduction: tuple[Any, ...]) -> None:
+        self.reduction = reduction
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return self.reduction
+
+
+def _reduce(obj: Any) -> Any:
+    for reducer in _REDUCERS:
+        reduction = reducer(obj)
+        if reduction is not None:
+            return _Reduced(reduction)
+    return obj
 
 
 _TAG: Final = "__sp__"
@@ -338,9 +381,14 @@ class Codec:
     def dumps(self, obj: Any) -> bytes:
         """Serialize ``obj`` (the payload of an envelope).
 
+        With a :class:`PickleSerializer`, ``obj`` is first offered to the
+        reducers registered with :func:`register_reducer`.
+
         :raises SerializationError: when the serializer fails (e.g. an unpicklable object).
         """
         try:
+            if _REDUCERS and type(self.serializer) is PickleSerializer:
+                return self._dumps(_reduce(obj))
             return self._dumps(obj)
         except Exception as exc:
             name = getattr(self.serializer, "name", self.serializer)

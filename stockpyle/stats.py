@@ -92,6 +92,9 @@ class StoreStats:
     :ivar puts: objects written (``batch_put`` counts each object).
     :ivar deletes: objects deleted.
     :ivar errors: operations that raised a backend error.
+    :ivar ignored: objects a write left alone because the store does not
+        handle their class (:class:`~stockpyle.stores.sqlalchemy.SqlAlchemyStore`
+        and classes it does not map).
     :ivar latency: per operation name (``"get"``, ``"batch_get"``, ``"put"``...),
         the sampled latency window.
     """
@@ -101,6 +104,7 @@ class StoreStats:
     puts: int = 0
     deletes: int = 0
     errors: int = 0
+    ignored: int = 0
     latency: dict[str, Latency] = field(default_factory=dict)
 
     @property
@@ -125,11 +129,12 @@ class StoreStats:
             "puts": self.puts,
             "deletes": self.deletes,
             "errors": self.errors,
+            "ignored": self.ignored,
             "latency": {op: window.summary().as_dict() for op, window in sorted(self.latency.items())},
         }
 
     def reset(self) -> None:
         """Set the counters back to zero and forget the latency samples."""
-        self.hits = self.misses = self.puts = self.deletes = self.errors = 0
+        self.hits = self.misses = self.puts = self.deletes = self.errors = self.ignored = 0
         for window in self.latency.values():
             window.clear()

@@ -520,8 +520,11 @@ def test_chain_holds_mapped_and_plain_classes(store: SqlAlchemyStore, db: sa.Eng
     obj = widget("chained")
     chain.put(obj)
     chain.put(Note("plain"))
-    assert memory.get(Widget, {"id": obj.id}) is obj  # keyed by the generated primary key
-    assert memory.get(Widget, {"sku": "chained"}) is obj
+    cached = memory.get(Widget, {"id": obj.id})  # keyed by the generated primary key
+    assert cached is not None
+    assert cached is not obj  # a detached copy of the stored row, never the caller's own instance
+    assert (cached.sku, cached.status) == ("chained", "fresh")
+    assert memory.get(Widget, {"sku": "chained"}) is cached
     fresh = ChainedStore([ProcessMemoryStore(), store])
     with QueryCounter(db) as queries:
         first = fresh.get(Widget, {"sku": "chained"})

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from time import perf_counter
 from typing import Any, TypeVar
 
+from ..effects import WriteEffects
 from ..exceptions import ConfigurationError, ObjectError, StoreError, UnknownKeyError
 from ..keys import canonical_value, object_keys
 from ..stats import SAMPLE_EVERY, Latency, StoreStats
@@ -230,6 +231,11 @@ class ChainPolicy:
         self._batch_add = [
             "batch_add" if _declares(layer, "supports_add", "batch_add") else "batch_put" for layer in layers
         ]
+        self._class_invalidation = [
+            _declares(layer, "supports_class_invalidation", "invalidate_class") for layer in layers
+        ]
+        # the last layer reports what its writes really did (SqlAlchemyStore)
+        self._reports_effects = bool(getattr(type(layers[-1]), "reports_effects", False))
         self._totals = ChainStats(layers=self._layer_stats)
 
     # -- calling layers -----------------------------------------------------
@@ -452,8 +458,17 @@ class ChainPolicy:
             object_keys(obj)
         last = self._last
         in_process = self._in_process
+        effects: WriteEffects | None = None
         try:
-            if in_process[last]:
+            if self._reports_effects:
+                # the system of record says what the write really did (cascades,
+                # merged children, moved keys): the caches follow that instead
+                kind = "put" if operation.endswith("put") else "delete"
+                if in_process[last]:
+                    effects = self.stores[last].write(kind, objs)
+                else:
+                    effects = yield Call(last, "write", (kind, objs))
+            elif in_process[last]:
                 getattr(self.stores[last], operation)(argument)
             else:
                 yield Call(last, operation, (argument,))
@@ -462,33 +477,75 @@ class ChainPolicy:
             # (a timeout after commit): make sure no cache keeps the old value
             yield from self._plan_invalidate(range(last - 1, -1, -1), objs)
             raise
+        if effects is not None:
+            yield from self._plan_apply_effects(effects)
+            return
         for index in range(last - 1, -1, -1):
-            try:
-                if in_process[index]:
-                    done = self._in_process_call(index, operation, operation, argument)
+            yield from self._plan_layer_write(index, operation, argument, objs)
+
+    def _plan_layer_write(self, index: int, operation: str, argument: Any, objs: list[Any]) -> Plan[None]:
+        """Write to cache layer ``index``; on failure leave it (and, for a bug, those above) without old values."""
+        try:
+            if self._in_process[index]:
+                done = self._in_process_call(index, operation, operation, argument)
+            else:
+                done = yield from self._guarded(index, operation, operation, argument)
+        except ObjectError as exc:
+            # this cache cannot hold the object (unpicklable, too large): leave
+            # no layer from here up holding the old value, then report it
+            yield from self._plan_invalidate(range(index, -1, -1), objs)
+            raise type(exc)(
+                f"the system of record stored the object, but cache layer {index} ({self.stores[index]!r}) "
+                f"could not ({exc}); it was invalidated in that layer and the ones above",
+                store=exc.store,
+                action=exc.action,
+            ) from exc
+        except BaseException:
+            # a bug-class error: leave no layer from here up holding the old value
+            yield from self._plan_invalidate(range(index, -1, -1), objs)
+            raise
+        if done is _FAILED:
+            # the layer may still hold the old value: invalidate it now if
+            # it answers, or when it rejoins
+            if operation in ("put", "batch_put"):
+                yield from self._plan_invalidate([index], objs)
+            else:
+                self._breakers[index].remember(objs)
+
+    def _plan_apply_effects(self, effects: WriteEffects) -> Plan[None]:
+        """Bring every cache layer in line with what the system of record reports a write did.
+
+        First every class in ``effects.classes`` is invalidated, then, layer by
+        layer from the bottom up, ``effects.removed`` is deleted and
+        ``effects.stored`` is put, with the failure handling of any write.
+        """
+        for klass in effects.classes:
+            yield from self._plan_invalidate_class(klass)
+        removed, stored = list(effects.removed), list(effects.stored)
+        for index in range(self._last - 1, -1, -1):
+            if removed:
+                yield from self._plan_layer_write(index, "batch_delete", removed, removed)
+            if stored:
+                yield from self._plan_layer_write(index, "batch_put", stored, stored)
+
+    def _plan_invalidate_class(self, klass: type) -> Plan[None]:
+        """Drop every ``klass`` instance from the cache layers (and a last layer that is not the system of record)."""
+        for index, layer in enumerate(self.stores):
+            if index == self._last and self._reports_effects:
+                continue
+            if not self._class_invalidation[index]:
+                self._layer_stats[index].errors += 1
+                log.error("stockpyle: cache layer %d (%r) cannot invalidate every cached %s; they may be stale "
+                          "until their lifetime ends", index, layer, klass.__qualname__)  # fmt: skip
+            elif index == self._last:
+                if self._in_process[index]:
+                    layer.invalidate_class(klass)
                 else:
-                    done = yield from self._guarded(index, operation, operation, argument)
-            except ObjectError as exc:
-                # this cache cannot hold the object (unpicklable, too large): leave
-                # no layer from here up holding the old value, then report it
-                yield from self._plan_invalidate(range(index, -1, -1), objs)
-                raise type(exc)(
-                    f"the system of record stored the object, but cache layer {index} ({self.stores[index]!r}) "
-                    f"could not ({exc}); it was invalidated in that layer and the ones above",
-                    store=exc.store,
-                    action=exc.action,
-                ) from exc
-            except BaseException:
-                # a bug-class error: leave no layer from here up holding the old value
-                yield from self._plan_invalidate(range(index, -1, -1), objs)
-                raise
-            if done is _FAILED:
-                # the layer may still hold the old value: invalidate it now if
-                # it answers, or when it rejoins
-                if operation in ("put", "batch_put"):
-                    yield from self._plan_invalidate([index], objs)
-                else:
-                    self._breakers[index].remember(objs)
+                    yield Call(index, "invalidate_class", (klass,))
+            elif self._in_process[index]:
+                self._in_process_call(index, "invalidate_class", "invalidate_class", klass)
+            else:
+                yield from self._guarded(index, "invalidate_class", "invalidate_class", klass)
 
     def _plan_invalidate(self, indexes: Iterable[int], objs: list[Any]) -> Plan[None]:
         """Remove ``objs`` from the cache layers ``indexes``, best effort: a layer that fails remembers them."""
@@ -581,6 +638,7 @@ class ChainedStore(ChainPolicy, BaseStore):
     """
 
     supports_expiry = True
+    supports_class_invalidation = True
     _auto_stats = False  # the chain keeps ChainStats itself
 
     def __init__(
@@ -726,6 +784,16 @@ class ChainedStore(ChainPolicy, BaseStore):
         if items:
             self._run(self._plan_write("batch_delete", items, items))
             self._totals.deletes += len(items)
+
+    def invalidate_class(self, klass: type) -> None:
+        """Drop every cached ``klass`` instance (subclasses included) from every cache layer.
+
+        For writes whose rows cannot be known.  A system of record (a last
+        layer that reports its write effects) is left alone.  A cache layer
+        that cannot invalidate a class may serve stale objects of it until
+        their lifetime ends: that is logged and counted in its errors.
+        """
+        self._run(self._plan_invalidate_class(klass))
 
     # -- the rest -----------------------------------------------------------
 

@@ -5,12 +5,19 @@ in their tables, and because it sits last in a :class:`~stockpyle.ChainedStore`
 the objects it returns and the objects it writes (with the primary keys and
 server defaults the database assigned) are what the cache layers above hold.
 
+The store reports what each write really did (``reports_effects``, see
+:class:`~stockpyle.effects.WriteEffects`): rows reached by cascades, old
+identities of moved primary keys, and every written row as the database
+stored it, so a chain can bring its caches in line with all of it.
+
 Importing this module does not import SQLAlchemy; the constructor does, so
 ``from stockpyle import *`` works without the driver installed.  Importing it
 registers a key resolver (:func:`mapped_key_specs`) with
 :func:`stockpyle.keys.register_key_resolver`: mapped classes without
 ``__stockpyle_keys__`` are keyed by their primary key and their NOT NULL
-unique constraints in every store, so cache layers can hold them too.  It
+unique constraints in every store, so cache layers can hold them too
+(:mod:`stockpyle.keys` imports this module by itself as soon as SQLAlchemy
+is imported, so this holds even in a process that never uses the store).  It
 also registers :func:`mapped_version_attribute` with
 :func:`stockpyle.keys.register_version_resolver`: a mapper's
 ``version_id_col`` becomes the objects' version.
@@ -18,19 +25,30 @@ also registers :func:`mapped_version_attribute` with
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar, cast
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, ClassVar, Final, NoReturn, TypeVar, cast
 
+from ..effects import WriteAction, WriteEffects
 from ..exceptions import (
     ConfigurationError,
     MissingKeyAttributeError,
     NonUniqueKeyError,
     NotStorableError,
+    SchemaError,
+    StaleVersionError,
     StoreError,
     StoreUnavailableError,
     UnknownKeyError,
+)
+from ..ext._recorder import (
+    FlushOutcome,
+    FlushRecorder,
+    guard_relationships,
+    mapper_of,
+    require_sqlalchemy,
 )
 from ..keys import canonical_value, key_model, register_key_resolver, register_version_resolver
 from ..lifetimes import LifetimeCallback
@@ -42,6 +60,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from sqlalchemy.orm import Mapper, Session
 
 __all__ = ["SqlAlchemyStore", "mapped_key_specs", "mapped_version_attribute"]
+
+log = logging.getLogger("stockpyle.stores.sqlalchemy")
 
 T = TypeVar("T")
 
@@ -56,34 +76,13 @@ _UNSEEN: Final[Any] = object()
 # own type among these is always a supported, matchable key value.
 _PLAIN_TYPES: Final = frozenset({str, int, bytes})
 
-_INSTALL_HINT = "SqlAlchemyStore requires SQLAlchemy 2: pip install stockpyle[sqlalchemy]"
-
-
-def _require_sqlalchemy() -> None:
-    try:
-        import sqlalchemy
-    except ImportError:
-        raise ImportError(_INSTALL_HINT) from None
-    if int(sqlalchemy.__version__.split(".")[0]) < 2:
-        raise ImportError(f"{_INSTALL_HINT} (found SQLAlchemy {sqlalchemy.__version__})")
+_NO_EFFECTS: Final = WriteEffects(stored=(), removed=())
+# where a store session's recorder leaves the outcome of its commit
+_OUTCOME: Final = "stockpyle.store_outcome"
 
 
 # ----------------------------------------------------------------------------
 # mapped classes
-
-
-def _mapper_of(klass: type) -> Mapper[Any] | None:
-    """The mapper of ``klass`` when it is an ORM-mapped class, else ``None``."""
-    if "sqlalchemy" not in sys.modules:
-        # nothing can be mapped before SQLAlchemy was imported by someone
-        return None
-    from sqlalchemy import inspect
-    from sqlalchemy.orm import Mapper
-
-    mapper: Any = inspect(klass, raiseerr=False)
-    if isinstance(mapper, Mapper) and mapper.class_ is klass:
-        return mapper
-    return None
 
 
 def mapped_key_specs(klass: type) -> list[tuple[str, ...]] | None:
@@ -99,7 +98,7 @@ def mapped_key_specs(klass: type) -> list[tuple[str, ...]] | None:
     :param klass: any class.
     :returns: a list of attribute-name tuples, or ``None``.
     """
-    mapper = _mapper_of(klass)
+    mapper = mapper_of(klass)
     if mapper is None:
         return None
     from sqlalchemy import UniqueConstraint
@@ -143,12 +142,14 @@ def mapped_version_attribute(klass: type) -> str | None:
     objects of a mapped class with a version counter (``__mapper_args__ =
     {"version_id_col": ...}``) are versioned in every store without declaring
     ``__stockpyle_version__``: caches then never replace such an object by an
-    older version.  An explicit ``__stockpyle_version__`` wins.
+    older version (integer counters order; other versions, such as a UUID
+    ``version_id_generator``, only tell versions apart -- see
+    :func:`stockpyle.consistency.compare_versions`).  An explicit ``__stockpyle_version__`` wins.
 
     :param klass: any class.
     :returns: the attribute name, or ``None`` for unmapped or unversioned classes.
     """
-    mapper = _mapper_of(klass)
+    mapper = mapper_of(klass)
     if mapper is None or mapper.version_id_col is None:
         return None
     from sqlalchemy.orm.exc import UnmappedColumnError
@@ -181,14 +182,18 @@ class _Mapped:
         "generated",
         "klass",
         "mapper",
+        "merge_relationships",
+        "options",
         "pk_names",
         "pk_set",
+        "preload",
         "types",
         "unique_rows",
+        "version_attr",
     )
 
     def __init__(self, klass: type, mapper: Mapper[Any]) -> None:
-        from sqlalchemy.orm import with_polymorphic
+        from sqlalchemy.orm import lazyload, undefer, with_polymorphic
 
         self.klass = klass
         self.mapper = mapper
@@ -209,17 +214,38 @@ class _Mapped:
         self.column_keys = tuple(self.attrs)
         self.pk_names = tuple(mapper.get_property_by_column(c).key for c in mapper.primary_key)
         self.pk_set = frozenset(self.pk_names)
-        # Subclasses with tables of their own (joined inheritance) or deferred
-        # columns would come back with unloaded attributes, which a detached
-        # object cannot load later: load those classes through one polymorphic
-        # SELECT instead of Session.get.
+        # Subclasses with tables of their own (joined inheritance) would come
+        # back with unloaded attributes, which a detached object cannot load
+        # later: load those classes through one polymorphic SELECT instead of
+        # Session.get.
         joined = any(m.local_table is not mapper.local_table for m in mapper.self_and_descendants)
-        deferred = any(getattr(prop, "deferred", False) for prop in mapper.column_attrs)
         self.entity: Any = with_polymorphic(klass, "*") if joined else klass
-        self.fast_get = not joined and not deferred
-        # joined eager loading of collections repeats parent rows: only then
-        # must results be de-duplicated (which costs a pass over the rows)
+        self.fast_get = not joined
+        # Returned (and so cached) objects hold every column and no
+        # relationship: deferred columns are undeferred, eager relationships
+        # are not loaded (their rows would go stale inside the entry).
+        options: list[Any] = []
+        if any(getattr(prop, "deferred", False) for prop in mapper.column_attrs):
+            options.append(undefer("*"))
+        if mapper.relationships:
+            options.append(lazyload("*"))
+        self.options: tuple[Any, ...] = tuple(options)
+        # Deletes load with the mapper's own strategies (eager collections help
+        # the cascade); joined eager loading of collections repeats parent
+        # rows, and only then must those results be de-duplicated.
         self.unique_rows = any(rel.lazy == "joined" and rel.uselist for rel in mapper.relationships)
+        # relationships a merge follows: an object carrying one of them must be merged
+        self.merge_relationships = tuple(rel.key for rel in mapper.relationships if "merge" in rel.cascade)
+        # the rows of a chunk of single-column primary keys, built once (compiled cache)
+        self.preload: Any = None
+        if len(self.pk_names) == 1:
+            from sqlalchemy import bindparam, select
+
+            where = self.attrs[self.pk_names[0]].in_(bindparam("stockpyle_idents", expanding=True))
+            self.preload = select(self.entity).where(where).options(*self.options)
+        self.version_attr: str | None = None
+        if mapper.version_id_col is not None:
+            self.version_attr = mapper.get_property_by_column(mapper.version_id_col).key
 
     def matchable(self, name: str, value: Any) -> bool:
         """False when no row can match ``value`` type-faithfully (e.g. ``123`` for a text column)."""
@@ -241,12 +267,43 @@ def _unknown(klass: type, name: str, info: _Mapped) -> UnknownKeyError:
 # errors
 
 
+# what the drivers say when a table or column does not exist
+_UNDEFINED_SQLSTATES: Final = frozenset({"42P01", "42703"})  # PostgreSQL: undefined table / column
+_UNDEFINED_MYSQL_ERRORS: Final = frozenset({1146, 1054})  # MySQL/MariaDB: no such table / unknown column
+_UNDEFINED_SQLITE: Final = ("no such table", "no such column", "has no column named")
+
+
+def _schema_missing(orig: BaseException | None) -> bool:
+    """Whether a driver error says that a table or a column does not exist."""
+    if orig is None:
+        return False
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if code in _UNDEFINED_SQLSTATES:
+        return True
+    args = getattr(orig, "args", ())
+    if args and type(args[0]) is int and args[0] in _UNDEFINED_MYSQL_ERRORS:
+        return True
+    text = str(orig).lower()
+    return type(orig).__module__.startswith("sqlite3") and any(marker in text for marker in _UNDEFINED_SQLITE)
+
+
 def _map_error(exc: BaseException, action: str, store: SqlAlchemyStore) -> StoreError | None:
     """The stockpyle error for a driver/SQLAlchemy error, or ``None`` to re-raise it as is."""
     from sqlalchemy import exc as sa_exc
+    from sqlalchemy.orm.exc import StaleDataError
 
     where = f"SqlAlchemyStore ({store.describe()}) failed to {action}"
+    if isinstance(exc, StaleDataError):
+        return StaleVersionError(
+            f"{where}: the object was changed or deleted by another writer since this copy was read "
+            f"({exc}); read it again, reapply the change and put it again"
+        )
     if isinstance(exc, sa_exc.DBAPIError):
+        if _schema_missing(exc.orig):
+            return SchemaError(
+                f"{where}: the database lacks a table or column of the mapping ({exc.orig}); create the "
+                f"tables with metadata.create_all(engine) or migrate the schema"
+            )
         if exc.connection_invalidated or isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
             return StoreUnavailableError(f"{where}: database unavailable: {exc.orig}")
         return StoreError(f"{where}: {exc.orig}")
@@ -283,21 +340,35 @@ class SqlAlchemyStore(BaseStore):
     * ``batch_get`` sends one SELECT per chunk of ``chunk_size`` lookups
       (composite keys use a row-value ``IN``).
     * ``put``/``batch_put`` insert or update in one transaction per call
-      (``Session.merge``); primary keys and server defaults the database
-      generated are then set on the caller's own object, which becomes a
-      detached persistent instance (unless it belongs to a session of yours,
-      in which case only its column values are refreshed).
+      (``Session.merge``).  An object read from the store (or a cache above
+      it) writes only the columns changed since it was read, so a stale copy
+      never reverts another writer's columns; with a ``version_id_col`` a
+      stale copy is refused (:class:`~stockpyle.exceptions.StaleVersionError`).
+      Every written row is then read back, and the caller's own object gets
+      the values the database stored (generated keys, defaults, rounding) and
+      becomes a detached persistent instance (unless it belongs to a session
+      of yours, in which case only its column values are refreshed).
     * ``delete``/``batch_delete`` load the rows and delete them through the
       ORM (so cascades run) in one transaction per call.
-    * Returned objects are detached with every column loaded; merge or add
-      them into your own session to change them there.
+    * :meth:`write` is what the four write operations are built on: it also
+      reports every row the ORM wrote or deleted besides the objects given
+      (cascades, merged children, old identities of moved primary keys), as a
+      :class:`~stockpyle.effects.WriteEffects` that a
+      :class:`~stockpyle.ChainedStore` applies to its caches.
+    * Returned objects are detached, with every column loaded (deferred ones
+      too) and no relationship: reading one raises
+      :class:`~stockpyle.exceptions.RelationshipNotCachedError` until the
+      object is attached to a session (``session.merge(obj, load=False)``).
     * Instances of classes that are not mapped (plain ``__stockpyle_keys__``
-      classes) are ignored, so one chain can hold mapped and plain classes.
+      classes) are ignored, so one chain can hold mapped and plain classes;
+      each such class is logged once at WARNING and every ignored object is
+      counted in ``stats().ignored``.
 
     Driver errors become :class:`~stockpyle.exceptions.StoreUnavailableError`
-    (connection lost, database down, locked) or
-    :class:`~stockpyle.exceptions.StoreError` (constraint violations, missing
-    tables...), raised ``from`` the original; the transaction is rolled back.
+    (connection lost, database down, locked),
+    :class:`~stockpyle.exceptions.SchemaError` (a missing table or column, on
+    every database) or :class:`~stockpyle.exceptions.StoreError` (constraint
+    violations...), raised ``from`` the original; the transaction is rolled back.
 
     Tables are not created by the store: call ``metadata.create_all(store.engine)``.
 
@@ -317,6 +388,8 @@ class SqlAlchemyStore(BaseStore):
     """
 
     supports_expiry = False
+    #: :meth:`write` reports what each write did (see :class:`~stockpyle.effects.WriteEffects`).
+    reports_effects: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -329,7 +402,7 @@ class SqlAlchemyStore(BaseStore):
         polymorphic: bool = False,
         lifetime_cb: LifetimeCallback | None = None,
     ) -> None:
-        _require_sqlalchemy()
+        require_sqlalchemy()
         import sqlalchemy as sa
         from sqlalchemy import orm
 
@@ -377,6 +450,7 @@ class SqlAlchemyStore(BaseStore):
         self.sessionmaker: Callable[..., Session] = maker
         self._infos: dict[type, _Mapped | None] = {}
         self._infos_lock = threading.Lock()
+        self._warned: set[type] = set()
 
     # -- helpers ------------------------------------------------------------
 
@@ -396,7 +470,7 @@ class SqlAlchemyStore(BaseStore):
             pass
         except TypeError:
             raise NotStorableError(f"expected a class, got {klass!r}") from None
-        mapper = _mapper_of(klass)
+        mapper = mapper_of(klass)
         info = _Mapped(klass, mapper) if mapper is not None else None
         with self._infos_lock:
             return self._infos.setdefault(klass, info)
@@ -404,6 +478,26 @@ class SqlAlchemyStore(BaseStore):
     def _unmapped(self, klass: type) -> None:
         """Accept a class this store does not map only if some store could key it."""
         key_model(klass)  # raises NotStorableError for classes without keys
+
+    def _ignore(self, klass: type, count: int) -> None:
+        """Count objects of an unmapped class left alone by a write; warn once per class."""
+        self.stats().ignored += count
+        with self._infos_lock:
+            warned = klass in self._warned
+            self._warned.add(klass)
+        if not warned:
+            log.warning(
+                "stockpyle: %r ignores %s objects: the class is not mapped, so they are kept only in the "
+                "cache layers above it and vanish when evicted or expired; map the class, or store it "
+                "through a chain without this store",
+                self, klass.__qualname__,
+            )  # fmt: skip
+
+    def _session(self) -> Session:
+        """A short-lived session of this store whose writes the recorder follows."""
+        session = self.sessionmaker(expire_on_commit=False)
+        _RECORDER.mark(session)
+        return session
 
     def _raise_mapped(self, exc: Exception, action: str) -> NoReturn:
         mapped = _map_error(exc, action, self)
@@ -455,7 +549,8 @@ class SqlAlchemyStore(BaseStore):
                     if None in ident:
                         return None
                 with self.sessionmaker() as session:
-                    return session.get(klass, ident)
+                    found = session.get(klass, ident, options=info.options)
+                return None if found is None else guard_relationships(found)
             return self._select_one(klass, info, keydict)
         except Exception as exc:  # noqa: BLE001 - mapped into the stockpyle tree or re-raised
             self._raise_mapped(exc, "get")
@@ -464,13 +559,12 @@ class SqlAlchemyStore(BaseStore):
         from sqlalchemy import select
 
         attrs = info.attrs
-        stmt = select(info.entity).where(*[attrs[name] == value for name, value in keydict.items()]).limit(2)
+        stmt = select(info.entity).where(*[attrs[name] == value for name, value in keydict.items()])
         with self.sessionmaker() as session:
-            result = session.scalars(stmt)
-            rows = (result.unique() if info.unique_rows else result).all()
+            rows = session.scalars(stmt.options(*info.options).limit(2)).all()
         if len(rows) > 1:
             raise NonUniqueKeyError(klass, dict(keydict))
-        return rows[0] if rows else None
+        return guard_relationships(rows[0]) if rows else None
 
     def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
         """Look up many rows in one SELECT per chunk; request order, ``None`` per miss.
@@ -527,7 +621,7 @@ class SqlAlchemyStore(BaseStore):
             groups.setdefault(names, {}).setdefault(values, []).append(position)
         if len(groups) == 1:
             [(names, group)] = groups.items()
-            if len(names) == 1 and 0 < len(group) <= self.chunk_size and not info.unique_rows:
+            if len(names) == 1 and 0 < len(group) <= self.chunk_size:
                 return self._batch_one_column(klass, info, names[0], group, results)
         return self._batch_general(klass, info, groups, results)
 
@@ -542,11 +636,13 @@ class SqlAlchemyStore(BaseStore):
             return self._batch_general(klass, info, {(name,): group}, results)
         try:
             with self.sessionmaker() as session:
-                rows = session.scalars(select(info.entity).where(info.attrs[name].in_(wanted))).all()
+                stmt = select(info.entity).where(info.attrs[name].in_(wanted)).options(*info.options)
+                rows = session.scalars(stmt).all()
         except Exception as exc:  # noqa: BLE001 - mapped into the stockpyle tree or re-raised
             self._raise_mapped(exc, "batch_get")
         index: dict[Any, Any] = {}
         for row in rows:
+            guard_relationships(row)
             value = row.__dict__.get(name)
             if value in index and index[value] is not row:
                 raise NonUniqueKeyError(klass, {name: value})
@@ -603,8 +699,9 @@ class SqlAlchemyStore(BaseStore):
                     if None in values:  # IN never matches NULL: spell these out
                         conditions.append(and_(*[attrs[n] == v for n, v in zip(names, values, strict=True)]))
         stmt = select(info.entity).where(conditions[0] if len(conditions) == 1 else or_(*conditions))
-        result = session.scalars(stmt)
-        rows = (result.unique() if info.unique_rows else result).all()
+        rows = session.scalars(stmt.options(*info.options)).all()
+        for row in rows:
+            guard_relationships(row)
         found: list[tuple[tuple[str, ...], tuple[Any, ...], Any]] = []
         for names, value_list in by_names.items():
             # index the rows by this key set's values; a value seen twice is not unique
@@ -634,20 +731,22 @@ class SqlAlchemyStore(BaseStore):
 
     # -- writes -------------------------------------------------------------
 
-    def _mapped_objects(self, objs: Iterable[object], check_keys: bool) -> list[tuple[Any, _Mapped]]:
-        """Validate every object before anything is written; keep those this store maps."""
-        out: list[tuple[Any, _Mapped]] = []
+    def _partition(self, objs: Iterable[object], check_keys: bool) -> tuple[list[tuple[Any, _Mapped]], list[object]]:
+        """Validate every object before anything is written: (mapped objects, objects of unmapped classes)."""
+        items: list[tuple[Any, _Mapped]] = []
+        ignored: list[object] = []
         for obj in objs:
             if obj is None:
                 raise NotStorableError("None cannot be stored: it has no __stockpyle_keys__")
             info = self._info(type(obj))
             if info is None:
                 self._unmapped(type(obj))
+                ignored.append(obj)
                 continue
             if check_keys:
                 self._check_object_keys(obj, info)
-            out.append((obj, info))
-        return out
+            items.append((obj, info))
+        return items, ignored
 
     def _check_object_keys(self, obj: Any, info: _Mapped) -> None:
         """Refuse objects whose key attributes are missing or of unsupported types.
@@ -685,85 +784,196 @@ class SqlAlchemyStore(BaseStore):
                             ) from None
 
     def put(self, obj: object) -> None:
-        """Insert or update ``obj`` (one transaction) and load generated values onto it.
+        """Insert or update ``obj`` (one transaction) and load the stored values onto it.
+
+        An object read from a store writes only the columns changed since
+        it was read.
 
         :raises NotStorableError: for objects of classes without keys.
         :raises MissingKeyAttributeError: when a key column has no value and
             the database would not generate one.
+        :raises StaleVersionError: when the object has a ``version_id_col``
+            and another writer changed the row since the object was read.
         :raises StoreError: when the database refuses the write (nothing is written).
         """
-        self.batch_put((obj,))
+        self._write("put", [obj])
 
     def batch_put(self, objs: Iterable[object]) -> None:
         """Insert or update every mapped object of ``objs`` in one transaction.
 
         :raises StoreError: when the database refuses any of them (nothing is written).
         """
-        items = self._mapped_objects(objs, check_keys=True)
-        if not items:
-            return
-        from sqlalchemy.exc import IntegrityError
-
-        try:
-            try:
-                merged = self._merge_all(items)
-            except IntegrityError:
-                # Session.merge() SELECTs, then INSERTs: a concurrent put of the
-                # same new primary key can win the race.  A second attempt sees
-                # the row and UPDATEs it; a real constraint violation fails again.
-                merged = self._merge_all(items)
-        except Exception as exc:  # noqa: BLE001 - mapped into the stockpyle tree or re-raised
-            self._raise_mapped(exc, "put")
-        for (obj, info), copy in zip(items, merged, strict=True):
-            _copy_back(obj, copy, info)
-
-    def _merge_all(self, items: list[tuple[Any, _Mapped]]) -> list[Any]:
-        from sqlalchemy import select
-        from sqlalchemy.orm.attributes import instance_state
-
-        with self.sessionmaker(expire_on_commit=False) as session, session.begin():
-            merged = [session.merge(obj) for obj, _info in items]
-            session.flush()
-            # Server defaults and onupdate values the dialect could not return
-            # (no RETURNING, or an UPDATE) are expired after the flush: load them
-            # in this transaction so the caller's object -- and every cache
-            # layer above -- gets the complete row.
-            stale: dict[_Mapped, list[Any]] = {}
-            for copy, (_obj, info) in zip(merged, items, strict=True):
-                if instance_state(copy).unloaded.intersection(info.column_keys):
-                    stale.setdefault(info, []).append(copy)
-            for info, copies in stale.items():
-                self._reload(session, info, copies, select)
-        return merged
-
-    def _reload(self, session: Session, info: _Mapped, copies: list[Any], select: Any) -> None:
-        from sqlalchemy import tuple_
-        from sqlalchemy.orm.attributes import instance_state
-
-        idents = [tuple(instance_state(c).identity or ()) for c in copies]
-        for start in range(0, len(idents), self.chunk_size):
-            chunk = idents[start : start + self.chunk_size]
-            if len(info.pk_names) == 1:
-                where = info.attrs[info.pk_names[0]].in_([i[0] for i in chunk])
-            else:
-                where = tuple_(*[info.attrs[n] for n in info.pk_names]).in_(list(chunk))
-            session.execute(select(info.entity).where(where).execution_options(populate_existing=True)).all()
+        self._write("put", list(objs))
 
     def delete(self, obj: object) -> None:
         """Delete ``obj``'s row (ORM cascades apply); absent rows are ignored.
 
         :raises StoreError: when the database refuses (nothing is deleted).
         """
-        self.batch_delete((obj,))
+        self._write("delete", [obj])
 
     def batch_delete(self, objs: Iterable[object]) -> None:
         """Delete the rows of every mapped object of ``objs`` in one transaction.
 
         :raises StoreError: when the database refuses any of them (nothing is deleted).
         """
-        items = self._mapped_objects(objs, check_keys=False)
-        if not items:
-            return
+        self._write("delete", list(objs))
+
+    def write(self, action: WriteAction, objs: Sequence[object]) -> WriteEffects:
+        """Put or delete ``objs`` (one transaction) and report what the caches must do.
+
+        This is ``batch_put`` (``action="put"``) or ``batch_delete``
+        (``"delete"``) that also returns a :class:`~stockpyle.effects.WriteEffects`:
+
+        * ``stored``: a copy of every row the transaction inserted or
+          updated -- the objects given, children reached by a merge cascade
+          -- read back after the flush, so it holds the values the database
+          stored; objects of classes this store does not map, as given;
+        * ``removed``: the objects given to ``delete`` and every row the
+          ORM deleted (cascades, delete-orphan), the old identity of a
+          moved primary key, the old values of a changed unique key;
+        * ``classes``: classes whose rows the database changed without the
+          ORM knowing which (``ON DELETE CASCADE`` foreign keys that no
+          relationship handles).
+
+        :raises ValueError: for an action other than ``"put"`` and ``"delete"``.
+        :raises StoreError: see :meth:`batch_put` and :meth:`batch_delete`.
+        """
+        items = list(objs)
+        stats = self.stats()
+        start = perf_counter()
+        try:
+            effects = self._write(action, items)
+        except StoreError:
+            stats.errors += 1
+            raise
+        stats.timer("batch_put" if action == "put" else "batch_delete").add(perf_counter() - start)
+        if action == "put":
+            stats.puts += len(items)
+        else:
+            stats.deletes += len(items)
+        return effects
+
+    def _write(self, action: str, objs: list[object]) -> WriteEffects:
+        if action not in ("put", "delete"):
+            raise ValueError(f"SqlAlchemyStore.write() takes the action 'put' or 'delete'; got {action!r}")
+        items, ignored = self._partition(objs, check_keys=action == "put")
+        if ignored:
+            counts: dict[type, int] = {}
+            for obj in ignored:
+                counts[type(obj)] = counts.get(type(obj), 0) + 1
+            for klass, count in counts.items():
+                self._ignore(klass, count)
+        if action == "put":
+            effects = self._put_items(items) if items else _NO_EFFECTS
+            return WriteEffects(stored=(*effects.stored, *ignored), removed=effects.removed, classes=effects.classes)
+        effects = self._delete_items(items) if items else _NO_EFFECTS
+        return WriteEffects(stored=effects.stored, removed=(*ignored, *effects.removed), classes=effects.classes)
+
+    def _put_items(self, items: list[tuple[Any, _Mapped]]) -> WriteEffects:
+        from sqlalchemy.exc import IntegrityError
+
+        try:
+            try:
+                outcome, identities = self._merge_all(items)
+            except IntegrityError:
+                # Session.merge() SELECTs, then INSERTs: a concurrent put of the
+                # same new primary key can win the race.  A second attempt sees
+                # the row and UPDATEs it; a real constraint violation fails again.
+                outcome, identities = self._merge_all(items)
+        except Exception as exc:  # noqa: BLE001 - mapped into the stockpyle tree or re-raised
+            self._raise_mapped(exc, "put")
+        for (obj, info), identity in zip(items, identities, strict=True):
+            snapshot = outcome.stored.get(identity)
+            if snapshot is not None:
+                _copy_back(obj, snapshot[1], info)
+        return outcome.effects()
+
+    def _merge_all(self, items: list[tuple[Any, _Mapped]]) -> tuple[FlushOutcome, list[Any]]:
+        """Merge every object into one transaction; returns what it wrote and each object's identity."""
+        from sqlalchemy.orm.attributes import instance_state
+
+        unchanged: dict[Any, tuple[type, dict[str, Any]]] = {}
+        session = self._session()
+        with session:
+            with session.begin():
+                # one flush at the end: one read-back per class and chunk
+                with session.no_autoflush:
+                    loaded = self._preload(session, items)
+                    merged = [self._merge_one(session, obj, info, unchanged) for obj, info in items]
+                session.flush()
+                identities = [instance_state(copy).key for copy in merged]
+                del loaded
+            outcome: FlushOutcome = session.info.pop(_OUTCOME, None) or FlushOutcome()
+        for identity, snapshot in unchanged.items():
+            # rows a put found unchanged are re-cached as the database holds them
+            if identity not in outcome.deleted:
+                outcome.stored.setdefault(identity, snapshot)
+        return outcome, identities
+
+    def _preload(self, session: Session, items: list[tuple[Any, _Mapped]]) -> list[Any]:
+        """Load the rows of the objects that name one, one SELECT per class and chunk.
+
+        ``Session.merge`` then finds them in the identity map instead of
+        sending one SELECT per object; the returned list keeps them alive
+        (the identity map holds them weakly).
+        """
+        from sqlalchemy import select, tuple_
+        from sqlalchemy.orm.attributes import instance_state
+
+        wanted: dict[_Mapped, dict[tuple[Any, ...], None]] = {}
+        for obj, info in items:
+            state = instance_state(obj)
+            if state.key is not None:
+                ident = tuple(state.key[1])
+            else:
+                values = state.dict
+                ident = tuple([values.get(name) for name in info.pk_names])
+            if None not in ident:
+                wanted.setdefault(info, {})[ident] = None
+        loaded: list[Any] = []
+        for info, idents in wanted.items():
+            unique = list(idents)
+            for start in range(0, len(unique), self.chunk_size):
+                chunk = unique[start : start + self.chunk_size]
+                if info.preload is not None:
+                    found = session.scalars(info.preload, {"stockpyle_idents": [i[0] for i in chunk]})
+                else:
+                    where = tuple_(*[info.attrs[n] for n in info.pk_names]).in_(chunk)
+                    found = session.scalars(select(info.entity).where(where).options(*info.options))
+                loaded.extend(found.all())
+        return loaded
+
+    def _merge_one(
+        self, session: Session, obj: Any, info: _Mapped, unchanged: dict[Any, tuple[type, dict[str, Any]]]
+    ) -> Any:
+        """Merge one object: all of a new object, only the changed columns of one read from a store."""
+        from sqlalchemy.orm.attributes import instance_state
+
+        state = instance_state(obj)
+        if state.key is None:
+            # a new object (or a transient copy of a row): every value it carries
+            return session.merge(obj)
+        changed = _changed_columns(state, info)
+        if not changed and not any(name in state.dict for name in info.merge_relationships):
+            # nothing to write: the row is re-cached as it is (a stale copy
+            # must not overwrite it)
+            row = session.get(state.mapper.class_, state.key[1], options=info.options)
+            if row is not None:
+                row_state = instance_state(row)
+                values = row_state.dict
+                unchanged[row_state.key] = (
+                    row_state.class_,
+                    {name: values[name] for name in info.column_keys if name in values},
+                )
+                return row
+            # the row is gone: putting the object inserts it again
+            return session.merge(obj)
+        copy = session.merge(obj)
+        _keep_only(session, copy, changed, info)
+        return copy
+
+    def _delete_items(self, items: list[tuple[Any, _Mapped]]) -> WriteEffects:
         from sqlalchemy import select, tuple_
         from sqlalchemy.orm.attributes import instance_state
 
@@ -778,23 +988,32 @@ class SqlAlchemyStore(BaseStore):
                 ident = tuple([state.dict.get(name) for name in info.pk_names])
             if None not in ident:
                 by_class.setdefault(info, []).append(ident)
-        if not by_class:
-            return
-        try:
-            with self.sessionmaker() as session, session.begin():
-                for info, idents in by_class.items():
-                    unique = list(dict.fromkeys(idents))
-                    for start in range(0, len(unique), self.chunk_size):
-                        chunk = unique[start : start + self.chunk_size]
-                        if len(info.pk_names) == 1:
-                            where = info.attrs[info.pk_names[0]].in_([i[0] for i in chunk])
-                        else:
-                            where = tuple_(*[info.attrs[n] for n in info.pk_names]).in_(chunk)
-                        result = session.scalars(select(info.entity).where(where))
-                        for row in (result.unique() if info.unique_rows else result).all():
-                            session.delete(row)
-        except Exception as exc:  # noqa: BLE001 - mapped into the stockpyle tree or re-raised
-            self._raise_mapped(exc, "delete")
+        outcome: FlushOutcome | None = None
+        if by_class:
+            session = self._session()
+            try:
+                with session:
+                    with session.begin():
+                        for info, idents in by_class.items():
+                            unique = list(dict.fromkeys(idents))
+                            for start in range(0, len(unique), self.chunk_size):
+                                chunk = unique[start : start + self.chunk_size]
+                                if len(info.pk_names) == 1:
+                                    where = info.attrs[info.pk_names[0]].in_([i[0] for i in chunk])
+                                else:
+                                    where = tuple_(*[info.attrs[n] for n in info.pk_names]).in_(chunk)
+                                result = session.scalars(select(info.entity).where(where))
+                                for row in (result.unique() if info.unique_rows else result).all():
+                                    session.delete(row)
+                    outcome = session.info.pop(_OUTCOME, None)
+            except Exception as exc:  # noqa: BLE001 - mapped into the stockpyle tree or re-raised
+                self._raise_mapped(exc, "delete")
+        effects = outcome.effects() if outcome is not None else _NO_EFFECTS
+        # the objects as given first, the rows as the database held them last
+        # (a tombstone records the version of the last one written)
+        return WriteEffects(
+            stored=effects.stored, removed=(*[obj for obj, _info in items], *effects.removed), classes=effects.classes
+        )
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -804,23 +1023,64 @@ class SqlAlchemyStore(BaseStore):
             self.engine.dispose()
 
 
-def _copy_back(obj: Any, merged: Any, info: _Mapped) -> None:
-    """Give the caller's ``obj`` the committed column values of its merged copy.
+def _keep_outcome(session: Session, outcome: FlushOutcome) -> None:
+    """Where a store session's recorder leaves what the committed transaction wrote."""
+    session.info[_OUTCOME] = outcome
 
-    ``Session.merge`` returns another instance; the values the database
-    generated (primary keys, server defaults) must reach the caller's object,
-    since the cache layers above store that very object.
+
+#: One recorder for the write sessions of every SqlAlchemyStore: it listens
+#: once per session class, and records only the sessions a store marked.
+_RECORDER: Final = FlushRecorder(_keep_outcome, opt_in=True, statements=False)
+
+
+def _changed_columns(state: Any, info: _Mapped) -> frozenset[str]:
+    """The column attributes of ``state`` changed since it was loaded (attribute history)."""
+    committed = state.committed_state
+    if not committed:
+        return frozenset()
+    attrs = state.attrs
+    return frozenset(name for name in committed if name in info.attrs and attrs[name].history.has_changes())
+
+
+def _keep_only(session: Session, copy: Any, changed: frozenset[str], info: _Mapped) -> None:
+    """Undo, on a merged copy, the columns the caller did not change: the database keeps its values.
+
+    ``Session.merge`` copies every loaded attribute of the given object onto
+    the row it loaded; for a copy read a while ago, the unchanged ones may be
+    stale and would revert what another writer committed meanwhile.
+    """
+    from sqlalchemy.orm.attributes import instance_state, set_committed_value
+    from sqlalchemy.orm.base import NO_VALUE
+
+    state = instance_state(copy)
+    if state.key is None:
+        return  # a new row (the object's row was gone): it gets every value
+    committed = state.committed_state
+    stale = []
+    for name in [n for n in committed if n in info.attrs and n not in changed]:
+        original = committed[name]
+        if original is NO_VALUE:
+            stale.append(name)  # never loaded: discard the assignment instead
+        else:
+            set_committed_value(copy, name, original)
+    if stale:
+        session.expire(copy, stale)
+
+
+def _copy_back(obj: Any, values: Mapping[str, Any], info: _Mapped) -> None:
+    """Give the caller's ``obj`` the column values the database stored.
+
+    ``Session.merge`` works on another instance; the values the database
+    generated or converted (primary keys, defaults, rounding) must reach the
+    caller's object too.
     """
     from sqlalchemy.orm import make_transient, make_transient_to_detached, object_session
     from sqlalchemy.orm.attributes import instance_state, set_committed_value
 
-    if merged is obj:  # pragma: no cover - only if obj was attached to the store's own session
-        return
-    source = merged.__dict__
     state = instance_state(obj)
     for name in info.column_keys:
-        if name in source:
-            set_committed_value(obj, name, source[name])
+        if name in values:
+            set_committed_value(obj, name, values[name])
     if object_session(obj) is None:
         # Transient or detached: make it a detached persistent instance with the
         # new identity (a changed primary key gets a new identity), so adding it
