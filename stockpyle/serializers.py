@@ -449,6 +449,11 @@ class Codec:
             return end
         raise SerializationError(f"entry for {logical_key!r} has unknown envelope format {fmt}")
 
+    def sealed_with_old_key(self, data: bytes) -> bool:
+        """Whether ``data`` is a signed envelope whose key id is not the one this codec signs with now."""
+        signer = self.signer
+        return signer is not None and len(data) >= HEADER_SIZE and data[2] == FORMAT_SIGNED and data[4] != signer.key_id
+
     def open(self, logical_key: str, data: bytes) -> bytes:
         """Check an envelope and return its payload, still serialized.
 

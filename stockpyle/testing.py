@@ -647,3 +647,19 @@ class ConsistencyContract:
         store.put(Versioned(3, "taken", 9))
         store.put(Versioned(4, "taken", 1, "object 4"))  # a live entry of object 3 at 9 does not block it
         assert self._found(store, Versioned, {"alias": "taken"}).key == 4
+
+    # -- class invalidation (stores that declare supports_class_invalidation) ---
+
+    def test_invalidate_class_drops_every_entry_of_the_class(self) -> None:
+        store = self.new_store(tombstone_lifetime=30)
+        if not type(store).supports_class_invalidation:
+            pytest.skip("this store does not declare supports_class_invalidation")
+        store.batch_put([Item("i1", 1, 1), Item("i2", 2, 2)])
+        store.put(Versioned("v", "v-alias", 1))
+        store.invalidate_class(Item)
+        assert store.batch_get(Item, [{"key": "i1"}, {"zap": 2, "bar": 2}]) == [None, None]
+        assert self._found(store, Versioned, {"key": "v"}).version == 1  # other classes are untouched
+        # like a delete's tombstones, the invalidation refuses back-fills of copies read before it
+        assert store.add(Item("i1", 1, 1, "read before the invalidation")) is False
+        store.put(Item("i1", 1, 1, "written after"))  # an authoritative put goes through
+        assert self._found(store, Item, {"key": "i1"}).payload == "written after"

@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import pickle
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
@@ -28,7 +29,7 @@ from sqlalchemy.orm import sessionmaker as sa_sessionmaker
 from support.databases import MYSQL_TABLE_ARGS, create_tables, drop_tables, empty_tables, table_name
 from support.orm_models import Account, Author, Book, orm_metadata
 
-from stockpyle import ChainedStore, ProcessMemoryStore, ThreadLocalStore
+from stockpyle import BaseDictionaryStore, ChainedStore, ProcessMemoryStore, ThreadLocalStore
 from stockpyle.consistency import entry_refuses
 from stockpyle.effects import WriteEffects
 from stockpyle.exceptions import RelationshipNotCachedError, ValueTooLargeError
@@ -197,19 +198,32 @@ def test_thread_local_store_invalidates_the_calling_threads_objects() -> None:
     assert store.get(Item, {"key": "mine"}) is not None
 
 
-def test_chain_invalidate_class_reports_layers_that_cannot(
-    memcached_server: Any, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_chain_invalidate_class_reports_layers_that_cannot(caplog: pytest.LogCaptureFixture) -> None:
     memory = ProcessMemoryStore()
-    memcache = MemcacheStore([memcached_server.address], namespace=f"ic-{uuid.uuid4().hex[:8]}")
-    chain = ChainedStore([memory, memcache])
+    dictionary = BaseDictionaryStore({})  # declares no supports_class_invalidation
+    chain = ChainedStore([memory, dictionary])
     chain.put(Item("a"))
     with caplog.at_level(logging.ERROR, logger="stockpyle.chained"):
         chain.invalidate_class(Item)
     assert memory.get(Item, {"key": "a"}) is None
     assert chain.stats()[1].errors == 1
     assert "cannot invalidate every cached Item" in caplog.text
+
+
+def test_chain_invalidate_class_reaches_memcached_in_every_process(memcached_server: Any) -> None:
+    namespace = f"ic-{uuid.uuid4().hex[:8]}"
+    memcache = MemcacheStore([memcached_server.address], namespace=namespace, generation_check=0.2)
+    other = MemcacheStore([memcached_server.address], namespace=namespace, generation_check=0.2)
+    chain = ChainedStore([ProcessMemoryStore(), memcache])
+    chain.put(Item("a"))
+    assert other.get(Item, {"key": "a"}) is not None
+    chain.invalidate_class(Item)
+    assert memcache.get(Item, {"key": "a"}) is None  # at once in this process
+    time.sleep(0.3)
+    assert other.get(Item, {"key": "a"}) is None  # within generation_check in another
+    assert chain.stats()[1].errors == 0
     memcache.release()
+    other.release()
 
 
 # ---------------------------------------------------------------------------
@@ -370,7 +384,7 @@ def test_children_whose_key_a_flush_sets_are_re_cached(cascade_db: sa.Engine) ->
 def test_a_store_without_invalidate_class_is_reported_by_the_extension(
     orm_db: sa.Engine, memcached_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    memcache = MemcacheStore([memcached_server.address], namespace=f"ext-ic-{uuid.uuid4().hex[:8]}")
+    memcache = BaseDictionaryStore({})  # declares no supports_class_invalidation
     ext = StockpyleSessionExtension(store=memcache)
     with (
         caplog.at_level(logging.ERROR, logger="stockpyle.ext.sqlalchemy"),

@@ -150,9 +150,12 @@ class StockpyleSessionExtension:
         except Exception as exc:  # noqa: BLE001 - never break commit() for the cache
             self._failed(f"build the copies of {len(outcome.stored)} object(s)", exc)
             return
+        # declared by the store's type (BaseStore.supports_class_invalidation); a
+        # duck-typed store without the flag has it if its type has the method
+        declared = getattr(type(self.store), "supports_class_invalidation", None)
+        can_invalidate = callable(getattr(type(self.store), "invalidate_class", None)) if declared is None else declared
         for klass in sorted(effects.classes, key=lambda c: c.__qualname__):
-            invalidate = getattr(self.store, "invalidate_class", None)
-            if invalidate is None:
+            if not can_invalidate:
                 self._failed(
                     f"invalidate every cached {klass.__qualname__} ({self.store!r} cannot invalidate every cached "
                     f"object of a class)",
@@ -160,7 +163,7 @@ class StockpyleSessionExtension:
                 )
                 continue
             try:
-                invalidate(klass)
+                self.store.invalidate_class(klass)
             except Exception as exc:  # noqa: BLE001 - never break commit() for the cache
                 self._failed(f"invalidate every cached {klass.__qualname__}", exc)
         if effects.removed:

@@ -61,6 +61,7 @@ import hashlib
 import logging
 import math
 import re
+import secrets
 import struct
 import threading
 import time
@@ -78,13 +79,22 @@ from ..exceptions import (
     StoreUnavailableError,
     ValueTooLargeError,
 )
-from ..keys import Key, encode_key, lookup_key, object_keys, version_of
+from ..keys import Key, class_name, encode_key, key_model, lookup_key, object_keys, version_of
 from ..lifetimes import LifetimeCallback, seconds_remaining
 from ..serializers import Codec, HMACSigner, JSONSerializer, Serializer, Signer
 from .base import MISS, BaseStore, KeyDict, check_storable, check_tombstone_lifetime
 from .drivers import KVDriver
 
-__all__ = ["CAS_ATTEMPTS", "DEFAULT_MAX_LIFETIME", "ITEM_OVERHEAD", "REPLAY_TOLERANCE", "KeyValueStore", "Op", "Plan"]
+__all__ = [
+    "CAS_ATTEMPTS",
+    "DEFAULT_GENERATION_CHECK",
+    "DEFAULT_MAX_LIFETIME",
+    "ITEM_OVERHEAD",
+    "REPLAY_TOLERANCE",
+    "KeyValueStore",
+    "Op",
+    "Plan",
+]
 
 T = TypeVar("T")
 log = logging.getLogger("stockpyle.kv")
@@ -93,13 +103,16 @@ log = logging.getLogger("stockpyle.kv")
 DEFAULT_MAX_LIFETIME: Final = 86_400
 #: Attempts of a version-checked put before it gives up and invalidates.
 CAS_ATTEMPTS: Final = 8
+#: Default seconds between two checks of the class generations a store uses.
+DEFAULT_GENERATION_CHECK: Final = 1.0
 #: Bytes of a backend's item size taken by its own header: memcached stores an
 #: item header (and the key) in the same slab item as the value; measured on
 #: memcached 1.6 the overhead is under 64 bytes.
 ITEM_OVERHEAD: Final = 64
 
 _SAFE_PART: Final = re.compile(r"[A-Za-z0-9_.\-]{0,64}\Z")
-_CLASS_UNSAFE: Final = re.compile(r"[^A-Za-z0-9_.]")
+_CLASS_UNSAFE: Final = re.compile(r"[^A-Za-z0-9_]")
+_TOKEN: Final = re.compile(r"[0-9a-f]{8}")
 _KEYS_LEN: Final = 4
 _KEY_CACHE_LIMIT: Final = 20_000
 #: Section length that marks a tombstone (no real key list is 4 GiB long).
@@ -247,6 +260,7 @@ class KeyValueStore(BaseStore):
 
     supports_expiry = True
     supports_add = True
+    supports_class_invalidation = True
     #: Name used in messages about this store's arguments.
     store_name: ClassVar[str] = "KeyValueStore"
 
@@ -264,9 +278,17 @@ class KeyValueStore(BaseStore):
         cleanup_stale_keys: bool = True,
         tombstone_lifetime: float = 5.0,
         max_lifetime: Any = DEFAULT_MAX_LIFETIME,
+        generation_check: float = DEFAULT_GENERATION_CHECK,
         tombstone_limit: float = float("inf"),
     ) -> None:
         super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb)
+        if (
+            isinstance(generation_check, bool)
+            or not isinstance(generation_check, (int, float))
+            or not 0 < generation_check < math.inf
+        ):
+            raise ConfigurationError(f"generation_check must be a positive number of seconds; got {generation_check!r}")
+        self.generation_check = float(generation_check)
         if secret is not None and signer is not None:
             raise ConfigurationError(f"pass either secret= or signer= to {self.store_name}, not both")
         self.prefix = prefix
@@ -295,6 +317,15 @@ class KeyValueStore(BaseStore):
         self._seen: dict[str, int] = {}
         self._mkeys: dict[Key, str] = {}
         self._class_parts: dict[type, str] = {}
+        # class generations (see invalidate_class): each storable class has a
+        # token in the backend; a key's class part carries the tokens of its
+        # class and storable bases, so a new token hides every older entry
+        self._tokens: dict[type, tuple[str, float]] = {}  # class -> (token, unix time it was set)
+        self._effective: dict[type, str] = {}  # key class -> the class part used in keys
+        # monotonic time of the next check of the known tokens (a class's first use reads its own)
+        self._generations_due = time.monotonic() + self.generation_check
+        self._generation_lock = threading.Lock()
+        self._bad_generations: dict[str, Any] = {}
         self._driver = driver
         self._errors = driver.errors
         self._get = driver.get
@@ -323,15 +354,32 @@ class KeyValueStore(BaseStore):
 
     # -- keys -----------------------------------------------------------
 
-    def _class_part(self, klass: type) -> str:
+    def _readable(self, klass: type) -> str:
         part = self._class_parts.get(klass)
         if part is None:
             part = _CLASS_UNSAFE.sub("_", klass.__qualname__)[-48:]
             self._class_parts[klass] = part
         return part
 
+    def _class_part(self, klass: type) -> str:
+        """``ClassName.token`` for keys of ``klass``: the token reflects its generation and its bases'."""
+        part = self._effective.get(klass)
+        if part is None:
+            bases = key_model(klass).bases
+            tokens = self._tokens
+            if any(base not in tokens for base in bases):
+                self._learn(bases)
+            joined = "".join(tokens[base][0] for base in bases)
+            token = joined if len(bases) == 1 else hashlib.blake2b(joined.encode("ascii"), digest_size=4).hexdigest()
+            part = self._effective[klass] = f"{self._readable(klass)}.{token}"
+        return part
+
     def storage_key(self, key: Key) -> str:
-        """The backend key of one stockpyle key (see the module docs for its form)."""
+        """The backend key of one stockpyle key (see the module docs for its form).
+
+        The first key of a class a process uses costs one round trip, to learn
+        the class's generation (see :meth:`invalidate_class`).
+        """
         mkey = self._mkeys.get(key)
         if mkey is None:
             digest = hashlib.blake2b(encode_key(key).encode("utf-8", "surrogatepass"), digest_size=20).hexdigest()
@@ -342,12 +390,138 @@ class KeyValueStore(BaseStore):
             mkeys[key] = mkey
         return mkey
 
+    # -- class generations ------------------------------------------------
+
+    def _generation_key(self, klass: type) -> str:
+        digest = hashlib.blake2b(class_name(klass).encode("utf-8"), digest_size=8).hexdigest()
+        return f"{self._head}~gen:{self._readable(klass)}:{digest}"
+
+    def _read_generation(self, gkey: str, data: Any) -> tuple[str, float] | None:
+        """The token and change time a generation key holds; None if absent or not verifiable (counted)."""
+        if data is None:
+            return None
+        try:
+            if type(data) is not bytes:
+                raise SerializationError(f"client returned {type(data).__name__}, not bytes")
+            token, _sep, changed = self.codec.open(gkey, data).decode("ascii").partition(":")
+            if _TOKEN.fullmatch(token):
+                return token, float(changed)
+            raise SerializationError(f"{token!r} is not a generation token")
+        except (SerializationError, UnicodeDecodeError, ValueError) as exc:
+            if self._bad_generations.get(gkey) != data:  # counted and logged once per value
+                self._bad_generations[gkey] = data
+                with self._counter_lock:
+                    self.rejected += 1
+                log.warning("stockpyle: rejected the class generation %s (its entries are unreachable here): %s",
+                            gkey, exc)  # fmt: skip
+            return None
+
+    def _plan_generations(self, classes: Sequence[type], action: str) -> Plan[dict[type, tuple[str, float]]]:
+        """The generation of each class; a class that has none (never used, or evicted) gets a new one."""
+        keys = {self._generation_key(klass): klass for klass in classes}
+        found = yield ("get_many", (list(keys),), action)
+        out: dict[type, tuple[str, float]] = {}
+        resealed: dict[str, bytes] = {}
+        for gkey, klass in keys.items():
+            data = found.get(gkey)
+            known = self._read_generation(gkey, data)
+            if known is not None:
+                out[klass] = known
+                if self.codec.sealed_with_old_key(data):
+                    # keys are being rotated: re-sign, so that stores which know only
+                    # the new key keep reading this generation once the old one is gone
+                    resealed[gkey] = self.codec.seal(gkey, self.codec.open(gkey, data))
+        if resealed:
+            try:
+                yield ("set_many", (resealed, self._fixed_generation_ttl()), action)
+            except StoreError as exc:
+                log.debug("stockpyle: could not re-sign class generations: %s", exc)
+        missing = {gkey: klass for gkey, klass in keys.items() if klass not in out}
+        if missing:
+            # An absent generation means a fresh token, never the old one: after an
+            # eviction every entry of the class is then unreachable, which is safe.
+            fresh = {gkey: (secrets.token_hex(4), 0.0) for gkey in missing}
+            values = {gkey: self.codec.seal(gkey, f"{token}:{changed}".encode("ascii")) for gkey, (token, changed)
+                      in fresh.items()}  # fmt: skip
+            if self._driver.can_add:
+                stored, error = yield ("add_many", (values, self._fixed_generation_ttl()), action)
+                if error is not None:
+                    raise self._mapped(error, action)
+            else:
+                # a client without add: two processes may both create one; the
+                # last write wins and the other's few entries become unreachable
+                yield ("set_many", (values, self._fixed_generation_ttl()), action)
+                stored = set(values)
+            for gkey in stored:
+                out[missing[gkey]] = fresh[gkey]
+            lost = [gkey for gkey in missing if gkey not in stored]
+            if lost:  # another process added first: take its token
+                again = yield ("get_many", (lost,), action)
+                for gkey in lost:
+                    known = self._read_generation(gkey, again.get(gkey))
+                    out[missing[gkey]] = known if known is not None else fresh[gkey]
+        return out
+
+    def _fixed_generation_ttl(self) -> Hashable:
+        # generations outlive the entries they name (they are tiny): no expiry
+        return self._driver.ttl(None)
+
+    def _adopt(self, found: Mapping[type, tuple[str, float]]) -> None:
+        with self._generation_lock:
+            changed = any(self._tokens.get(klass, (None,))[0] != token for klass, (token, _t) in found.items())
+            self._tokens.update(found)
+            if changed:
+                self._effective.clear()
+                self._mkeys.clear()
+
+    def _learn(self, classes: Sequence[type]) -> None:
+        self._adopt(self._run(self._plan_generations(list(classes), "learn a class generation"), "get"))
+
+    def _check_generations(self) -> None:
+        """Re-read the generations of the classes in use, at most every ``generation_check`` seconds."""
+        self._generations_due = time.monotonic() + self.generation_check
+        classes = list(self._tokens)
+        if classes:
+            try:
+                self._learn(classes)
+            except StockpyleError as exc:
+                log.warning("stockpyle: could not check class generations in %s: %s", self._driver.backend, exc)
+                self._generations_due = time.monotonic() + min(self.generation_check, 0.1)
+
+    def invalidate_class(self, klass: type) -> None:
+        """Make every entry of ``klass`` (and of its subclasses) unreachable, in every process.
+
+        The class gets a new generation token in the backend; the keys of the
+        class (and of classes that have it as a storable base) carry it, so
+        entries written before are never read again and expire with their
+        lifetime.  This process sees the change at once; other processes
+        within ``generation_check`` seconds.  For ``tombstone_lifetime``
+        seconds afterwards, :meth:`add` refuses objects of the class, as a
+        delete's tombstones would refuse them.
+
+        :raises StoreError: when the backend fails (the class is then unchanged).
+        """
+        key_model(klass)  # refuses classes that cannot be stored
+        gkey = self._generation_key(klass)
+        token, changed = secrets.token_hex(4), time.time()
+        value = self.codec.seal(gkey, f"{token}:{changed}".encode("ascii"))
+        self._errors.call(self, "invalidate_class", self._driver.set_many, {gkey: value}, self._fixed_generation_ttl())
+        self._adopt({klass: (token, changed)})
+
+    def _class_refused(self, obj: object, now: float) -> bool:
+        """Whether an add of ``obj`` comes too soon after a class invalidation of its class or a base."""
+        horizon = now - max(self.tombstone_lifetime, self._driver.min_lifetime)
+        tokens = self._tokens
+        return any(tokens.get(base, ("", 0.0))[1] > horizon for base in key_model(type(obj)).bases)
+
     def key_for(self, klass: type, keydict: KeyDict) -> str:
         """The backend key ``get(klass, keydict)`` reads."""
         return self.storage_key(lookup_key(klass, keydict))
 
     def _object_mkeys(self, obj: object) -> list[str]:
         check_storable(obj)
+        if time.monotonic() >= self._generations_due:
+            self._check_generations()
         mkey = self.storage_key
         out = [mkey(k) for k in object_keys(obj, self.polymorphic)]
         return out if len(out) == len(set(out)) else list(dict.fromkeys(out))
@@ -784,6 +958,8 @@ class KeyValueStore(BaseStore):
     # -- the operations -------------------------------------------------
 
     def get(self, klass: type[T], keydict: KeyDict) -> T | None:
+        if time.monotonic() >= self._generations_due:
+            self._check_generations()
         key = lookup_key(klass, keydict)
         mkey = self._mkeys.get(key) or self.storage_key(key)
         data = self._errors.call(self, "get", self._get, mkey)
@@ -796,6 +972,8 @@ class KeyValueStore(BaseStore):
         return None if obj is MISS else obj
 
     def _lookup_keys(self, klass: type, keydicts: Iterable[KeyDict]) -> list[str]:
+        if time.monotonic() >= self._generations_due:
+            self._check_generations()
         cache = self._mkeys
         storage_key = self.storage_key
         mkeys = []
@@ -853,6 +1031,10 @@ class KeyValueStore(BaseStore):
         items, failure = self._prepare(objs)
         if failure is not None:
             log.warning("stockpyle: %s back-fill skipped an object: %s", self._driver.backend, failure)
+        now = time.time()
+        for obj, item in zip(objs, items, strict=True):
+            if self._class_refused(obj, now):
+                item.values = None  # its class was just invalidated: the copy may predate that
         return self._run(self._plan_add(items, action), action)
 
     def add(self, obj: object) -> bool:

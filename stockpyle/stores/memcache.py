@@ -29,7 +29,7 @@ from .drivers.pymemcache import (
     build_client,
     normalize_servers,
 )
-from .kv import CAS_ATTEMPTS, DEFAULT_MAX_LIFETIME, ITEM_OVERHEAD, KeyValueStore
+from .kv import CAS_ATTEMPTS, DEFAULT_GENERATION_CHECK, DEFAULT_MAX_LIFETIME, ITEM_OVERHEAD, KeyValueStore
 
 __all__ = ["CAS_ATTEMPTS", "DEFAULT_MAX_ITEM_SIZE", "DEFAULT_MAX_LIFETIME", "INSTALL_HINT", "MemcacheStore"]
 
@@ -84,6 +84,9 @@ class MemcacheStore(KeyValueStore):
         (default one day).  It bounds how long an entry can stay stale when an
         invalidation could not reach memcached.  ``None`` lets entries without
         a lifetime live until evicted.
+    :param generation_check: seconds between two checks of the generations of
+        the classes this store uses (see :meth:`invalidate_class`): how long
+        another process's class-wide invalidation can take to reach this one.
     :raises ConfigurationError: for none or both of ``servers``/``client``, both
         ``secret``/``signer``, or other invalid arguments.
     :raises ImportError: for ``servers=`` without pymemcache installed.
@@ -116,6 +119,7 @@ class MemcacheStore(KeyValueStore):
         cleanup_stale_keys: bool = True,
         tombstone_lifetime: float = 5.0,
         max_lifetime: Any = DEFAULT_MAX_LIFETIME,
+        generation_check: float = DEFAULT_GENERATION_CHECK,
     ) -> None:
         if (servers is None) == (client is None):
             raise ConfigurationError(
@@ -147,6 +151,7 @@ class MemcacheStore(KeyValueStore):
             cleanup_stale_keys=cleanup_stale_keys,
             tombstone_lifetime=tombstone_lifetime,
             max_lifetime=max_lifetime,
+            generation_check=generation_check,
             tombstone_limit=MEMCACHE_RELATIVE_LIMIT,
         )
 
