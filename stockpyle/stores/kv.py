@@ -680,7 +680,19 @@ class KeyValueStore(BaseStore):
         for mkeys, version in zip(prepared, versions, strict=True):
             for mkey in mkeys:
                 burials[mkey] = version
-        yield from self._plan_bury(burials.items(), action)
+        try:
+            yield from self._plan_bury(burials.items(), action)
+        except StoreError:
+            if self._tomb_ttl is None:
+                raise
+            # The server answered but refused the tombstones (e.g. out of
+            # memory): delete the keys plainly, so no old entry stays readable,
+            # then report the refusal.  An unreachable server gets neither.
+            try:
+                yield ("delete_many", (list(burials),), f"{action} (deleting after refused tombstones)")
+            except StoreError:
+                pass
+            raise
         if unreadable is not None:
             raise unreadable
 
