@@ -15,12 +15,12 @@ from stockpyle.exceptions import NonUniqueKeyError, StockpyleError
 
 PUBLIC = {
     "BaseDictionaryStore", "BaseStore", "ChainedStore", "ConfigurationError", "MemcacheStore", "MultiStore",
-    "NonUniqueKeyError", "ProcessMemoryStore", "ShoveStore", "SqlAlchemyStore", "StockpyleError", "Storable",
-    "StoreError", "StoreUnavailableError", "ThreadLocalStore", "exceptions",
+    "NonUniqueKeyError", "ProcessMemoryStore", "RedisStore", "ShoveStore", "SqlAlchemyStore", "StockpyleError",
+    "Storable", "StoreError", "StoreUnavailableError", "ThreadLocalStore", "exceptions",
 }  # fmt: skip
 STORES_PUBLIC = {
     "BaseDictionaryStore", "BaseStore", "ChainedStore", "LayerStats", "MemcacheStore", "MultiStore",
-    "ProcessMemoryStore", "ShoveStore", "SqlAlchemyStore", "ThreadLocalStore",
+    "ProcessMemoryStore", "RedisStore", "ShoveStore", "SqlAlchemyStore", "ThreadLocalStore",
 }  # fmt: skip
 
 
