@@ -661,7 +661,10 @@ class KeyValueStore(BaseStore):
                 results.append(False)
         yield from self._plan_undo(partial, action)
         if failure is not None:
-            raise self._mapped(failure, action)
+            mapped = self._mapped(failure, action)
+            if mapped is failure:
+                raise failure
+            raise mapped from failure  # the driver's error stays the __cause__, as for raised errors
         return results
 
     def _plan_delete(self, prepared: list[list[str]], objs: list[object], action: str) -> Plan[None]:
