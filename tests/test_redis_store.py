@@ -316,6 +316,17 @@ def test_release_keeps_the_store_usable(make_store: Callable[..., RedisStore]) -
     assert store.batch_get(Item, [{"zap": 1, "bar": 2}]) == [Item("k", 1, 2)]
 
 
+def test_a_cluster_store_is_usable_after_release(make_cluster_store: Callable[..., RedisStore]) -> None:
+    store = make_cluster_store()
+    items = [Item(f"r{i}", i, 0) for i in range(10)]
+    store.batch_put(items)
+    store.release()  # disconnects every node's pool; the slot table is kept
+    assert store.batch_get(Item, [{"key": f"r{i}"} for i in range(10)]) == items
+    store.release()
+    assert store.get(Item, {"zap": 3, "bar": 0}) == items[3]
+    store.batch_delete(items)
+
+
 # ---------------------------------------------------------------------------
 # keys
 
