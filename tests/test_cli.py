@@ -164,6 +164,26 @@ def test_bench_quick_json_has_ratio_rows(tmp_path: Path) -> None:
     assert "ProcessMemoryStore.get hit" in result.stdout
 
 
+@pytest.mark.redis
+def test_bench_redis_rows_compare_with_raw_redis_py(redis_server_factory: Any, tmp_path: Path) -> None:
+    redis_server_factory.start()  # skips (fails under CI=true) without redis-server; the suite starts its own
+    target = tmp_path / "bench.json"
+    result = stockpyle("bench", "--quick", "--only", "redis", "--json", str(target), timeout=180)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(target.read_text(encoding="utf-8"))["rows"]
+    pairs = {(row["name"], row["baseline"]): row for row in rows}
+    for pair in (
+        ("RedisStore.get", "raw Redis.get + pickle.loads"),
+        ("RedisStore.batch_get(100)", "raw Redis.mget(100) + unpickle"),
+        ("RedisStore.put (2 keys)", "raw pipeline SET PX x2 + pickle.dumps"),
+    ):
+        row = pairs[pair]
+        assert row["suite"] == "redis"
+        assert row["median"] > 0 and row["baseline_median"] > 0
+        assert 0.5 < row["ratio"] < 20
+    assert pairs[("RedisStore.get", "raw Redis.get + pickle.loads")]["target"] == "<= 1.20"
+
+
 def test_bench_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     target = tmp_path / "ratios.png"

@@ -377,6 +377,23 @@ def test_a_foreign_value_under_a_key_is_a_rejected_miss(
     assert store.batch_get(Item, [{"key": "h"}]) == [None]  # MGET reports it as missing
 
 
+def test_a_corrupt_entry_in_a_batch_is_rejected_and_deleted(
+    make_store: Callable[..., RedisStore], redis_client: Any
+) -> None:
+    store = make_store()
+    store.batch_put([Item("good", 1, 1), Item("bad", 2, 2)])
+    bad_key = store.key_for(Item, {"key": "bad"})
+    entry = redis_client.get(bad_key)
+    redis_client.set(bad_key, entry[:-12] + b"\x00" * 12)  # a valid envelope around a broken pickle
+    assert store.batch_get(Item, [{"key": "good"}, {"key": "bad"}, {"zap": 2, "bar": 2}]) == [
+        Item("good", 1, 1),
+        None,
+        Item("bad", 2, 2),
+    ]
+    assert store.rejected == 1
+    assert redis_client.exists(bad_key) == 0
+
+
 # ---------------------------------------------------------------------------
 # round trips
 
