@@ -676,3 +676,27 @@ def test_sixteen_threads_share_one_store(where: str, request: pytest.FixtureRequ
     for thread in threads:
         thread.join(60)
     assert not errors, errors[:3]
+
+
+# ---------------------------------------------------------------------------
+# the documented example
+
+
+@pytest.mark.parametrize("where", ["standalone", "cluster"])
+def test_the_redis_example_runs(where: str, request: pytest.FixtureRequest) -> None:
+    root = Path(__file__).resolve().parent.parent
+    if where == "cluster":
+        arguments = [request.getfixturevalue("redis_cluster").url, "--cluster"]
+    else:
+        request.getfixturevalue("redis_client")
+        arguments = [request.getfixturevalue("redis_url")]
+    result = subprocess.run(
+        [sys.executable, str(root / "examples" / "redis_cache.py"), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith("ok")
+    assert "the tombstone refused a late back-fill" in result.stdout
