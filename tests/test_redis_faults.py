@@ -83,6 +83,48 @@ def test_restart_between_operations_is_invisible(redis_server_factory: Any) -> N
     assert store.get(Item, {"zap": 1, "bar": 0}).payload == "again"  # type: ignore[union-attr]
 
 
+class KilledOnSend(redis.connection.Connection):
+    """A real pooled connection that the server closes (CLIENT KILL) right before the next request goes out."""
+
+    admin: redis.Redis | None = None
+    armed = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if KilledOnSend.armed and KilledOnSend.admin is not None:
+            KilledOnSend.armed -= 1
+            KilledOnSend.admin.client_kill_filter(_type="normal", skipme=True)  # every client but the admin
+            time.sleep(0.05)  # the server has closed this socket: the request will fail on it
+        super().send_packed_command(command, check_health)
+
+
+@pytest.mark.parametrize("operation", ["get", "batch_get", "put", "add"])
+def test_a_connection_closed_by_the_server_mid_use_is_retried_once(operation: str, redis_server_factory: Any) -> None:
+    server = redis_server_factory.start()
+    KilledOnSend.admin = redis.Redis(port=server.port)
+    pool = redis.ConnectionPool.from_url(server.url, connection_class=KilledOnSend)
+    store = RedisStore(client=redis.Redis(connection_pool=pool), namespace="killed")
+    store.put(Item("k", 1, 2, "v1"))
+    calls = {
+        "get": lambda: store.get(Item, {"key": "k"}),
+        "batch_get": lambda: store.batch_get(Item, [{"key": "k"}]),
+        "put": lambda: store.put(Item("k", 1, 2, "v2")),
+        "add": lambda: store.add(Item("n", 3, 4)),
+    }
+    try:
+        KilledOnSend.armed = 1
+        calls[operation]()  # no error: the request is sent again on a new connection
+        assert KilledOnSend.armed == 0
+        assert store.get(Item, {"zap": 1, "bar": 2}) is not None
+        KilledOnSend.armed = 2  # closed twice in a row: that is an outage, reported
+        with pytest.raises(StoreUnavailableError):
+            calls[operation]()
+    finally:
+        KilledOnSend.armed = 0
+        KilledOnSend.admin.close()
+        KilledOnSend.admin = None
+        store.release()
+
+
 def test_killed_server_then_restarted(redis_server_factory: Any) -> None:
     server = redis_server_factory.start()
     store = RedisStore(server.url, namespace="kill", **FAST)

@@ -637,6 +637,33 @@ def test_out_of_memory_is_a_store_error_and_never_leaves_a_stale_entry(redis_ser
     store.release()
 
 
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (redis.ConnectionError("Error 111 connecting"), StoreUnavailableError),
+        (redis.TimeoutError("Timeout reading from socket"), StoreUnavailableError),
+        (redis.exceptions.ClusterDownError("The cluster is down"), StoreUnavailableError),
+        (redis.exceptions.MasterDownError("Link with MASTER is down"), StoreUnavailableError),
+        (redis.exceptions.ClusterError("TTL exhausted."), StoreUnavailableError),  # MOVED/ASK without end
+        (redis.exceptions.SlotNotCoveredError('Slot "7" is not covered by the cluster.'), StoreUnavailableError),
+        (redis.exceptions.RedisClusterException("Redis Cluster cannot be connected."), StoreUnavailableError),
+        (redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), StoreError),
+        (redis.exceptions.AuthenticationError("invalid username-password pair"), StoreError),
+        (redis.exceptions.NoPermissionError("this user has no permissions"), StoreError),
+        (redis.exceptions.ResponseError("WRONGTYPE Operation against a key"), StoreError),
+        (redis.exceptions.ResponseError("Protocol error: invalid bulk length"), ValueTooLargeError),
+    ],
+    ids=lambda v: type(v).__name__,
+)
+def test_the_error_table_maps_redis_errors(error: Exception, expected: type[Exception], redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    mapped = store.driver.errors.map(error, store, "get")
+    assert type(mapped) is expected, mapped
+    assert mapped.store is store and mapped.action == "get"  # type: ignore[union-attr]
+    assert store.describe() in str(mapped)
+    assert store.driver.errors.map(KeyError("a bug"), store, "get") is None  # not a driver error: passes through
+
+
 def test_unpicklable_object_drops_the_old_entry(make_store: Callable[..., RedisStore]) -> None:
     store = make_store()
     store.put(Item("u", 1, 2, "picklable"))

@@ -107,46 +107,28 @@ class RedisStore(KeyValueStore):
         cluster client not reading from replicas).
     :param cluster: ``True`` when ``url`` names a node of a Redis Cluster;
         by default inferred from ``client`` (``False`` for a URL).
-    :param polymorphic: also index objects under their storable base classes.
-    :param lifetime_cb: ``obj -> lifetime`` in this store.
-    :param prefix: first part of every Redis key (default ``"sp"``).
-    :param namespace: second part, e.g. a code or schema version: stores with
-        different namespaces never see each other's entries.
-    :param serializer: a :class:`~stockpyle.serializers.Serializer`
-        (default :class:`~stockpyle.serializers.PickleSerializer`).
-    :param secret: sign entries with HMAC-SHA256 under this secret (``bytes``,
-        ``str`` or a ``{key_id: secret}`` keyring, see
-        :class:`~stockpyle.serializers.HMACSigner`).
-    :param signer: a ready :class:`~stockpyle.serializers.Signer` instead of ``secret``.
     :param socket_timeout: seconds to wait for each response (``url=`` only).
     :param connect_timeout: seconds to wait for a connection (``url=`` only).
     :param max_item_size: the largest value the server accepts, in bytes
         (Redis's ``proto-max-bulk-len``, 512 MiB by default); larger values
         raise :class:`~stockpyle.exceptions.ValueTooLargeError` before
         anything is sent (Redis would drop the connection instead).
-    :param cleanup_stale_keys: on ``put``/``delete``, read the entries under the
-        object's keys first and delete the keys they recorded that the object
-        no longer has (one extra round trip, skipped for objects with a single
-        key).  Turn off only if key attributes never change.
     :param tombstone_lifetime: seconds a deleted key keeps a tombstone that
-        refuses back-fills (``add``), so a reader racing the delete cannot put
-        the old object back (default 5, kept to the millisecond).  ``0``
-        deletes plainly (no protection against that race).
-    :param max_lifetime: cap on the lifetime of every entry: objects whose
-        lifetime is longer, or unset ("never expires"), get this one
-        (default one day).  It bounds how long an entry can stay stale when an
-        invalidation could not reach Redis.  ``None`` lets entries without a
-        lifetime live until evicted.
+        refuses back-fills (default 5, kept to the millisecond; ``0`` deletes
+        plainly).
+
+    The other options -- ``polymorphic``, ``lifetime_cb``, ``prefix``,
+    ``namespace``, ``serializer``, ``secret``, ``signer``,
+    ``cleanup_stale_keys`` and ``max_lifetime`` (one day by default) -- are
+    the key-value engine's, described in :class:`~stockpyle.stores.kv.KeyValueStore`.
+
     :raises ConfigurationError: for none or both of ``url``/``client``, both
         ``secret``/``signer``, a malformed URL, a client the store cannot use,
         or other invalid arguments.
     :raises ImportError: without redis-py installed.
 
-    :ivar rejected: number of entries that failed verification or could not
-        be decoded; each was treated as a miss and deleted.
-    :ivar conflicts: version-checked writes that kept conflicting with other
-        writers for :data:`CAS_ATTEMPTS` attempts and invalidated the object's
-        keys instead.
+    ``store.rejected`` and ``store.conflicts`` count rejected entries and
+    versioned writes that gave up after :data:`CAS_ATTEMPTS` conflicts.
     """
 
     store_name = "RedisStore"
