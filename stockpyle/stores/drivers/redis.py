@@ -232,7 +232,6 @@ class RedisDriver:
         errors = self._redis.exceptions
         self._redirects = (errors.MovedError, errors.AskError, errors.TryAgainError)
         self._lost = (errors.ConnectionError, errors.TimeoutError)
-        self._scripts_refused = (errors.NoPermissionError, errors.ResponseError)
         self._connect = connect
         self._lock = threading.Lock()
         self._client = client
@@ -327,15 +326,20 @@ class RedisDriver:
                         results[i] = exc
         return results
 
-    def _each(self, keys: Sequence[str], command: Callable[[str], tuple[Any, ...]]) -> list[tuple[str, Any]]:
-        """``(key, result)`` for one command per key, one pipeline per node; every node is tried before the first
-        failure is raised."""
+    def _each(
+        self, keys: Sequence[str], command: Callable[[str], tuple[Any, ...]]
+    ) -> tuple[list[tuple[str, Any]], BaseException | None]:
+        """One command per key, one pipeline per node; every node is tried.
+
+        :returns: ``(key, result)`` for the commands that succeeded, and the
+            first failure (a node that failed, or a command it refused) or ``None``.
+        """
         out: list[tuple[str, Any]] = []
         first: BaseException | None = None
         for name, node, group in self._groups(keys):
             try:
                 results = self._pipeline(name, node, [command(key) for key in group])
-            except Exception as exc:  # noqa: BLE001 - re-raised below, after the other nodes
+            except Exception as exc:  # noqa: BLE001 - reported after the other nodes were tried
                 first = first or exc
                 continue
             for key, result in zip(group, results, strict=True):
@@ -343,6 +347,11 @@ class RedisDriver:
                     first = first or result
                 else:
                     out.append((key, result))
+        return out, first
+
+    def _all(self, keys: Sequence[str], command: Callable[[str], tuple[Any, ...]]) -> list[tuple[str, Any]]:
+        """:meth:`_each`, raising the first failure after every node was tried."""
+        out, first = self._each(keys, command)
         if first is not None:
             raise first
         return out
@@ -370,7 +379,7 @@ class RedisDriver:
         if not self.cluster:
             values = self._once_more(self.client.mget, keys)
             return {key: value for key, value in zip(keys, values, strict=True) if value is not None}
-        return {key: value for key, value in self._each(keys, lambda key: ("GET", key)) if value is not None}
+        return {key: value for key, value in self._all(keys, lambda key: ("GET", key)) if value is not None}
 
     @staticmethod
     def _set(key: str, value: bytes, ttl: Hashable, *flags: str) -> tuple[Any, ...]:
@@ -379,26 +388,15 @@ class RedisDriver:
         return ("SET", key, value, *flags, "PX", ttl)
 
     def set_many(self, items: Mapping[str, bytes], ttl: Hashable) -> None:
-        results = self._each(list(items), lambda key: self._set(key, items[key], ttl))
+        results = self._all(list(items), lambda key: self._set(key, items[key], ttl))
         refused = [key for key, done in results if not done]
         if refused:
             raise StoreError(f"Redis did not store {len(refused)} of {len(items)} keys")
 
     def add_many(self, items: Mapping[str, bytes], ttl: Hashable) -> tuple[set[str], BaseException | None]:
-        stored: set[str] = set()
-        first: BaseException | None = None
-        for name, node, group in self._groups(list(items)):
-            try:
-                results = self._pipeline(name, node, [self._set(key, items[key], ttl, "NX") for key in group])
-            except Exception as exc:  # noqa: BLE001 - returned to the engine, which undoes the rest
-                first = first or exc
-                continue
-            for key, result in zip(group, results, strict=True):
-                if isinstance(result, Exception):
-                    first = first or result
-                elif result:
-                    stored.add(key)
-        return stored, first
+        # keys on a node that failed, or that it refused (OOM), count as not stored
+        results, first = self._each(list(items), lambda key: self._set(key, items[key], ttl, "NX"))
+        return {key for key, done in results if done}, first
 
     def delete_many(self, keys: Sequence[str]) -> None:
         if not keys:
@@ -406,7 +404,7 @@ class RedisDriver:
         if not self.cluster:
             self._once_more(self.client.delete, *keys)
         else:
-            self._each(keys, lambda key: ("DEL", key))
+            self._all(keys, lambda key: ("DEL", key))
 
     def gets_many(self, keys: Sequence[str]) -> Mapping[str, tuple[bytes, Any]]:
         # the token of a key is the value itself: cas compares values
@@ -420,7 +418,7 @@ class RedisDriver:
             digest = hashlib.sha1(token).hexdigest()
             try:
                 return bool(self._once_more(self._run_script, client, key, digest, value, ttl))
-            except self._scripts_refused as exc:
+            except self._redis.exceptions.ResponseError as exc:  # NOPERM is one too
                 if not self._refuses_scripts(exc):
                     raise
         return bool(self._once_more(self._cas_watching, client, key, value, token, ttl))
