@@ -686,7 +686,7 @@ def test_sixteen_threads_share_one_store(where: str, request: pytest.FixtureRequ
 
     def work(thread: int) -> None:
         try:
-            for round_ in range(25):
+            for round_ in range(12):
                 mine = Item(f"t{thread}", thread, round_, (thread, round_))
                 store.put(mine)
                 assert store.get(Item, {"key": f"t{thread}"}) == mine
