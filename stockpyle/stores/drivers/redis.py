@@ -232,6 +232,8 @@ class RedisDriver:
         errors = self._redis.exceptions
         self._redirects = (errors.MovedError, errors.AskError, errors.TryAgainError)
         self._lost = (errors.ConnectionError, errors.TimeoutError)
+        #: a command the server answered with an error (a pipeline returns it as the command's result)
+        self._refusals = errors.ResponseError
         self._connect = connect
         self._lock = threading.Lock()
         self._client = client
@@ -302,6 +304,11 @@ class RedisDriver:
         """
 
         def send() -> list[Any]:
+            if len(commands) == 1:  # one command: a pipeline would only add redis-py's own cost
+                try:
+                    return [node.execute_command(*commands[0])]
+                except self._refusals as exc:
+                    return [exc]
             pipe = node.pipeline(transaction=False)
             for command in commands:
                 pipe.execute_command(*command)
