@@ -685,12 +685,12 @@ class KeyValueStore(BaseStore):
                 burials[mkey] = version
         try:
             yield from self._plan_bury(burials.items(), action)
-        except StoreError:
-            if self._tomb_ttl is None:
-                raise
+        except StoreError as exc:
+            if self._tomb_ttl is None or isinstance(exc, StoreUnavailableError):
+                raise  # an unreachable server is not asked again
             # The server answered but refused the tombstones (e.g. out of
             # memory): delete the keys plainly, so no old entry stays readable,
-            # then report the refusal.  An unreachable server gets neither.
+            # then report the refusal.
             try:
                 yield ("delete_many", (list(burials),), f"{action} (deleting after refused tombstones)")
             except StoreError:
