@@ -1,7 +1,7 @@
 """stockpyle: layered, write-through object storage and caching.
 
 Declare which attributes identify your objects, then store them through a
-chain of layers -- thread-local memory, process memory, memcached, any shove
+chain of layers -- thread-local memory, process memory, memcached, Redis, any shove
 backend, an SQL database -- and read them back through the fastest layer that
 has them::
 
@@ -37,6 +37,7 @@ from .stores.memory import ProcessMemoryStore, ThreadLocalStore
 
 if _typing.TYPE_CHECKING:  # pragma: no cover
     from .stores.memcache import MemcacheStore
+    from .stores.redis import RedisStore
     from .stores.shove import ShoveStore
     from .stores.sqlalchemy import SqlAlchemyStore
 
@@ -52,6 +53,7 @@ __all__ = [
     "NonUniqueKeyError",
     "NotStorableError",
     "ProcessMemoryStore",
+    "RedisStore",
     "ShoveStore",
     "SqlAlchemyStore",
     "StockpyleError",
@@ -67,7 +69,7 @@ __all__ = [
 
 def __getattr__(name: str) -> _typing.Any:
     # backend stores live in modules that import optional drivers: load on first use
-    if name in ("MemcacheStore", "ShoveStore", "SqlAlchemyStore"):
+    if name in ("MemcacheStore", "RedisStore", "ShoveStore", "SqlAlchemyStore"):
         from . import stores
 
         value = getattr(stores, name)

@@ -101,8 +101,9 @@ class PickleSerializer:
     def dumps(self, obj: Any) -> bytes:
         return pickle.dumps(obj, self.protocol)
 
-    def loads(self, data: bytes) -> Any:
-        return pickle.loads(data)
+    #: ``pickle.loads`` itself rather than a method calling it: one Python call
+    #: less per entry read (a store's hottest path after the round trip).
+    loads = staticmethod(pickle.loads)
 
     def __repr__(self) -> str:
         return f"PickleSerializer(protocol={self.protocol})"

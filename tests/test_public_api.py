@@ -15,7 +15,7 @@ from stockpyle.exceptions import NonUniqueKeyError, StockpyleError
 
 PUBLIC = {
     "BaseDictionaryStore", "BaseStore", "ChainedStore", "ConfigurationError", "MemcacheStore", "MultiStore",
-    "NonUniqueKeyError", "NotStorableError", "ProcessMemoryStore", "ShoveStore", "SqlAlchemyStore",
+    "NonUniqueKeyError", "NotStorableError", "ProcessMemoryStore", "RedisStore", "ShoveStore", "SqlAlchemyStore",
     "StockpyleError", "Storable", "StoreError", "StoreNotBoundError", "StoreUnavailableError", "ThreadLocalStore",
     "UnknownKeyError", "exceptions",
 }  # fmt: skip
@@ -26,7 +26,7 @@ TOP_LEVEL_ERRORS = (
 )  # fmt: skip
 STORES_PUBLIC = {
     "BaseDictionaryStore", "BaseStore", "ChainedStore", "LayerStats", "MemcacheStore", "MultiStore",
-    "ProcessMemoryStore", "ShoveStore", "SqlAlchemyStore", "ThreadLocalStore",
+    "ProcessMemoryStore", "RedisStore", "ShoveStore", "SqlAlchemyStore", "ThreadLocalStore",
 }  # fmt: skip
 
 

@@ -66,7 +66,7 @@ class TestMariadbContract(_SqlContract):
 
 
 # ---------------------------------------------------------------------------
-# the whole stack: process memory over memcached over the database
+# the whole stack: process memory over memcached (or Redis) over the database
 
 
 class _ChainContract(_SqlContract):
@@ -97,5 +97,39 @@ class TestSqliteChainContract(_ChainContract):
 @pytest.mark.memcache
 @pytest.mark.postgres
 class TestPostgresChainContract(_ChainContract):
+    backend: ClassVar[str] = "postgres"
+    hostile_values: ClassVar[tuple[str, ...]] = hostile_values_for("postgres")
+
+
+class _RedisChainContract(_SqlContract):
+    """ChainedStore([ProcessMemoryStore, RedisStore, SqlAlchemyStore]) passes the same contract."""
+
+    redis_url: str
+    redis_prefix: str
+
+    @pytest.fixture(autouse=True)
+    def _redis(self, redis_client: Any, redis_url: str, redis_prefix: str) -> None:
+        # redis_client deletes this test's keys (those containing redis_prefix) afterwards
+        self.redis_url, self.redis_prefix = redis_url, redis_prefix
+
+    def make_store(self, **options: Any) -> Any:
+        from stockpyle import ChainedStore, ProcessMemoryStore
+        from stockpyle.stores.redis import RedisStore
+
+        database = super().make_store(**options)
+        namespace = f"{self.redis_prefix}-{secrets.token_hex(4)}"
+        return ChainedStore(
+            [ProcessMemoryStore(**options), RedisStore(self.redis_url, namespace=namespace, **options), database]
+        )
+
+
+@pytest.mark.redis
+class TestSqliteRedisChainContract(_RedisChainContract):
+    backend: ClassVar[str] = "sqlite"
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+class TestPostgresRedisChainContract(_RedisChainContract):
     backend: ClassVar[str] = "postgres"
     hostile_values: ClassVar[tuple[str, ...]] = hostile_values_for("postgres")

@@ -31,6 +31,8 @@ SUITES: dict[str, str] = {
     "memory": "in-process hits: ProcessMemoryStore, ThreadLocalStore and ChainedStore L1 vs dict, cachetools, dogpile",
     "scaling": "get cost from 1,000 to 1,000,000 stored objects; memory per stored object (tracemalloc)",
     "memcache": "MemcacheStore get/batch_get(100)/put vs raw pymemcache and dogpile.cache (private memcached)",
+    "redis": "RedisStore get/batch_get(100)/put vs raw redis-py and dogpile.cache (private redis-server, pinned to "
+    "one CPU with the benchmark)",
     "sqlalchemy": "SqlAlchemyStore get/batch_get(100) vs hand-written SQLAlchemy; the chain at each depth vs "
     "hand-written cache-aside (SQLite, and PostgreSQL when reachable)",
 }
@@ -50,8 +52,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "(interleaved; the ratio is the median of per-round ratios, below 1.0 means stockpyle is faster). "
             "Suites: " + "; ".join(f"{name}: {what}" for name, what in SUITES.items()) + ". "
             "Peers that are not installed are skipped with a note; the memcache rows start a private memcached "
-            "from the memcached binary; PostgreSQL rows need STOCKPYLE_POSTGRES_URL (default "
-            "postgresql+psycopg://postgres@127.0.0.1:5432/test) to be reachable."
+            "from the memcached binary, the redis rows a private redis-server; PostgreSQL rows need "
+            "STOCKPYLE_POSTGRES_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/test) to be reachable."
         ),
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds and smaller sizes (about a minute)")

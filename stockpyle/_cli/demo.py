@@ -1,7 +1,7 @@
 """``stockpyle demo``: a read-heavy workload through a chain of caches over a real database.
 
-The chain is ``ThreadLocalStore -> ProcessMemoryStore [-> MemcacheStore] ->
-SqlAlchemyStore``; the database is an SQLite file unless ``--database-url``
+The chain is ``ThreadLocalStore -> ProcessMemoryStore [-> MemcacheStore]
+[-> RedisStore] -> SqlAlchemyStore``; the database is an SQLite file unless ``--database-url``
 names another.  Lookups follow a Zipf-like distribution (a few users are
 asked for very often, most rarely), with updates, inserts and deletes mixed
 in.  At the end the demo prints what each layer did, how many database
@@ -92,7 +92,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run a cached workload on embedded defaults (SQLite, no server needed)",
         description=(
             "Store users (an integer id and a unique email, mapped with SQLAlchemy) in a database and read "
-            "them through ChainedStore([ThreadLocalStore, ProcessMemoryStore, (MemcacheStore,) SqlAlchemyStore]). "
+            "them through ChainedStore([ThreadLocalStore, ProcessMemoryStore, (MemcacheStore,) (RedisStore,) "
+            "SqlAlchemyStore]). "
             # the description is not %-formatted (help texts are): a plain % sign
             "The workload is read-heavy with a Zipf-like key distribution: "
             + ", ".join(f"{share}% {_MIX_LABELS[name]}" for name, share in MIX.items())
@@ -139,6 +140,13 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         metavar="HOST:PORT[,HOST:PORT...]",
         help="add a MemcacheStore layer on these memcached servers; needs stockpyle[memcache] (default: no memcached)",
+    )
+    parser.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="add a RedisStore layer on this Redis, e.g. redis://127.0.0.1:6379/0 (needs stockpyle[redis]; its "
+        "entries, in a fresh namespace, expire after 5 minutes)",
     )
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     parser.set_defaults(handler=run)
@@ -198,6 +206,30 @@ def _missing_driver(drivername: str, exc: ImportError) -> str:
     else:
         fix = "install its DBAPI driver"
     return f"SQLAlchemy's {drivername!r} dialect needs a driver that is not installed ({exc}); {fix}"
+
+
+def _redis_store(url: str) -> Any:
+    """A RedisStore on ``url`` in a fresh namespace, probed with PING."""
+    try:
+        import redis
+    except ImportError:
+        raise CLIError('--redis needs redis-py: pip install "stockpyle[redis]"') from None
+    from ..exceptions import ConfigurationError
+    from ..stores.redis import RedisStore
+
+    try:
+        # a fresh namespace: entries of earlier runs (other databases) are never read
+        store = RedisStore(url, namespace=f"demo-{uuid.uuid4().hex[:12]}")
+    except ConfigurationError as exc:
+        raise CLIError(f"--redis {url!r}: {exc}") from None
+    try:
+        store.client.ping()
+    except (redis.RedisError, OSError) as exc:
+        store.release()
+        raise CLIError(
+            f"cannot reach Redis at {store.describe()} ({exc}); start redis-server there or leave out --redis"
+        ) from None
+    return store
 
 
 def _engine(url_text: str) -> Engine:
@@ -414,6 +446,10 @@ def _layer_name(store: Any) -> str:
     servers = getattr(store, "servers", None)
     if servers:
         return f"{name} ({', '.join(servers)})"
+    from ..stores.kv import KeyValueStore
+
+    if isinstance(store, KeyValueStore):
+        return f"{name} ({store.describe()})"
     engine = getattr(store, "engine", None)
     if engine is not None:
         return f"{name} ({engine.dialect.name})"
@@ -528,6 +564,7 @@ def run(args: argparse.Namespace) -> int:
     from .demo_model import DemoBase, DemoUser
 
     servers = _memcache_servers(args.memcache) if args.memcache else None
+    redis_layer = _redis_store(args.redis) if args.redis else None
     console = Console(highlight=False)
     if not console.is_terminal:  # piped or captured: wide enough for the table, no wrapping
         console = Console(highlight=False, width=120, soft_wrap=True)
@@ -560,6 +597,9 @@ def run(args: argparse.Namespace) -> int:
                 shared = MemcacheStore(servers, namespace=f"demo-{uuid.uuid4().hex[:12]}")
                 shared.configure(classes=[DemoUser], lifetime=300)
                 layers.append(shared)
+            if redis_layer is not None:
+                redis_layer.configure(classes=[DemoUser], lifetime=300)
+                layers.append(redis_layer)
             layers.append(SqlAlchemyStore(engine=engine))
             chain = ChainedStore(layers)
 

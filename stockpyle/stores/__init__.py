@@ -1,4 +1,4 @@
-"""The stores.  Backend stores (memcached, shove, SQLAlchemy) are imported lazily:
+"""The stores.  Backend stores (memcached, Redis, shove, SQLAlchemy) are imported lazily:
 importing this package never imports an optional driver."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from .memory import ProcessMemoryStore, ThreadLocalStore
 
 if TYPE_CHECKING:  # pragma: no cover
     from .memcache import MemcacheStore
+    from .redis import RedisStore
     from .shove import ShoveStore
     from .sqlalchemy import SqlAlchemyStore
 
@@ -22,6 +23,7 @@ __all__ = [
     "MemcacheStore",
     "MultiStore",
     "ProcessMemoryStore",
+    "RedisStore",
     "ShoveStore",
     "SqlAlchemyStore",
     "ThreadLocalStore",
@@ -29,6 +31,7 @@ __all__ = [
 
 _LAZY = {
     "MemcacheStore": ".memcache",
+    "RedisStore": ".redis",
     "ShoveStore": ".shove",
     "SqlAlchemyStore": ".sqlalchemy",
 }

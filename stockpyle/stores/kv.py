@@ -932,7 +932,10 @@ class KeyValueStore(BaseStore):
                 results.append(False)
         yield from self._plan_undo(partial, action)
         if failure is not None:
-            raise self._mapped(failure, action)
+            mapped = self._mapped(failure, action)
+            if mapped is failure:
+                raise failure
+            raise mapped from failure  # the driver's error stays the __cause__, as for raised errors
         return results
 
     def _plan_delete(self, prepared: list[list[str]], objs: list[object], action: str) -> Plan[None]:
@@ -951,7 +954,19 @@ class KeyValueStore(BaseStore):
         for mkeys, version in zip(prepared, versions, strict=True):
             for mkey in mkeys:
                 burials[mkey] = version
-        yield from self._plan_bury(burials.items(), action)
+        try:
+            yield from self._plan_bury(burials.items(), action)
+        except StoreError as exc:
+            if self._tomb_ttl is None or isinstance(exc, StoreUnavailableError):
+                raise  # an unreachable server is not asked again
+            # The server answered but refused the tombstones (e.g. out of
+            # memory): delete the keys plainly, so no old entry stays readable,
+            # then report the refusal.
+            try:
+                yield ("delete_many", (list(burials),), f"{action} (deleting after refused tombstones)")
+            except StoreError:
+                pass
+            raise
         if unreadable is not None:
             raise unreadable
 
@@ -983,12 +998,27 @@ class KeyValueStore(BaseStore):
         return mkeys
 
     def _decode_found(self, mkeys: list[str], found: Mapping[str, Any]) -> list[Any]:
-        """Decode a ``get_many`` result in request order (rejected entries are deleted)."""
+        """Decode a ``get_many`` result in request order (rejected entries are deleted).
+
+        The unsigned fast path of :meth:`_decode` is inlined: this loop runs
+        once per entry of every batch.
+        """
         decoded: dict[str, Any] = {}
         rejected: list[str] = []
-        decode = self._decode
+        header = self._fast_header
+        loads = self._raw_loads
         for mkey, data in found.items():
-            obj = decode(mkey, data, rejected)
+            if type(data) is bytes and data[:5] == header:
+                start = 5 + _STAMPED if data[5] == _LAYOUT else 5
+                length = int.from_bytes(data[start : start + _KEYS_LEN], "big")
+                if length == _TOMB_MARK:
+                    continue
+                try:
+                    decoded[mkey] = loads(data[start + _KEYS_LEN + length :])
+                except Exception as exc:  # noqa: BLE001 - corrupt data of any kind is a rejected entry
+                    self._reject(mkey, SerializationError(f"cannot deserialize entry: {exc!r}"), rejected)
+                continue
+            obj = self._decode(mkey, data, rejected)
             if obj is not MISS:
                 decoded[mkey] = obj
         if rejected:
