@@ -45,6 +45,8 @@ import collections.abc
 import functools
 import logging
 import math
+import os
+import queue
 import re
 import secrets
 import sys
@@ -53,17 +55,17 @@ import time
 import urllib.parse
 from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass, fields
-from typing import Any, Final, Generic, NoReturn, TypeVar, overload
+from typing import Any, Final, Generic, TypeVar, overload
 
 from .exceptions import (
     ConfigurationError,
     SerializationError,
+    SignatureError,
+    StockpyleError,
     StoreError,
-    StoreUnavailableError,
-    ValueTooLargeError,
 )
-from .lifetimes import memcache_expire
-from .serializers import Codec, HMACSigner, Serializer, Signer, fingerprint
+from .serializers import MAGIC, Codec, HMACSigner, Serializer, Signer, fingerprint
+from .stores.drivers import KVDriver
 
 __all__ = ["CachedMapping", "CachedMappingStats", "mapping_view"]
 
@@ -77,6 +79,10 @@ _T = TypeVar("_T")
 DEFAULT_CHECK_INTERVAL: Final = 5.0
 #: Default seconds a replaced snapshot stays readable.
 DEFAULT_GRACE: Final = 300.0
+#: Default longest wait of a read for a revision check (seconds).
+DEFAULT_CHECK_TIMEOUT: Final = 0.25
+#: Seconds between looks at a revision check that outlived its reader's wait.
+_INFLIGHT_RECHECK: Final = 0.1
 #: Version of the snapshot payload layout.
 _PAYLOAD_FORMAT: Final = 1
 #: Largest memcached value written per chunk: below the default 1 MiB item
@@ -121,51 +127,136 @@ class _Namespace:
 
 @dataclass(frozen=True)
 class _Pointer:
-    """What the pointer key holds: which snapshot is current."""
+    """What the pointer key holds: which snapshot is current.
+
+    Pointers are ordered by ``(epoch, revision)``: revisions count the pushes
+    of one epoch, and an epoch (the millisecond the first pointer of a chain
+    was published) starts when a pointer is published where none exists (the
+    first push, after a purge or an eviction), so a new epoch always orders
+    after the ones before it.  Readers never move back to an older pointer.
+    """
 
     revision: int
     nonce: str
     chunks: int = 1
+    epoch: int = 0
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (self.epoch, self.revision)
 
     def dump(self) -> bytes:
-        return f"{self.revision}.{self.nonce}.{self.chunks}".encode("ascii")
+        return f"{self.epoch}.{self.revision}.{self.nonce}.{self.chunks}".encode("ascii")
+
+    def successor(self, nonce: str, chunks: int) -> _Pointer:
+        return _Pointer(self.revision + 1, nonce, chunks, self.epoch)
 
     @classmethod
-    def parse(cls, raw: Any) -> _Pointer:
-        """Parse a stored pointer.
+    def first(cls, nonce: str, chunks: int) -> _Pointer:
+        return cls(1, nonce, chunks, time.time_ns() // 1_000_000)
+
+    @classmethod
+    def parse(cls, raw: bytes) -> _Pointer:
+        """Parse a pointer's text (``epoch.revision.nonce.chunks``; 0.2 wrote ``revision.nonce.chunks``).
 
         :raises SerializationError: when ``raw`` is not a pointer.
         """
         try:
-            text = raw.decode("ascii") if isinstance(raw, bytes) else str(raw)
-            revision, nonce, chunks = text.split(".")
-            pointer = cls(int(revision), nonce, int(chunks))
+            parts = raw.decode("ascii").split(".")
+            if len(parts) == 3:
+                parts.insert(0, "0")
+            epoch, revision, nonce, chunks = parts
+            pointer = cls(int(revision), nonce, int(chunks), int(epoch))
         except (UnicodeDecodeError, ValueError) as exc:
             raise SerializationError(f"revision pointer {raw!r} is malformed") from exc
-        if pointer.revision < 1 or pointer.chunks < 1 or not re.fullmatch(r"[0-9a-f]{8,64}", nonce):
+        if (
+            pointer.revision < 1
+            or pointer.chunks < 1
+            or pointer.epoch < 0
+            or not re.fullmatch(r"[0-9a-f]{8,64}", nonce)
+        ):
             raise SerializationError(f"revision pointer {raw!r} is malformed")
         return pointer
 
 
-# -- backends -----------------------------------------------------------------
+# -- the backend -----------------------------------------------------------------
 
 
-class _Backend(abc.ABC):
-    """The few operations a CachedMapping needs from a shared store."""
+class _Backend:
+    """The few operations a CachedMapping needs, over a key-value driver (memcached or Redis).
 
-    client: Any
-    #: whether the client was built here (from a URL) and is ours to close
-    owned = False
+    Publishing: the snapshot's chunks are written first, then the pointer is
+    moved to them with compare-and-set (an add where there is none), then the
+    replaced snapshot is given ``grace`` seconds to live.  The pointer is
+    sealed like an entry: signed when the mapping signs.
+    """
 
-    @abc.abstractmethod
+    #: attempts at moving the pointer when other pushes keep winning the race
+    publish_attempts = 50
+
+    def __init__(self, driver: KVDriver, codec: Codec, *, owned: bool = False) -> None:
+        self.driver = driver
+        self.codec = codec
+        #: whether the client was built here (from a URL) and is ours to close
+        self.owned = owned
+        self.errors = driver.errors
+        limit = driver.max_item_size
+        self.chunk_size = _MEMCACHE_CHUNK if limit is None else min(_MEMCACHE_CHUNK, limit - 1024)
+
+    def __repr__(self) -> str:
+        return f"{self.driver.backend} {self.driver.describe()}"
+
+    def describe(self) -> str:
+        return self.driver.describe()
+
+    def _call(self, action: str, method: str, *args: Any) -> Any:
+        return self.errors.call(self, action, getattr(self.driver, method), *args)
+
+    # -- pointers ---------------------------------------------------------
+
+    def _seal(self, ns: _Namespace, pointer: _Pointer) -> bytes:
+        return self.codec.seal(ns.pointer, pointer.dump())
+
+    def _open(self, ns: _Namespace, raw: Any) -> _Pointer:
+        """The pointer a stored value holds.
+
+        :raises SignatureError: when the mapping signs and the value is not
+            a pointer it signed (forged, or written unsigned).
+        :raises SerializationError: when the value is no pointer.
+        """
+        if type(raw) is not bytes:
+            raise SerializationError(f"revision pointer {raw!r} is not bytes")
+        if raw[:2] == MAGIC:
+            return _Pointer.parse(self.codec.open(ns.pointer, raw))
+        if self.codec.signed:
+            raise SignatureError(f"revision pointer {raw!r} is unsigned; this mapping requires signed pointers")
+        return _Pointer.parse(raw)  # written by stockpyle 0.2
+
     def read_pointer(self, ns: _Namespace) -> _Pointer | None:
         """The current pointer, or ``None`` when nothing is published."""
+        raw = self._call("read the revision", "get", ns.pointer)
+        return None if raw is None else self._open(ns, raw)
 
-    @abc.abstractmethod
+    def _open_or_none(self, ns: _Namespace, raw: Any) -> _Pointer | None:
+        # a pointer nobody can read is overwritten by the next push instead of blocking it
+        if raw is None:
+            return None
+        try:
+            return self._open(ns, raw)
+        except SerializationError as exc:
+            log.warning("stockpyle: replacing an unusable CachedMapping revision pointer: %s", exc)
+            return None
+
+    # -- snapshots --------------------------------------------------------
+
     def read_snapshot(self, ns: _Namespace, pointer: _Pointer) -> bytes | None:
         """The snapshot bytes of ``pointer``, or ``None`` when they are gone."""
+        keys = [ns.chunk(pointer.nonce, i) for i in range(pointer.chunks)]
+        found = self._call("read a snapshot", "get_many", keys)
+        if any(found.get(key) is None for key in keys):
+            return None  # evicted, expired or purged: a partial snapshot is no snapshot
+        return b"".join(bytes(found[key]) for key in keys)
 
-    @abc.abstractmethod
     def publish(
         self, ns: _Namespace, nonce: str, blob: bytes, *, only_if_absent: bool, grace: float
     ) -> _Pointer | None:
@@ -174,363 +265,154 @@ class _Backend(abc.ABC):
         :returns: the new pointer, or ``None`` when ``only_if_absent`` and a
             pointer already existed (nothing is left behind).
         """
-
-    @abc.abstractmethod
-    def purge(self, ns: _Namespace) -> int:
-        """Delete the collection's keys; return how many were deleted."""
-
-    def close(self) -> None:
-        """Close the client when it was built from a URL."""
-        if self.owned:
-            self.client.close()
-
-
-class _RedisBackend(_Backend):
-    #: optimistic-transaction attempts when other pushes keep moving the pointer
-    publish_attempts = 50
-
-    def __init__(self, client: Any, *, owned: bool = False) -> None:
-        import redis.exceptions
-
-        self.client = client
-        self.owned = owned
-        self._errors = redis.exceptions
-
-    def __repr__(self) -> str:
-        return f"redis {self.client!r}"
-
-    def _fail(self, action: str, exc: BaseException) -> NoReturn:
-        errors = self._errors
-        if isinstance(exc, (errors.ConnectionError, errors.TimeoutError, OSError)):
-            raise StoreUnavailableError(f"Redis unavailable while trying to {action}: {_describe(exc)}") from exc
-        raise StoreError(f"Redis failed to {action}: {_describe(exc)}") from exc
-
-    def read_pointer(self, ns: _Namespace) -> _Pointer | None:
-        try:
-            raw = self.client.get(ns.pointer)
-        except (self._errors.RedisError, OSError) as exc:
-            self._fail("read the revision", exc)
-        return None if raw is None else _Pointer.parse(raw)
-
-    def read_snapshot(self, ns: _Namespace, pointer: _Pointer) -> bytes | None:
-        try:
-            raw = self.client.get(ns.snapshot(pointer.nonce))
-        except (self._errors.RedisError, OSError) as exc:
-            self._fail("read a snapshot", exc)
-        return None if raw is None else bytes(raw)
-
-    def publish(
-        self, ns: _Namespace, nonce: str, blob: bytes, *, only_if_absent: bool, grace: float
-    ) -> _Pointer | None:
-        errors = self._errors
-        try:
-            with self.client.pipeline() as pipe:
-                for _attempt in range(self.publish_attempts):
-                    try:
-                        # optimistic transaction: EXEC fails if the pointer moved meanwhile
-                        pipe.watch(ns.pointer)
-                        raw = pipe.get(ns.pointer)
-                        if raw is not None and only_if_absent:
-                            pipe.unwatch()
-                            return None
-                        old = _parse_or_none(raw)
-                        new = _Pointer((old.revision if old else 0) + 1, nonce)
-                        pipe.multi()
-                        pipe.set(ns.snapshot(nonce), blob)
-                        pipe.set(ns.pointer, new.dump())
-                        if old is not None:
-                            _retire_redis(pipe, ns.snapshot(old.nonce), grace)
-                        pipe.execute()
-                        return new
-                    except errors.WatchError:
-                        continue
-        except (errors.RedisError, OSError) as exc:
-            self._fail("publish a snapshot", exc)
-        raise StoreError(
-            f"could not move the CachedMapping pointer {ns.pointer!r} after {self.publish_attempts} attempts: "
-            "other pushes kept changing it"
-        )
-
-    def purge(self, ns: _Namespace) -> int:
-        deleted = 0
-        try:
-            batch: list[Any] = []
-            # The prefix holds only [A-Za-z0-9_.@:{}-]: nothing Redis's glob treats specially.
-            for key in self.client.scan_iter(match=f"{ns.prefix}:*", count=500):
-                batch.append(key)
-                if len(batch) >= 500:
-                    deleted += int(self.client.delete(*batch))
-                    batch.clear()
-            if batch:
-                deleted += int(self.client.delete(*batch))
-        except (self._errors.RedisError, OSError) as exc:
-            self._fail("purge a collection", exc)
-        return deleted
-
-
-def _retire_redis(pipe: Any, key: str, grace: float) -> None:
-    if grace > 0:
-        pipe.expire(key, max(1, math.ceil(grace)))
-    else:
-        pipe.delete(key)
-
-
-def _parse_or_none(raw: Any) -> _Pointer | None:
-    # A pointer nobody can parse is overwritten by the next push instead of blocking it.
-    if raw is None:
-        return None
-    try:
-        return _Pointer.parse(raw)
-    except SerializationError:
-        log.warning("stockpyle: replacing a malformed CachedMapping revision pointer %r", raw)
-        return None
-
-
-class _MemcacheBackend(_Backend):
-    """memcached through a pymemcache client (``Client``, ``PooledClient``, ``HashClient``)."""
-
-    #: attempts at moving the pointer when other pushes keep winning the race
-    publish_attempts = 20
-
-    def __init__(self, client: Any, *, owned: bool = False, chunk_size: int = _MEMCACHE_CHUNK) -> None:
-        self.client = client
-        self.owned = owned
-        self.chunk_size = chunk_size
-
-    def __repr__(self) -> str:
-        return f"memcached {self.client!r}"
-
-    def _fail(self, action: str, exc: BaseException) -> NoReturn:
-        from pymemcache.exceptions import MemcacheServerError, MemcacheUnexpectedCloseError
-
-        if isinstance(exc, (OSError, MemcacheUnexpectedCloseError)):
-            raise StoreUnavailableError(f"memcached unavailable while trying to {action}: {_describe(exc)}") from exc
-        if isinstance(exc, MemcacheServerError) and "too large" in str(exc).lower():
-            raise ValueTooLargeError(
-                f"memcached refused a snapshot chunk as too large while trying to {action}: {exc}"
-            ) from exc
-        raise StoreError(f"memcached failed to {action}: {_describe(exc)}") from exc
-
-    def _errors(self) -> tuple[type[BaseException], ...]:
-        from pymemcache.exceptions import MemcacheError
-
-        return (MemcacheError, OSError)
-
-    def read_pointer(self, ns: _Namespace) -> _Pointer | None:
-        try:
-            raw = self.client.get(ns.pointer)
-        except self._errors() as exc:
-            self._fail("read the revision", exc)
-        return None if raw is None else _Pointer.parse(raw)
-
-    def read_snapshot(self, ns: _Namespace, pointer: _Pointer) -> bytes | None:
-        keys = [ns.chunk(pointer.nonce, i) for i in range(pointer.chunks)]
-        try:
-            found = self.client.get_many(keys)
-        except self._errors() as exc:
-            self._fail("read a snapshot", exc)
-        if any(found.get(key) is None for key in keys):
-            return None  # evicted, expired or purged: a partial snapshot is no snapshot
-        return b"".join(bytes(found[key]) for key in keys)
-
-    def publish(
-        self, ns: _Namespace, nonce: str, blob: bytes, *, only_if_absent: bool, grace: float
-    ) -> _Pointer | None:
-        try:
-            return self._publish(ns, nonce, blob, only_if_absent, grace)
-        except StoreUnavailableError as exc:
-            # A pooled connection to a restarted server fails once, then the
-            # pool reconnects: retry that case, once; a refused one is final.
-            if not isinstance(exc.__cause__, _stale_connection_errors()):
-                raise
-            return self._publish(ns, nonce, blob, only_if_absent, grace)
-
-    def _publish(self, ns: _Namespace, nonce: str, blob: bytes, only_if_absent: bool, grace: float) -> _Pointer | None:
-        client = self.client
         size = self.chunk_size
         parts = [blob[i : i + size] for i in range(0, len(blob), size)] or [b""]
         chunks = {ns.chunk(nonce, i): part for i, part in enumerate(parts)}
+        never = self.driver.ttl(None)
+        self._call("publish a snapshot", "set_many", chunks, never)
         try:
-            # acknowledged writes: under noreply a refused value would look stored
-            failed = client.set_many(chunks, expire=0, noreply=False)
-            if failed:
-                raise StoreError(f"memcached did not store snapshot chunks {failed!r}")
             new = self._move_pointer(ns, nonce, len(parts), only_if_absent, grace)
-            if new is None:
-                client.delete_many(list(chunks), noreply=False)
-                return None
-            return new
-        except StoreError:
-            self._abandon(chunks, grace)
+        except StockpyleError:
+            # Not a delete: a cas that timed out may still have moved the pointer
+            # to these chunks, so they stay readable for a while, then expire.
+            self._retire(list(chunks), max(grace, 60.0))
             raise
-        except self._errors() as exc:
-            self._abandon(chunks, grace)
-            self._fail("publish a snapshot", exc)
+        if new is None:
+            self._call("publish a snapshot", "delete_many", list(chunks))
+        return new
 
     def _move_pointer(
         self, ns: _Namespace, nonce: str, count: int, only_if_absent: bool, grace: float
     ) -> _Pointer | None:
-        client = self.client
+        never = self.driver.ttl(None)
         for _attempt in range(self.publish_attempts):
-            raw, cas_token = client.gets(ns.pointer)
-            if raw is None:
-                new = _Pointer(1, nonce, count)
-                if client.add(ns.pointer, new.dump(), expire=0, noreply=False):
-                    return new
-                if only_if_absent:
-                    return None
-                continue  # someone published first: move forward from theirs
-            if only_if_absent:
+            seen = self._call("publish a snapshot", "gets_many", [ns.pointer])
+            raw, token = seen.get(ns.pointer, (None, None))
+            if raw is not None and only_if_absent:
                 return None
-            old = _parse_or_none(raw)
-            new = _Pointer((old.revision if old else 0) + 1, nonce, count)
-            # cas: False when the pointer changed since gets, None when it vanished
-            if client.cas(ns.pointer, new.dump(), cas_token, expire=0, noreply=False):
+            old = self._open_or_none(ns, raw)
+            new = _Pointer.first(nonce, count) if old is None else old.successor(nonce, count)
+            if self._call("publish a snapshot", "cas", ns.pointer, self._seal(ns, new), token, never):
                 if old is not None:
-                    self._retire(ns, old, _grace_expire(grace))
+                    self._retire([ns.chunk(old.nonce, i) for i in range(old.chunks)], grace)
                 return new
+            if raw is None and only_if_absent:
+                return None  # someone else published first
         raise StoreError(
             f"could not move the CachedMapping pointer {ns.pointer!r} after {self.publish_attempts} attempts: "
-            "other pushes kept changing it"
+            "other pushes kept changing it",
+            store=self,
+            action="publish a snapshot",
         )
 
-    def _retire(self, ns: _Namespace, old: _Pointer, expire: int | None) -> None:
-        keys = [ns.chunk(old.nonce, i) for i in range(old.chunks)]
+    def _retire(self, keys: list[str], grace: float) -> None:
+        """Let replaced (or abandoned) snapshot chunks live ``grace`` more seconds; delete them without grace."""
         try:
-            if expire is None:
-                self.client.delete_many(keys, noreply=False)
+            if grace > 0:
+                self._call("expire a replaced snapshot", "touch_many", keys, self.driver.ttl(grace))
             else:
-                for key in keys:
-                    self.client.touch(key, expire, noreply=False)
-        except self._errors() as exc:
+                self._call("delete a replaced snapshot", "delete_many", keys)
+        except StockpyleError as exc:
             # the new revision is published; the old snapshot merely lingers
-            log.warning("stockpyle: could not expire the replaced snapshot %s: %s", ns.snapshot(old.nonce), exc)
-
-    def _abandon(self, chunks: Mapping[str, bytes], grace: float) -> None:
-        # Not a delete: a cas that timed out may still have moved the pointer
-        # to these chunks, so they stay readable for a while, then expire.
-        expire = memcache_expire(max(grace, 60.0))
-        try:
-            for key in chunks:
-                self.client.touch(key, expire, noreply=False)
-        except self._errors() as exc:
-            log.warning("stockpyle: could not expire unpublished snapshot chunks: %s", exc)
+            log.warning("stockpyle: could not expire the replaced snapshot chunks %s: %s", keys, exc)
 
     def purge(self, ns: _Namespace) -> int:
-        # memcached cannot list keys: delete the pointer and the snapshot it
-        # names; snapshots replaced earlier expire after their grace period.
-        try:
-            raw = self.client.get(ns.pointer)
-            keys = [ns.pointer]
-            pointer = _parse_or_none(raw)
-            if pointer is not None:
-                keys += [ns.chunk(pointer.nonce, i) for i in range(pointer.chunks)]
-            deleted = 0
-            for key in keys:
-                if self.client.delete(key, noreply=False):
-                    deleted += 1
-        except self._errors() as exc:
-            self._fail("purge a collection", exc)
-        return deleted
+        """Delete the collection's keys; return how many were deleted.
+
+        On a backend that can list keys (Redis) that is every key of the
+        collection.  memcached cannot list keys: the pointer and the snapshot
+        it names are deleted, and snapshots replaced earlier expire after their
+        grace period.
+        """
+        lister = getattr(self.driver, "keys_with_prefix", None)
+        if callable(lister):  # a backend that can list keys (Redis): every snapshot goes, replaced ones too
+            keys = self._call("purge a collection", "keys_with_prefix", f"{ns.prefix}:")
+            if keys:
+                self._call("purge a collection", "delete_many", keys)
+            return len(keys)
+        raw = self._call("purge a collection", "get", ns.pointer)
+        if raw is None:
+            return 0
+        keys = [ns.pointer]
+        pointer = self._open_or_none(ns, raw)
+        if pointer is not None:
+            keys += [ns.chunk(pointer.nonce, i) for i in range(pointer.chunks)]
+        present = self._call("purge a collection", "get_many", keys)
+        self._call("purge a collection", "delete_many", keys)
+        return len(present)
+
+    def close(self) -> None:
+        """Close the client when it was built from a URL."""
+        if self.owned:
+            self.driver.close()
 
 
-def _stale_connection_errors() -> tuple[type[BaseException], ...]:
-    from pymemcache.exceptions import MemcacheUnexpectedCloseError
-
-    return (MemcacheUnexpectedCloseError, BrokenPipeError, ConnectionResetError)
-
-
-def _describe(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
-
-
-def _grace_expire(grace: float) -> int | None:
-    """memcached ``exptime`` for a replaced snapshot; ``None`` means delete now."""
-    return memcache_expire(grace) if grace > 0 else None
-
-
-_MEMCACHE_METHODS = ("get", "get_many", "set_many", "gets", "cas", "add", "touch", "delete", "delete_many")
-
-
-def _make_backend(backend: Any) -> _Backend:
-    """Wrap a client, a store or a URL in a :class:`_Backend`.
+def _make_backend(backend: Any, codec: Codec) -> _Backend:
+    """A :class:`_Backend` for a client, a store or a URL.
 
     :raises ConfigurationError: for anything else.
     :raises ImportError: when a URL needs a driver that is not installed.
     """
-    if isinstance(backend, _Backend):
-        return backend
     if isinstance(backend, str):
-        return _backend_from_url(backend)
+        return _backend_from_url(backend, codec)
     module = type(backend).__module__
     if module.startswith("redis.asyncio"):
         raise ConfigurationError("CachedMapping needs a synchronous client: pass redis.Redis, not redis.asyncio.Redis")
-    memcache_module = sys.modules.get("stockpyle.stores.memcache")  # imported if a MemcacheStore exists
-    if memcache_module is not None and isinstance(backend, memcache_module.MemcacheStore):
-        if not _is_pymemcache(backend.client):
-            raise ConfigurationError(
-                f"CachedMapping needs a MemcacheStore built on pymemcache; this one uses {backend.client!r}"
-            )
-        return _MemcacheBackend(backend.client)
-    if _is_pymemcache(backend):
-        return _MemcacheBackend(backend)
-    if module.startswith("redis") or _is_redis(backend):
-        return _RedisBackend(backend)
+    kv_module = sys.modules.get("stockpyle.stores.kv")  # imported if a KeyValueStore exists
+    if kv_module is not None and isinstance(backend, kv_module.KeyValueStore):
+        return _Backend(backend.driver, codec)
+    if module.startswith("redis"):
+        from .stores.drivers.redis import RedisDriver
+
+        return _Backend(RedisDriver(backend), codec)
+    if module.startswith("pymemcache") or all(callable(getattr(backend, m, None)) for m in _MEMCACHE_METHODS):
+        from .stores.drivers.pymemcache import PymemcacheDriver
+
+        driver = PymemcacheDriver(backend)
+        if not driver.can_cas:
+            raise ConfigurationError(f"CachedMapping needs a memcached client with gets/cas; got {backend!r}")
+        return _Backend(driver, codec)
     raise ConfigurationError(
-        f"CachedMapping backend must be a redis.Redis client, a pymemcache client, a MemcacheStore, "
-        f"or a URL such as 'redis://127.0.0.1:6379/0' or 'memcache://127.0.0.1:11211'; got {backend!r}"
+        f"CachedMapping backend must be a redis.Redis or RedisCluster client, a pymemcache client, a "
+        f"MemcacheStore or RedisStore, or a URL such as 'redis://127.0.0.1:6379/0' or "
+        f"'memcache://127.0.0.1:11211'; got {backend!r}"
     )
 
 
-def _is_pymemcache(client: Any) -> bool:
-    module = type(client).__module__
-    return module.startswith("pymemcache") or all(callable(getattr(client, m, None)) for m in _MEMCACHE_METHODS)
+_MEMCACHE_METHODS = ("get", "get_many", "set_many", "gets_many", "cas", "add", "touch", "delete_many")
 
 
-def _is_redis(backend: Any) -> bool:
-    try:
-        import redis
-    except ImportError:
-        return False
-    return isinstance(backend, redis.Redis)
-
-
-def _backend_from_url(url: str) -> _Backend:
+def _backend_from_url(url: str, codec: Codec) -> _Backend:
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower() if sep else ""
     if scheme in ("redis", "rediss", "unix"):
         try:
-            import redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
+            from .stores.drivers.redis import RedisDriver, build_client
+        except ImportError:  # pragma: no cover - the module imports redis lazily
+            raise
+        try:
+            client = build_client(url, cluster=False, socket_timeout=_SOCKET_TIMEOUT, connect_timeout=_CONNECT_TIMEOUT)
         except ImportError:
             raise ImportError(
                 "CachedMapping with a redis:// URL requires redis: pip install stockpyle[redis]"
             ) from None
-        client = redis.Redis.from_url(
-            url,
-            socket_connect_timeout=_CONNECT_TIMEOUT,
-            socket_timeout=_SOCKET_TIMEOUT,
-            retry=Retry(NoBackoff(), 1),
-        )
-        return _RedisBackend(client, owned=True)
+        return _Backend(RedisDriver(client), codec, owned=True)
     if scheme in ("memcache", "memcached") or not sep:
         servers = _parse_servers(rest if sep else url)
         try:
-            from pymemcache.client.base import PooledClient
-            from pymemcache.client.hash import HashClient
+            from .stores.drivers import pymemcache as memcache_driver
+
+            memcache_driver.import_pymemcache()
         except ImportError:
             raise ImportError(
                 "CachedMapping with a memcached address requires pymemcache: pip install stockpyle[memcache]"
             ) from None
-        options: dict[str, Any] = {
-            "connect_timeout": _CONNECT_TIMEOUT,
-            "timeout": _SOCKET_TIMEOUT,
-            "default_noreply": False,
-        }
-        if len(servers) == 1:
-            return _MemcacheBackend(PooledClient(servers[0], **options), owned=True)
-        return _MemcacheBackend(HashClient(servers, use_pooling=True, **options), owned=True)
+        # pinned hashing, as MemcacheStore: a returning node must not serve stale snapshots
+        client = memcache_driver.build_client(
+            servers, connect_timeout=_CONNECT_TIMEOUT, timeout=_SOCKET_TIMEOUT, max_pool_size=None
+        )
+        names = [f"{host}:{port}" for host, port in servers]
+        return _Backend(memcache_driver.PymemcacheDriver(client, servers=names), codec, owned=True)
     raise ConfigurationError(
         f"unsupported CachedMapping URL {url!r}: use redis://, rediss://, unix:// or memcache://host:port"
     )
@@ -567,6 +449,10 @@ class CachedMappingStats:
     :ivar errors: backend failures absorbed by readers (the copy was kept).
     :ivar corrupt: snapshots or pointers refused as undecodable or unverified.
     :ivar missing: published snapshots that were no longer in the backend.
+    :ivar timeouts: revision checks that outlived ``check_timeout`` (readers
+        kept their copy and did not wait longer).
+    :ivar rollbacks: published pointers refused because they named a revision
+        older than one this process had seen (a replayed pointer).
     """
 
     checks: int = 0
@@ -577,6 +463,8 @@ class CachedMappingStats:
     errors: int = 0
     corrupt: int = 0
     missing: int = 0
+    timeouts: int = 0
+    rollbacks: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -586,6 +474,50 @@ class CachedMappingStats:
         """Set every counter back to zero."""
         for f in fields(self):
             setattr(self, f.name, 0)
+
+
+class _Job:
+    """One revision check handed to a :class:`_Checker`."""
+
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class _Checker:
+    """A daemon thread that runs a mapping's revision checks, so no read waits on the backend for long.
+
+    It belongs to the process that started it: after a fork, the child starts its own.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._jobs: queue.SimpleQueue[tuple[_Job, Callable[..., Any], tuple[Any, ...]] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="stockpyle-cachedmapping-check", daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> _Job:
+        job = _Job()
+        self._jobs.put((job, fn, args))
+        return job
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _serve(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            job, fn, args = item
+            try:
+                job.result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the reader that waits for it
+                job.error = exc
+            finally:
+                job.done.set()
 
 
 class _State:
@@ -638,6 +570,11 @@ class CachedMapping(collections.abc.Mapping[_K, _V], Generic[_K, _V]):
         versions never read each other's snapshots.
     :param check_interval: seconds between two revision checks of a process
         (0 checks on every access).
+    :param check_timeout: the longest a read waits for a revision check
+        (default 0.25 s), whatever the client's own timeouts: checks run on a
+        thread of the mapping's, and a read that would wait longer serves the
+        current copy (or, having none, calls ``load()``) and lets the check
+        finish in the background.
     :param grace: seconds a replaced snapshot stays readable for readers
         that are just switching to it (0 deletes it at once).
     :param serializer: a :mod:`stockpyle.serializers` serializer; default
@@ -658,6 +595,7 @@ class CachedMapping(collections.abc.Mapping[_K, _V], Generic[_K, _V]):
         version: str | int,
         *,
         check_interval: float = DEFAULT_CHECK_INTERVAL,
+        check_timeout: float = DEFAULT_CHECK_TIMEOUT,
         grace: float = DEFAULT_GRACE,
         serializer: Serializer | None = None,
         secret: bytes | str | Mapping[int, bytes | str] | None = None,
@@ -668,6 +606,10 @@ class CachedMapping(collections.abc.Mapping[_K, _V], Generic[_K, _V]):
             raise ConfigurationError(f"CachedMapping name must be a non-empty string; got {name!r}")
         if isinstance(version, bool) or not isinstance(version, (str, int)) or version == "":
             raise ConfigurationError(f"CachedMapping version must be a non-empty string or an int; got {version!r}")
+        if isinstance(check_timeout, bool) or not isinstance(check_timeout, (int, float)) or not check_timeout > 0:
+            raise ConfigurationError(
+                f"CachedMapping check_timeout must be a positive number of seconds; got {check_timeout!r}"
+            )
         for label, value in (("check_interval", check_interval), ("grace", grace)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ConfigurationError(f"CachedMapping {label} must be a number of seconds >= 0; got {value!r}")
@@ -676,10 +618,11 @@ class CachedMapping(collections.abc.Mapping[_K, _V], Generic[_K, _V]):
         if secret is not None:
             signer = HMACSigner(secret)
         self._codec = Codec(serializer=serializer, signer=signer)
-        self._backend = _make_backend(backend)
+        self._backend = _make_backend(backend, self._codec)
         self.name = name
         self.version = str(version)
         self.check_interval = float(check_interval)
+        self.check_timeout = float(check_timeout)
         self.grace = float(grace)
         self.publish_missing = publish_missing
         self._ns = _Namespace.of(name, self.version)
@@ -687,6 +630,10 @@ class CachedMapping(collections.abc.Mapping[_K, _V], Generic[_K, _V]):
         self._lock = threading.Lock()
         self._current: _State | None = None
         self._next_check = -math.inf
+        # the newest (epoch, revision) this process served: it never moves back behind it
+        self._newest: tuple[int, int] = (-1, -1)
+        self._checker: _Checker | None = None
+        self._job: _Job | None = None
 
     # -- what subclasses provide --------------------------------------------
 
@@ -780,12 +727,56 @@ class CachedMapping(collections.abc.Mapping[_K, _V], Generic[_K, _V]):
             current = self._current
             if current is not None and not force and time.monotonic() < self._next_check:
                 return current  # another thread checked while we waited
-            state, recheck = self._check(current)
-            self._current = state
-            self._next_check = -math.inf if recheck else time.monotonic() + self.check_interval
+            state, delay = self._bounded_check(current)
+            state = self._adopt(state)
+            self._next_check = time.monotonic() + delay
             return state
         finally:
             self._lock.release()
+
+    def _adopt(self, state: _State) -> _State:
+        """Serve ``state`` unless it is older than the current one (a check that started before a push)."""
+        current = self._current
+        if state is not current and state.pointer is not None:
+            if current is not None and current.pointer is not None and state.pointer.order < current.pointer.order:
+                return current
+            self._newest = max(self._newest, state.pointer.order)
+        self._current = state
+        return state
+
+    def _bounded_check(self, current: _State | None) -> tuple[_State, float]:
+        """Check the revision on the checker thread, waiting at most ``check_timeout``.
+
+        :returns: the state to serve and the seconds until the next check.
+        """
+        job = self._job
+        checker = self._checker
+        if checker is None or checker.pid != os.getpid():  # first use, or a forked child
+            checker = self._checker = _Checker()
+            job = None
+        fresh = job is None
+        if job is None:
+            job = self._job = checker.submit(self._check, current)
+        # a new check may take check_timeout; one still running from before is not waited for
+        if not job.done.wait(self.check_timeout if fresh else 0):
+            if fresh:
+                self._stats.timeouts += 1
+                log.warning(
+                    "stockpyle: CachedMapping %r (version %r): the revision check takes longer than %.2fs; %s",
+                    self.name,
+                    self.version,
+                    self.check_timeout,
+                    "serving the current copy" if current is not None else "loading locally",
+                )
+            if current is not None:
+                return current, min(self.check_interval, _INFLIGHT_RECHECK)
+            state, _recheck = self._load_local(publish=False)
+            return state, min(self.check_interval, _INFLIGHT_RECHECK)
+        self._job = None
+        if job.error is not None:
+            raise job.error
+        state, recheck = job.result
+        return state, 0.0 if recheck else self.check_interval
 
     def _check(self, current: _State | None) -> tuple[_State, bool]:
         """Compare the published revision with ours; return the state to serve and whether to recheck at once."""
@@ -793,6 +784,18 @@ class CachedMapping(collections.abc.Mapping[_K, _V], Generic[_K, _V]):
         doing = "serving its current copy" if current is not None else "loading locally"
         try:
             pointer = self._backend.read_pointer(self._ns)
+            if pointer is not None and pointer.order < self._newest:
+                self._stats.rollbacks += 1
+                log.error(
+                    "stockpyle: CachedMapping %r (version %r) refused a published revision older than one it "
+                    "served (%s < %s): a replayed pointer; %s",
+                    self.name,
+                    self.version,
+                    pointer.order,
+                    self._newest,
+                    doing,
+                )
+                pointer = None if current is None else current.pointer
             if pointer is not None and (current is None or current.pointer != pointer):
                 state = self._fetch(pointer)
                 if state is not None:
@@ -901,7 +904,7 @@ class CachedMapping(collections.abc.Mapping[_K, _V], Generic[_K, _V]):
             raise StoreError(f"CachedMapping {self.name!r}: the backend did not publish the snapshot")
         state = _State(data, pointer)
         with self._lock:
-            self._current = state
+            self._adopt(state)
             self._next_check = time.monotonic() + self.check_interval
         return pointer.revision
 
@@ -938,7 +941,13 @@ class CachedMapping(collections.abc.Mapping[_K, _V], Generic[_K, _V]):
         return self._stats
 
     def close(self) -> None:
-        """Close the backend client if this mapping created it from a URL."""
+        """Stop this mapping's revision-check thread and close the backend client if it was built from a URL.
+
+        Reads keep serving the current copy; the next check starts a new thread.
+        """
+        checker, self._checker, self._job = self._checker, None, None
+        if checker is not None:
+            checker.stop()
         self._backend.close()
 
 

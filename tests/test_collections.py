@@ -230,9 +230,10 @@ def test_old_snapshot_stays_readable_for_the_grace_period(backend: Backend) -> N
     old_blob = writer._backend.read_snapshot(writer._ns, old)  # type: ignore[arg-type]
     assert old_blob is not None  # a reader that read the old pointer still finds its data
     if backend.kind == "redis":
-        ttl = writer._backend.client.ttl(writer._ns.snapshot(old.nonce))  # type: ignore[union-attr]
+        client = writer._backend.driver.client  # type: ignore[attr-defined]
+        ttl = client.ttl(writer._ns.chunk(old.nonce, 0))  # type: ignore[union-attr]
         assert 0 < ttl <= 30
-        assert writer._backend.client.ttl(writer._ns.pointer) == -1  # the current data never expires
+        assert client.ttl(writer._ns.pointer) == -1  # the current data never expires
 
 
 def test_grace_zero_deletes_the_replaced_snapshot(backend: Backend) -> None:
@@ -431,13 +432,9 @@ class _Boom:
 def _overwrite_snapshot(mapping: Items, blob: bytes) -> None:
     pointer = mapping._backend.read_pointer(mapping._ns)
     assert pointer is not None
-    client = mapping._backend.client
-    if pointer.chunks == 1 and mapping._backend.__class__.__name__ == "_RedisBackend":
-        client.set(mapping._ns.snapshot(pointer.nonce), blob)
-    else:
-        client.set(mapping._ns.chunk(pointer.nonce, 0), blob, noreply=False)
-        for index in range(1, pointer.chunks):
-            client.delete(mapping._ns.chunk(pointer.nonce, index), noreply=False)
+    driver = mapping._backend.driver
+    driver.set_many({mapping._ns.chunk(pointer.nonce, 0): blob}, driver.ttl(None))
+    driver.delete_many([mapping._ns.chunk(pointer.nonce, index) for index in range(1, pointer.chunks)])
 
 
 def test_signed_snapshots_refuse_forgeries(backend: Backend, caplog: pytest.LogCaptureFixture) -> None:
@@ -528,7 +525,7 @@ def test_bad_arguments(args: tuple[Any, ...], options: dict[str, Any], message: 
 
 
 def test_unknown_backend() -> None:
-    with pytest.raises(ConfigurationError, match=r"backend must be a redis\.Redis client"):
+    with pytest.raises(ConfigurationError, match=r"backend must be a redis\.Redis or RedisCluster client"):
         Items(object(), "n", "v", Source())
     with pytest.raises(ConfigurationError, match="unsupported CachedMapping URL"):
         Items("http://example.invalid/", "n", "v", Source())

@@ -282,7 +282,7 @@ def test_memcached_splits_large_snapshots_and_survives_eviction(memcached_factor
         writer.push()
         pointer = writer._backend.read_pointer(writer._ns)
         assert pointer is not None
-        writer._backend.client.delete(writer._ns.chunk(pointer.nonce, 0), noreply=False)
+        writer._backend.driver.delete_many([writer._ns.chunk(pointer.nonce, 0)])
         assert reader.refresh() is False
         assert reader == big
         assert reader.stats().missing == 1

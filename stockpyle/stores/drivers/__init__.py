@@ -105,6 +105,11 @@ class KVDriver(Protocol):
         """
         ...
 
+    def touch_many(self, keys: Sequence[str], ttl: Hashable) -> None:
+        """Give existing keys a new lifetime (absent ones are fine); used by
+        :class:`~stockpyle.collections.CachedMapping` to retire old snapshots."""
+        ...
+
     def close(self) -> None:
         """Close connections; the driver reconnects on its next call."""
         ...

@@ -349,6 +349,17 @@ class PymemcacheDriver:
         if keys:
             self._each(keys, delete)
 
+    def touch_many(self, keys: Sequence[str], ttl: Hashable) -> None:
+        def touch(node: Any, group: list[str]) -> None:
+            for key in group:  # memcached has no multi-key touch
+                if self._legacy:
+                    node.touch(key, ttl)
+                else:
+                    node.touch(key, ttl, noreply=False)
+
+        if keys:
+            self._each(keys, touch)
+
     def gets_many(self, keys: Sequence[str]) -> Mapping[str, tuple[bytes, Any]]:
         seen: dict[str, tuple[bytes, Any]] = {}
         for _group, result in self._each(keys, lambda node, group: node.gets_many(group)):

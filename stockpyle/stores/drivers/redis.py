@@ -26,6 +26,7 @@ import hashlib
 import inspect
 import logging
 import math
+import re
 import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Final
@@ -412,6 +413,21 @@ class RedisDriver:
             self._once_more(self.client.delete, *keys)
         else:
             self._all(keys, lambda key: ("DEL", key))
+
+    def touch_many(self, keys: Sequence[str], ttl: Hashable) -> None:
+        if keys:
+            command = ("PERSIST",) if ttl == NO_EXPIRY else ("PEXPIRE",)
+            self._all(keys, lambda key: (*command, key) if ttl == NO_EXPIRY else (*command, key, ttl))
+
+    def keys_with_prefix(self, prefix: str) -> list[str]:
+        """Every key that starts with ``prefix`` (SCAN, on every primary of a cluster).
+
+        Not part of :class:`~stockpyle.stores.drivers.KVDriver` (memcached cannot
+        list keys); :meth:`~stockpyle.collections.CachedMapping.purge` uses it when a driver has it.
+        """
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+        found = self._once_more(lambda: list(self.client.scan_iter(match=pattern, count=500)))
+        return [key.decode() if isinstance(key, bytes) else key for key in found]
 
     def gets_many(self, keys: Sequence[str]) -> Mapping[str, tuple[bytes, Any]]:
         # the token of a key is the value itself: cas compares values
