@@ -53,6 +53,9 @@ import os as _os, shutil as _shutil
 MEMCACHED_BINARY = _shutil.which("memcached") or (
     "/usr/bin/memcached" if _os.access("/usr/bin/memcached", _os.X_OK) else None
 )
+REDIS_SERVER_BINARY = _shutil.which("redis-server") or (
+    "/usr/bin/redis-server" if _os.access("/usr/bin/redis-server", _os.X_OK) else None
+)
 """
 
 # furo: a sidebar with the whole table of contents, a search box, and a

@@ -74,8 +74,10 @@ def test_breaker_opens_skips_and_rejoins_a_killed_server(memcached_factory: Any)
     time.sleep(0.6)  # the cool-down ends; the next call probes and replays
     assert chain.get(Item, {"key": "a"}).payload == "v21"  # type: ignore[union-attr]
     assert chain.stats()[0].pending_invalidations == 0
-    # the replayed invalidations left tombstones, which refuse back-fills for a moment: a miss
-    assert cache.get(Item, {"key": "a"}) is None
+    # the replayed invalidations left tombstones, which refuse back-fills for a moment (a miss);
+    # or the restarted, empty server gave Item a new generation: the back-fill is the current value
+    found = cache.get(Item, {"key": "a"})
+    assert found is None or found.payload == "v21"
     chain.put(Item("a", 1, 2, "v22"))
     assert cache.get(Item, {"key": "a"}).payload == "v22"  # type: ignore[union-attr]
     cache.release()

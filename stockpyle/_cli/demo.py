@@ -219,7 +219,7 @@ def _redis_store(url: str) -> Any:
 
     try:
         # a fresh namespace: entries of earlier runs (other databases) are never read
-        store = RedisStore(url, namespace=f"demo-{uuid.uuid4().hex[:12]}")
+        store = RedisStore(url, namespace=f"demo-{uuid.uuid4().hex[:12]}", max_lifetime=300)
     except ConfigurationError as exc:
         raise CLIError(f"--redis {url!r}: {exc}") from None
     try:
@@ -594,7 +594,7 @@ def run(args: argparse.Namespace) -> int:
                 from ..stores.memcache import MemcacheStore
 
                 # a fresh namespace: entries of earlier runs (other databases) are never read
-                shared = MemcacheStore(servers, namespace=f"demo-{uuid.uuid4().hex[:12]}")
+                shared = MemcacheStore(servers, namespace=f"demo-{uuid.uuid4().hex[:12]}", max_lifetime=300)
                 shared.configure(classes=[DemoUser], lifetime=300)
                 layers.append(shared)
             if redis_layer is not None:

@@ -51,6 +51,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConfigurationError
+from ..stores.chained import ChainedStore
 from ._recorder import FlushOutcome, FlushRecorder, require_sqlalchemy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,7 +73,11 @@ class StockpyleSessionExtension:
         :class:`~stockpyle.ChainedStore` of the cache layers -- not the
         :class:`~stockpyle.stores.SqlAlchemyStore` itself).  Statements whose
         rows cannot be known invalidate whole classes through the store's
-        ``invalidate_class(klass)``; a store without it is reported.
+        ``invalidate_class(klass)``; a store without it is reported.  A store
+        that is not a chain is used through a one-layer
+        :class:`~stockpyle.ChainedStore`, so that the writes it could not take
+        (its server down or frozen) are remembered and invalidated in it, in
+        the background, as soon as it answers again.
     :raises ConfigurationError: when ``store`` is missing or is not a store.
     :raises ImportError: when SQLAlchemy 2 is not installed.
 
@@ -91,6 +96,13 @@ class StockpyleSessionExtension:
         if missing:
             raise ConfigurationError(f"{store!r} is not a store: it lacks {', '.join(missing)}")
         self.store = store
+        # what the commits are applied to: a chain remembers and repairs what a layer missed
+        self._target: Any = store
+        if not isinstance(store, ChainedStore):
+            try:
+                self._target = ChainedStore([store])
+            except ConfigurationError:
+                pass  # an object with only the two batch writes: used as it is
         self.errors = 0
         self._errors_lock = threading.Lock()
         self._recorder = FlushRecorder(self._apply)
@@ -154,6 +166,7 @@ class StockpyleSessionExtension:
         # duck-typed store without the flag has it if its type has the method
         declared = getattr(type(self.store), "supports_class_invalidation", None)
         can_invalidate = callable(getattr(type(self.store), "invalidate_class", None)) if declared is None else declared
+        target = self._target
         for klass in sorted(effects.classes, key=lambda c: c.__qualname__):
             if not can_invalidate:
                 self._failed(
@@ -163,17 +176,17 @@ class StockpyleSessionExtension:
                 )
                 continue
             try:
-                self.store.invalidate_class(klass)
+                target.invalidate_class(klass)
             except Exception as exc:  # noqa: BLE001 - never break commit() for the cache
                 self._failed(f"invalidate every cached {klass.__qualname__}", exc)
         if effects.removed:
             try:
-                self.store.batch_delete(list(effects.removed))
+                target.batch_delete(list(effects.removed))
             except Exception as exc:  # noqa: BLE001 - never break commit() for the cache
                 self._failed(f"delete {len(effects.removed)} object(s)", exc)
         if effects.stored:
             try:
-                self.store.batch_put(list(effects.stored))
+                target.batch_put(list(effects.stored))
             except Exception as exc:  # noqa: BLE001 - never break commit() for the cache
                 self._failed(f"put {len(effects.stored)} object(s)", exc)
 

@@ -15,6 +15,8 @@ written by somebody else works the same way (see ``docs/custom_stores.rst``):
 ``in_process``                    the store keeps objects in this process's memory and does
                                   no I/O: a chain calls it directly, and the invalidation bus
                                   keeps it coherent with other processes
+``is_cache``                      the store holds copies only: a chain may invalidate its
+                                  entries, also when it is the chain's last layer
 ``direct_index()``                read access to the store's index for a chain's hit path
 ================================  ==========================================================
 """
@@ -269,6 +271,9 @@ class BaseStore:
     supports_class_invalidation: ClassVar[bool] = False
     #: True for stores that keep objects in this process's memory and do no I/O.
     in_process: ClassVar[bool] = False
+    #: True for stores that only hold copies of objects whose system of record
+    #: is elsewhere: a chain may invalidate (delete) their entries freely.
+    is_cache: ClassVar[bool] = False
     #: Whether the six operations are wrapped to maintain :meth:`stats`.
     _auto_stats: ClassVar[bool] = True
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from time import perf_counter
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from ..effects import WriteEffects
 from ..exceptions import ConfigurationError, ObjectError, StoreError, UnknownKeyError
 from ..keys import canonical_value, object_keys
 from ..stats import SAMPLE_EVERY, Latency, StoreStats
+from ._repair import repairs
 from .base import BaseStore, DirectIndex, KeyDict
 
 __all__ = ["Call", "ChainPolicy", "ChainStats", "ChainedStore", "LayerStats", "MultiStore"]
@@ -152,25 +154,36 @@ class _Breaker:
     opens it again.
     """
 
-    __slots__ = ("threshold", "cooldown", "failures", "open_until", "pending", "overflowed", "lock", "max_pending")
+    __slots__ = (
+        "threshold", "cooldown", "failures", "open_until", "pending", "overflowed", "lock", "max_pending", "on_pending",
+        "replaying",
+    )  # fmt: skip
 
-    def __init__(self, threshold: int, cooldown: float, max_pending: int) -> None:
+    def __init__(
+        self, threshold: int, cooldown: float, max_pending: int, on_pending: Callable[[], None] | None = None
+    ) -> None:
         self.threshold = threshold
         self.cooldown = cooldown
         self.failures = 0
         self.open_until = 0.0  # 0.0: closed
         self.pending: list[Any] = []
+        #: objects taken from ``pending`` by a replay still under way
+        self.replaying = 0
         self.overflowed = False
         self.max_pending = max_pending
         self.lock = threading.Lock()
+        #: called after objects were remembered (the chain schedules its repair)
+        self.on_pending = on_pending
 
     def remember(self, objs: Iterable[Any]) -> None:
         with self.lock:
             for obj in objs:
                 if len(self.pending) >= self.max_pending:
                     self.overflowed = True
-                    return
+                    break
                 self.pending.append(obj)
+        if self.on_pending is not None:
+            self.on_pending()
 
 
 def _finish(plan: Plan[T]) -> T:
@@ -212,7 +225,12 @@ class ChainPolicy:
     stores: tuple[Any, ...]
 
     def _setup_policy(
-        self, layers: list[Any], failure_threshold: int, cooldown: float, max_pending_invalidations: int
+        self,
+        layers: list[Any],
+        failure_threshold: int,
+        cooldown: float,
+        max_pending_invalidations: int,
+        retry_interval: float,
     ) -> None:
         if isinstance(failure_threshold, bool) or not isinstance(failure_threshold, int) or failure_threshold < 1:
             raise ConfigurationError(f"failure_threshold must be a positive int; got {failure_threshold!r}")
@@ -220,9 +238,25 @@ class ChainPolicy:
             raise ConfigurationError(f"cooldown must be a number of seconds >= 0; got {cooldown!r}")
         if isinstance(max_pending_invalidations, bool) or not isinstance(max_pending_invalidations, int):
             raise ConfigurationError(f"max_pending_invalidations must be an int; got {max_pending_invalidations!r}")
+        if isinstance(retry_interval, bool) or not isinstance(retry_interval, (int, float)) or not retry_interval > 0:
+            raise ConfigurationError(f"retry_interval must be a positive number of seconds; got {retry_interval!r}")
+        self.retry_interval = float(retry_interval)
         self.stores = tuple(layers)
         self._layer_stats = [LayerStats(layer) for layer in layers]
-        self._breakers = [_Breaker(failure_threshold, float(cooldown), max_pending_invalidations) for _ in layers]
+        # weakly: breakers must not keep their chain alive (the repair thread holds chains weakly too)
+        schedule = weakref.WeakMethod(self._schedule_repair)
+
+        def on_pending() -> None:
+            method = schedule()
+            if method is not None:
+                method()
+
+        self._breakers = [
+            _Breaker(failure_threshold, float(cooldown), max_pending_invalidations, on_pending) for _ in layers
+        ]
+        # a last layer that only caches (memcached under a session extension's
+        # chain) is repaired like the others; a system of record never is
+        self._last_is_cache = bool(getattr(type(layers[-1]), "is_cache", False))
         self._last = len(layers) - 1
         # capabilities, read from each layer's type once
         self._in_process = [bool(getattr(type(layer), "in_process", False)) for layer in layers]
@@ -340,12 +374,18 @@ class ChainPolicy:
         breaker.failures = 0
         breaker.open_until = 0.0
 
-    def _replay(self, index: int) -> Plan[bool]:
-        """Invalidate in layer ``index`` what was written while it was unreachable."""
+    def _replay(self, index: int, background: bool = False) -> Plan[bool]:
+        """Invalidate in layer ``index`` what was written while it was unreachable.
+
+        A background attempt that fails is not counted against the layer (the
+        calls that failed were) and logs at DEBUG only: it repeats every
+        ``retry_interval`` seconds while the layer is down.
+        """
         breaker = self._breakers[index]
         with breaker.lock:
             pending, breaker.pending = breaker.pending, []
             overflowed, breaker.overflowed = breaker.overflowed, False
+            breaker.replaying += len(pending)
         if overflowed:
             log.warning(
                 "stockpyle: cache layer %d (%r) missed more than %d writes while unreachable; entries it still "
@@ -357,11 +397,41 @@ class ChainPolicy:
         try:
             yield from self._ask(index, "batch_delete", pending)
         except (StoreError, ObjectError) as exc:
+            with breaker.lock:
+                breaker.replaying -= len(pending)
             breaker.remember(pending)
-            self._failed(index, "invalidate missed writes", exc)
+            if background:
+                log.debug("stockpyle: cache layer %d (%r) still cannot take its missed invalidations: %s",
+                          index, self.stores[index], exc)  # fmt: skip
+            else:
+                self._failed(index, "invalidate missed writes", exc)
             return False
+        except BaseException:
+            with breaker.lock:
+                breaker.replaying -= len(pending)
+            breaker.remember(pending)
+            raise
+        with breaker.lock:
+            breaker.replaying -= len(pending)
         log.info("stockpyle: invalidated %d missed writes in cache layer %d", len(pending), index)
+        if breaker.failures or breaker.open_until:
+            self._recovered(index)  # it answered: it rejoins
         return True
+
+    # -- background repair ----------------------------------------------------
+
+    def _schedule_repair(self) -> None:
+        """Have the pending invalidations retried in the background (each executor knows how)."""
+        raise NotImplementedError
+
+    def _plan_repair(self) -> Plan[bool]:
+        """Replay every layer's pending invalidations; True when some are still pending."""
+        still = False
+        for index, breaker in enumerate(self._breakers):
+            if breaker.pending:
+                replayed = yield from self._replay(index, background=True)
+                still = still or not replayed
+        return still
 
     # -- reads --------------------------------------------------------------
 
@@ -382,10 +452,13 @@ class ChainPolicy:
                         obj = yield from self._guarded(index, "get", "get", klass, keydict)
                     if obj is _FAILED:
                         continue
-                elif in_process[index]:
-                    obj = self.stores[index].get(klass, keydict)
                 else:
-                    obj = yield Call(index, "get", (klass, keydict))
+                    if self._breakers[index].pending:  # a last layer that is a cache missed writes
+                        yield from self._replay(index)
+                    if in_process[index]:
+                        obj = self.stores[index].get(klass, keydict)
+                    else:
+                        obj = yield Call(index, "get", (klass, keydict))
             except UnknownKeyError:
                 if index == last:
                     raise
@@ -419,6 +492,8 @@ class ChainPolicy:
             began = perf_counter()
             try:
                 if index == last:
+                    if self._breakers[index].pending:  # a last layer that is a cache missed writes
+                        yield from self._replay(index)
                     answers = yield from self._ask(index, "batch_get", klass, asked)
                 else:
                     answers = yield from self._guarded(index, "batch_get", "batch_get", klass, asked)
@@ -472,9 +547,13 @@ class ChainPolicy:
                 getattr(self.stores[last], operation)(argument)
             else:
                 yield Call(last, operation, (argument,))
-        except BaseException:
+        except BaseException as exc:
             # the system of record may or may not have applied the write
             # (a timeout after commit): make sure no cache keeps the old value
+            if self._last_is_cache and isinstance(exc, StoreError):
+                # a last layer that is a cache is invalidated when it answers again
+                self._layer_stats[last].errors += 1
+                self._breakers[last].remember(objs)
             yield from self._plan_invalidate(range(last - 1, -1, -1), objs)
             raise
         if effects is not None:
@@ -566,7 +645,7 @@ class ChainPolicy:
 
     def _refresh_totals(self) -> ChainStats:
         for layer, breaker in zip(self._layer_stats, self._breakers, strict=True):
-            layer.pending_invalidations = len(breaker.pending)
+            layer.pending_invalidations = len(breaker.pending) + breaker.replaying
         totals = self._totals
         totals.hits = sum(layer.hits for layer in self._layer_stats)
         totals.misses = self._layer_stats[-1].misses
@@ -618,6 +697,13 @@ class ChainedStore(ChainPolicy, BaseStore):
     :class:`~stockpyle.exceptions.ObjectError` (one object cannot be
     serialized or is too large) never counts against the layer.
 
+    Pending invalidations are not left for the next call that happens to
+    reach the layer: a background thread retries them every
+    ``retry_interval`` seconds until the layer answers (and then closes its
+    breaker).  A last layer that is a cache (``is_cache``, e.g. memcached
+    under a session extension) is repaired the same way: the writes it
+    failed are remembered, then invalidated when it answers again.
+
     Errors of the last layer propagate: the caller must know when the system
     of record failed.  When the last layer fails a write, the object is also
     invalidated in the caches, so no cache is left holding data the system of
@@ -633,6 +719,10 @@ class ChainedStore(ChainPolicy, BaseStore):
     :param max_pending_invalidations: objects remembered per layer while its
         breaker is open; beyond that, staleness is bounded by the layer's
         lifetimes only (a warning is logged).
+    :param retry_interval: seconds between two background attempts to apply
+        the invalidations a layer missed (default 0.5).  Within that time of a
+        layer answering again, no process reads a value from it whose
+        invalidation this chain missed.
     :raises ConfigurationError: for an empty chain, a layer that is not a
         store, or invalid breaker settings.
     """
@@ -648,10 +738,11 @@ class ChainedStore(ChainPolicy, BaseStore):
         failure_threshold: int = 3,
         cooldown: float = 5.0,
         max_pending_invalidations: int = 10_000,
+        retry_interval: float = 0.5,
     ) -> None:
         super().__init__()
         layers = _check_layers(stores if stores is not None else [], "ChainedStore")
-        self._setup_policy(layers, failure_threshold, cooldown, max_pending_invalidations)
+        self._setup_policy(layers, failure_threshold, cooldown, max_pending_invalidations, retry_interval)
         self._first_stats = self._layer_stats[0]
         self._first_breaker = self._breakers[0]
         self._first_in_process = self._in_process[0]
@@ -784,6 +875,17 @@ class ChainedStore(ChainPolicy, BaseStore):
         if items:
             self._run(self._plan_write("batch_delete", items, items))
             self._totals.deletes += len(items)
+
+    def _schedule_repair(self) -> None:
+        repairs.schedule(self)
+
+    def repair(self) -> bool:
+        """Invalidate, in every layer that answers, the writes it missed; True when some are still pending.
+
+        The chain's background repair calls this every ``retry_interval``
+        seconds while invalidations are pending; calling it yourself is harmless.
+        """
+        return self._run(self._plan_repair())
 
     def invalidate_class(self, klass: type) -> None:
         """Drop every cached ``klass`` instance (subclasses included) from every cache layer.

@@ -261,6 +261,7 @@ class KeyValueStore(BaseStore):
     supports_expiry = True
     supports_add = True
     supports_class_invalidation = True
+    is_cache = True
     #: Name used in messages about this store's arguments.
     store_name: ClassVar[str] = "KeyValueStore"
 
@@ -463,8 +464,9 @@ class KeyValueStore(BaseStore):
         return out
 
     def _fixed_generation_ttl(self) -> Hashable:
-        # generations outlive the entries they name (they are tiny): no expiry
-        return self._driver.ttl(None)
+        # a generation lives as long as the longest entry may: when it expires, a
+        # fresh token replaces it, which only hides entries that are ending anyway
+        return self._cap_ttl()
 
     def _adopt(self, found: Mapping[type, tuple[str, float]]) -> None:
         with self._generation_lock:

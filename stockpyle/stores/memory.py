@@ -68,6 +68,7 @@ class _InProcessStore(BaseStore):
     supports_add = True
     supports_class_invalidation = True
     in_process = True
+    is_cache = True
 
     def __init__(
         self,

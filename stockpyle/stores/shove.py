@@ -414,7 +414,7 @@ class ShoveStore(BaseDictionaryStore):
     def _open(self, uri: str) -> MutableMapping[Any, Any]:
         """Open the shove at ``uri`` (3.13+ dbm databases on a thread of their own)."""
         options = self._shove_options
-        if _DBM_THREAD_BOUND and uri.startswith("dbm://"):
+        if _DBM_THREAD_BOUND and isinstance(uri, str) and uri.startswith("dbm://"):
             return OwnerThreadMapping(lambda: open_shove(uri, **options))
         return cast("MutableMapping[Any, Any]", open_shove(uri, **options))
 

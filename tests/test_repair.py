@@ -1,0 +1,139 @@
+"""Missed invalidations reach every layer (the last one too) and every process, in the background."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from support.databases import create_tables, make_engine, table_name
+
+from stockpyle import ChainedStore, MemcacheStore, ProcessMemoryStore
+from stockpyle.ext.sqlalchemy import StockpyleSessionExtension, sessionmaker
+from stockpyle.testing import Item
+
+pytestmark = [pytest.mark.memcache, pytest.mark.slow]
+
+QUICK = {"connect_timeout": 0.05, "timeout": 0.05}  # a frozen server costs 50 ms per call
+
+
+class RepairBase(DeclarativeBase):
+    pass
+
+
+class Row(RepairBase):
+    __tablename__ = table_name("repair_row")
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
+    value: Mapped[int] = mapped_column(sa.Integer)
+
+
+def test_a_cache_that_is_the_last_layer_is_repaired_when_it_answers_again(
+    memcached_factory: Any, tmp_path: Path
+) -> None:
+    """The documented setup: the session extension writes to ChainedStore([ProcessMemoryStore(), MemcacheStore()])."""
+    server = memcached_factory.one()
+    engine = make_engine(f"sqlite:///{tmp_path / 'repair.sqlite'}")
+    create_tables(engine, RepairBase.metadata)
+    memcache = MemcacheStore([server.address], namespace="last-layer", **QUICK)
+    caches = ChainedStore([ProcessMemoryStore(), memcache], retry_interval=0.2)
+    ext = StockpyleSessionExtension(store=caches)
+    Session = sessionmaker(extension=ext, bind=engine)
+    with Session() as session:
+        session.add_all([Row(id=i, value=0) for i in range(10)])
+        session.commit()
+    assert memcache.get(Row, {"id": 3}).value == 0  # type: ignore[union-attr]
+    server.pause()
+    try:
+        for n in range(1, 31):  # 30 commits during the partition
+            with Session() as session:
+                row = session.get(Row, n % 10)
+                assert row is not None
+                row.value = n
+                session.commit()
+        assert ext.errors >= 30  # every failed cache write was reported...
+        assert caches.stats()[1].pending_invalidations > 0  # ...and remembered for the last layer
+    finally:
+        server.resume()
+    time.sleep(0.2 + 0.5)  # one retry interval, and time for the frozen replies to drain
+    with engine.connect() as connection:
+        current = dict(connection.execute(sa.select(Row.id, Row.value)).all())  # type: ignore[arg-type]
+    reader = MemcacheStore([server.address], namespace="last-layer")  # another process's view of memcached
+    for ident, value in current.items():
+        cached = reader.get(Row, {"id": ident})
+        assert cached is None or cached.value == value, f"row {ident}: memcached {cached.value}, database {value}"
+    deadline = time.monotonic() + 2
+    while caches.stats()[1].pending_invalidations:
+        assert time.monotonic() < deadline, f"{caches.stats()[1].pending_invalidations} invalidations still pending"
+        time.sleep(0.05)
+    for store in (reader, memcache):
+        store.release()
+    engine.dispose()
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from stockpyle import ChainedStore, MemcacheStore, ProcessMemoryStore, ShoveStore
+    from stockpyle.testing import Item
+
+    address, uri, folder = sys.argv[1:4]
+    folder = Path(folder)
+    memcache = MemcacheStore([address], namespace="repair", connect_timeout=0.05, timeout=0.05)
+    chain = ChainedStore([ProcessMemoryStore(), memcache, ShoveStore(uri=uri)], retry_interval=0.3)
+    chain.batch_put([Item(f"k{i}", i, -i, "v1") for i in range(20)])
+    (folder / "ready").touch()
+    while not (folder / "go").exists():
+        time.sleep(0.01)
+    for i in range(20):
+        chain.put(Item(f"k{i}", i, -i, "v2"))  # memcached is frozen: nothing reaches it
+    (folder / "written").touch()
+    time.sleep(30)  # idle: its in-process layer would answer every read, and it makes none
+    """
+)
+
+
+def _wait_for(path: Path, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"the writer process never created {path.name}"
+        time.sleep(0.01)
+
+
+def test_an_idle_writer_repairs_memcached_for_every_other_process(memcached_factory: Any, tmp_path: Path) -> None:
+    """A writer and a separate reader process around a SIGSTOP/SIGCONT partition of memcached."""
+    server = memcached_factory.one()
+    uri = f"lite://{tmp_path / 'record.sqlite'}"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, server.address, uri, str(tmp_path)])
+    try:
+        _wait_for(tmp_path / "ready")
+        reader = MemcacheStore([server.address], namespace="repair")
+        assert [o.payload for o in reader.batch_get(Item, [{"key": f"k{i}"} for i in range(20)])] == ["v1"] * 20
+        server.pause()
+        (tmp_path / "go").touch()
+        try:
+            _wait_for(tmp_path / "written")
+        finally:
+            server.resume()
+        resumed = time.monotonic()
+        while True:
+            found = reader.batch_get(Item, [{"key": f"k{i}"} for i in range(20)])
+            stale = [o.key for o in found if o is not None and o.payload == "v1"]
+            if not stale:
+                break
+            assert time.monotonic() - resumed < 0.3 + 1.0, f"{len(stale)} keys still stale: {stale[:5]}"
+            time.sleep(0.02)
+        # and it stays that way: nothing brings v1 back
+        time.sleep(0.5)
+        found = reader.batch_get(Item, [{"key": f"k{i}"} for i in range(20)])
+        assert all(o is None or o.payload == "v2" for o in found)
+        reader.release()
+    finally:
+        writer.kill()
+        writer.wait()
