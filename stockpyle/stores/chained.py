@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 from ..bus import BusStats, InvalidationBus, class_digest, key_digest
 from ..effects import WriteEffects
 from ..exceptions import ConfigurationError, ObjectError, StoreError, UnknownKeyError
-from ..keys import Key, canonical_value, object_keys
+from ..keys import Key, canonical_value, lookup_key, object_keys
+from ..stampede import DEFAULT_STAMPEDE, LeaseTimeoutError, SingleFlight, Stampede
 from ..stats import SAMPLE_EVERY, Latency, StoreStats
 from ._repair import repairs
 from ._trust import trust_watch
@@ -53,6 +54,8 @@ class _Failed:
 
 #: What a guarded call of a cache layer returns when the layer was skipped or failed.
 _FAILED: Any = _Failed()
+#: The default of a call's ``stampede=``: the chain's own policy.
+_CHAIN_POLICY: Any = object()
 #: The default of ``bus=``: no bus, and a warning when in-process layers sit above shared ones.
 _NO_BUS: Any = object()
 #: Key names remembered for invalidations before the in-process layers are flushed and it starts afresh.
@@ -577,8 +580,10 @@ class ChainPolicy:
 
     # -- reads --------------------------------------------------------------
 
-    def _plan_get(self, start: int, klass: type[T], keydict: KeyDict, timed: bool) -> Plan[T | None]:
-        """Ask the layers from ``start`` down; back-fill the layers above the hit."""
+    def _plan_get(
+        self, start: int, klass: type[T], keydict: KeyDict, timed: bool, fill: bool = True
+    ) -> Plan[T | None]:
+        """Ask the layers from ``start`` down; back-fill the layers above the hit (unless ``fill`` is false)."""
         last = self._last
         in_process = self._in_process
         flushes = self._flushes  # a fill is skipped if the in-process layers were flushed meanwhile
@@ -615,7 +620,7 @@ class ChainPolicy:
                 continue
             stats.hits += 1
             # back-fill every layer above the hit
-            for above in range(index - 1, -1, -1):
+            for above in range(index - 1 if fill else -1, -1, -1):
                 if in_process[above]:
                     if not self._fill_allowed(flushes):
                         continue
@@ -628,6 +633,22 @@ class ChainPolicy:
                     self._layer_stats[above].backfills += 1
             return obj  # type: ignore[no-any-return]
         return None
+
+    def _plan_fill_all(self, obj: Any) -> Plan[None]:
+        """Add-only writes of ``obj`` into every layer, bottom up (``get_or_create`` over cache layers only)."""
+        flushes = self._flushes
+        for index in range(self._last, -1, -1):
+            if self._in_process[index]:
+                if not self._fill_allowed(flushes):
+                    continue
+                if self.bus is not None:
+                    self._digest_keys([obj])
+            if index == self._last:
+                yield from self._ask(index, self._add[index], obj)
+            else:
+                done = yield from self._guarded(index, "backfill", self._add[index], obj)
+                if done is not _FAILED:
+                    self._layer_stats[index].backfills += 1
 
     def _fill_allowed(self, flushes: int) -> bool:
         """Whether an in-process layer may be back-filled by a read that began at flush count ``flushes``.
@@ -920,8 +941,14 @@ class ChainedStore(ChainPolicy, BaseStore):
         max_pending_invalidations: int = 10_000,
         retry_interval: float = 0.5,
         bus: Any = _NO_BUS,
+        stampede: Stampede | None = DEFAULT_STAMPEDE,
     ) -> None:
         super().__init__()
+        if stampede is not None and not isinstance(stampede, Stampede):
+            raise ConfigurationError(f"stampede= takes a stockpyle.Stampede or None; got {stampede!r}")
+        #: the chain's stampede protection (``None``: none; see :class:`~stockpyle.Stampede`)
+        self.stampede = stampede
+        self._flights = SingleFlight()
         layers = _check_layers(stores if stores is not None else [], "ChainedStore")
         # the top layer's index, probed directly on the hit path when it offers (and the bus trusts) it
         self._fast_index = None
@@ -999,7 +1026,12 @@ class ChainedStore(ChainPolicy, BaseStore):
 
     # -- reads --------------------------------------------------------------
 
-    def get(self, klass: type[T], keydict: KeyDict) -> T | None:
+    def get(self, klass: type[T], keydict: KeyDict, *, stampede: Any = _CHAIN_POLICY) -> T | None:
+        """The object, from the fastest layer that has it (see the class docs).
+
+        :param stampede: the :class:`~stockpyle.Stampede` policy for this call
+            (``None``: no protection); by default the chain's.
+        """
         # The L1 hit path is the library's second-hottest code.  When L1 offers
         # its index (an unbounded in-process store), it is probed here directly
         # for the common lookup (one str- or int-valued attribute): that saves
@@ -1008,7 +1040,7 @@ class ChainedStore(ChainPolicy, BaseStore):
         self._countdown -= 1
         if self._countdown <= 0:  # one call in SAMPLE_EVERY is timed, layer by layer
             self._countdown = SAMPLE_EVERY
-            return self._run(self._plan_get(0, klass, keydict, True))
+            return self._miss(0, klass, keydict, stampede, timed=True)
         index = self._fast_index
         # (anything but a dict, e.g. get(Foo, 1), goes to L1's get(), which says what a lookup is)
         if index is not None and type(keydict) is dict and len(keydict) == 1:
@@ -1024,33 +1056,110 @@ class ChainedStore(ChainPolicy, BaseStore):
                     # again): refuse a value no layer could take, then ask below
                     canonical_value(value)
                     self._first_stats.misses += 1
-                    return self._run(self._plan_get(1, klass, keydict, False))
+                    return self._miss(1, klass, keydict, stampede)
         if (
             not self._first_in_process
             or not self._trusted
             or self._first_breaker.open_until
             or self._first_breaker.failures
         ):
-            return self._run(self._plan_get(0, klass, keydict, False))
+            return self._miss(0, klass, keydict, stampede)
         try:
             obj = self.stores[0].get(klass, keydict)
         except UnknownKeyError:
             if self._single:
                 raise
-            return self._run(self._plan_get(1, klass, keydict, False))
+            return self._miss(1, klass, keydict, stampede)
         except StoreError as exc:
             self._failed(0, "get", exc)
-            return self._run(self._plan_get(1, klass, keydict, False))
+            return self._miss(1, klass, keydict, stampede)
         if obj is not None:
             self._l1_hits += 1
             return obj  # type: ignore[no-any-return]
         self._first_stats.misses += 1
         if self._single:
             return None
-        return self._run(self._plan_get(1, klass, keydict, False))
+        return self._miss(1, klass, keydict, stampede)
+
+    def _miss(self, start: int, klass: type[T], keydict: KeyDict, stampede: Any, timed: bool = False) -> T | None:
+        """Read the layers from ``start``, once for all threads of this process missing the same key."""
+        policy: Stampede | None = self.stampede if stampede is _CHAIN_POLICY else stampede
+        if policy is None:
+            return self._run(self._plan_get(start, klass, keydict, timed))
+        try:
+            key: Any = lookup_key(klass, keydict)
+        except UnknownKeyError:
+            # a lookup only the system of record can answer (any mapped columns)
+            key = (klass, tuple(sorted(keydict.items())))
+        try:
+            hash(key)
+        except TypeError:
+            return self._run(self._plan_get(start, klass, keydict, timed))
+
+        def load() -> T | None:
+            return self._run(self._plan_get(start, klass, keydict, timed))
+
+        def waited_too_long() -> T | None:
+            return self._after_timeout(policy, start, klass, keydict)
+
+        return self._flights.run(key, load, policy.wait, waited_too_long)
+
+    def _after_timeout(self, policy: Stampede, start: int, klass: type[T], keydict: KeyDict) -> T | None:
+        if policy.on_timeout == "miss":
+            return None
+        if policy.on_timeout == "raise":
+            raise LeaseTimeoutError(
+                f"waited {policy.wait}s for another reader's load of {klass.__qualname__} {dict(keydict)!r}"
+            )
+        # "load": read for ourselves, without filling (the load we waited for will)
+        return self._run(self._plan_get(start, klass, keydict, False, fill=False))
 
     def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
         return self._run(self._plan_batch_get(klass, list(keydicts)))
+
+    def get_or_create(
+        self, klass: type[T], keydict: KeyDict, creator: Callable[[], T | None], *, stampede: Any = _CHAIN_POLICY
+    ) -> T | None:
+        """The object from the layers, or ``creator()``'s, stored for the next reader.
+
+        For objects whose system of record is not a stockpyle store (a remote
+        API, a computation): ``creator`` is called only when no layer has the
+        object, once for all threads of the process missing it at the same
+        time (and, where a shared layer supports leases, once across
+        processes).  A ``None`` result is returned and not stored.  The object
+        is stored with add-only writes in every layer when every layer is a
+        cache, and with :meth:`put` otherwise (the system of record creates it).
+
+        :param creator: builds the object; it must have the keys ``keydict`` names.
+        :param stampede: the :class:`~stockpyle.Stampede` policy for this call.
+        :raises ConfigurationError: when ``creator`` returns an object that ``keydict`` does not find.
+        """
+        found = self.get(klass, keydict, stampede=stampede)
+        if found is not None:
+            return found
+        policy: Stampede | None = self.stampede if stampede is _CHAIN_POLICY else stampede
+
+        def create() -> T | None:
+            again = self.get(klass, keydict, stampede=None)  # another caller may have created it meanwhile
+            if again is not None:
+                return again
+            made = creator()
+            if made is None:
+                return None
+            if lookup_key(klass, keydict) not in object_keys(made, True):
+                raise ConfigurationError(
+                    f"get_or_create({klass.__qualname__}, {dict(keydict)!r}): the creator returned a "
+                    f"{type(made).__qualname__} object that this lookup does not find"
+                )
+            if self._last_is_cache:
+                self._run(self._plan_fill_all(made))
+            else:
+                self.put(made)
+            return made
+
+        if policy is None:
+            return create()
+        return self._flights.run(("create", lookup_key(klass, keydict)), create, policy.wait, create)
 
     # -- writes -------------------------------------------------------------
 
