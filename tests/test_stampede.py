@@ -124,7 +124,7 @@ def test_on_timeout_raise() -> None:
     leader = threading.Thread(target=lambda: chain.get(Item, {"key": "k"}))
     leader.start()
     time.sleep(0.05)
-    with pytest.raises(LeaseTimeoutError, match="waited 0.05s"):
+    with pytest.raises(LeaseTimeoutError, match=r"waited 0\.05s"):
         chain.get(Item, {"key": "k"})
     sor.gate.set()
     leader.join()
