@@ -427,6 +427,7 @@ class ChainPolicy:
                 return False
             # half-open: this call probes; concurrent callers keep skipping
             breaker.open_until = now + breaker.cooldown
+            log.debug("stockpyle: cache layer %d (%r) is probed after its cool-down", index, self.stores[index])
         return True
 
     def _absorb(self, index: int, action: str, exc: BaseException) -> Any:
@@ -506,6 +507,7 @@ class ChainPolicy:
 
     def _recovered(self, index: int) -> None:
         breaker = self._breakers[index]
+        log.debug("stockpyle: cache layer %d (%r) succeeded; its breaker closes", index, self.stores[index])
         if breaker.open_until:
             log.warning("stockpyle: cache layer %d (%r) answers again; it rejoins the chain", index, self.stores[index])
         breaker.failures = 0
@@ -580,9 +582,7 @@ class ChainPolicy:
 
     # -- reads --------------------------------------------------------------
 
-    def _plan_get(
-        self, start: int, klass: type[T], keydict: KeyDict, timed: bool, fill: bool = True
-    ) -> Plan[T | None]:
+    def _plan_get(self, start: int, klass: type[T], keydict: KeyDict, timed: bool, fill: bool = True) -> Plan[T | None]:
         """Ask the layers from ``start`` down; back-fill the layers above the hit (unless ``fill`` is false)."""
         last = self._last
         in_process = self._in_process
@@ -631,7 +631,10 @@ class ChainPolicy:
                     done = yield from self._guarded(above, "backfill", self._add[above], obj)
                 if done is not _FAILED:
                     self._layer_stats[above].backfills += 1
+                    log.debug("stockpyle: back-filled layer %d with %s found in layer %d", above, klass.__qualname__,
+                              index)  # fmt: skip
             return obj  # type: ignore[no-any-return]
+        log.debug("stockpyle: no layer has %s %r", klass.__qualname__, keydict)
         return None
 
     def _plan_fill_all(self, obj: Any) -> Plan[None]:
@@ -1040,7 +1043,10 @@ class ChainedStore(ChainPolicy, BaseStore):
         self._countdown -= 1
         if self._countdown <= 0:  # one call in SAMPLE_EVERY is timed, layer by layer
             self._countdown = SAMPLE_EVERY
-            return self._miss(0, klass, keydict, stampede, timed=True)
+            began = perf_counter()
+            found = self._miss(0, klass, keydict, stampede, timed=True)
+            self._totals.timer("get").add(perf_counter() - began)  # what the caller waited, end to end
+            return found
         index = self._fast_index
         # (anything but a dict, e.g. get(Foo, 1), goes to L1's get(), which says what a lookup is)
         if index is not None and type(keydict) is dict and len(keydict) == 1:
@@ -1115,7 +1121,7 @@ class ChainedStore(ChainPolicy, BaseStore):
         return self._run(self._plan_get(start, klass, keydict, False, fill=False))
 
     def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
-        return self._run(self._plan_batch_get(klass, list(keydicts)))
+        return self._timed("batch_get", self._plan_batch_get(klass, list(keydicts)))
 
     def get_or_create(
         self, klass: type[T], keydict: KeyDict, creator: Callable[[], T | None], *, stampede: Any = _CHAIN_POLICY
@@ -1163,24 +1169,32 @@ class ChainedStore(ChainPolicy, BaseStore):
 
     # -- writes -------------------------------------------------------------
 
+    def _timed(self, operation: str, plan: Plan[T]) -> T:
+        """Run ``plan`` and record its duration as the end-to-end latency of ``operation``."""
+        began = perf_counter()
+        try:
+            return self._run(plan)
+        finally:
+            self._totals.timer(operation).add(perf_counter() - began)
+
     def put(self, obj: object) -> None:
-        self._run(self._plan_write("put", obj, [obj]))
+        self._timed("put", self._plan_write("put", obj, [obj]))
         self._totals.puts += 1
 
     def batch_put(self, objs: Iterable[object]) -> None:
         items = list(objs)
         if items:
-            self._run(self._plan_write("batch_put", items, items))
+            self._timed("batch_put", self._plan_write("batch_put", items, items))
             self._totals.puts += len(items)
 
     def delete(self, obj: object) -> None:
-        self._run(self._plan_write("delete", obj, [obj]))
+        self._timed("delete", self._plan_write("delete", obj, [obj]))
         self._totals.deletes += 1
 
     def batch_delete(self, objs: Iterable[object]) -> None:
         items = list(objs)
         if items:
-            self._run(self._plan_write("batch_delete", items, items))
+            self._timed("batch_delete", self._plan_write("batch_delete", items, items))
             self._totals.deletes += len(items)
 
     def _schedule_repair(self) -> None:
