@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from time import perf_counter
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from ..bus import BusStats, InvalidationBus, class_digest, key_digest
 from ..effects import WriteEffects
@@ -32,7 +32,7 @@ from ._repair import repairs
 from ._trust import trust_watch
 from .base import BaseStore, DirectIndex, KeyDict
 
-__all__ = ["Call", "ChainPolicy", "ChainStats", "ChainedStore", "LayerStats", "MultiStore"]
+__all__ = ["BUS", "Call", "ChainPolicy", "ChainStats", "ChainedStore", "LayerStats", "MultiStore"]
 
 T = TypeVar("T")
 log = logging.getLogger("stockpyle.chained")
@@ -57,13 +57,20 @@ _FAILED: Any = _Failed()
 #: The default of a call's ``stampede=``: the chain's own policy.
 _CHAIN_POLICY: Any = object()
 #: The default of ``bus=``: no bus, and a warning when in-process layers sit above shared ones.
-_NO_BUS: Any = object()
+NO_BUS: Final[Any] = object()
 #: Key names remembered for invalidations before the in-process layers are flushed and it starts afresh.
 _DIGEST_LIMIT = 1_000_000
 
 
+#: The index of a :class:`Call` addressed to the chain's invalidation bus rather than a layer.
+BUS: Final = -1
+
+
 class Call:
-    """One operation a plan asks of a layer that is not in process: ``stores[index].method(*args)``."""
+    """One operation a plan asks of a layer that is not in process: ``stores[index].method(*args)``.
+
+    An ``index`` of :data:`BUS` addresses the chain's invalidation bus.
+    """
 
     __slots__ = ("args", "index", "method")
 
@@ -261,7 +268,7 @@ class ChainPolicy:
         max_pending_invalidations: int,
         retry_interval: float,
         *,
-        bus: Any = _NO_BUS,
+        bus: Any = NO_BUS,
     ) -> None:
         if isinstance(failure_threshold, bool) or not isinstance(failure_threshold, int) or failure_threshold < 1:
             raise ConfigurationError(f"failure_threshold must be a positive int; got {failure_threshold!r}")
@@ -311,7 +318,7 @@ class ChainPolicy:
     def _setup_coherence(self, bus: Any) -> None:
         coherent = [i for i, in_process in enumerate(self._in_process) if in_process]
         shared_below = any(not in_process for in_process in self._in_process[1:])
-        self.bus: InvalidationBus | None = None if bus is _NO_BUS else bus
+        self.bus: InvalidationBus | None = None if bus is NO_BUS else bus
         #: whether in-process entries may be served (always, without a bus)
         self._trusted = True
         self._flushes = 0
@@ -321,7 +328,7 @@ class ChainPolicy:
         self._origin = f"{os.getpid()}:{id(self):x}:{secrets.token_hex(4)}"
         self._coherent = coherent
         if self.bus is None:
-            if bus is _NO_BUS and coherent and shared_below:
+            if bus is NO_BUS and coherent and shared_below:
                 log.warning(
                     "stockpyle: this chain's in-process layers are not kept coherent across processes: another "
                     "process's writes reach them only when their entries expire.  Pass bus= (see stockpyle.bus), "
@@ -387,8 +394,12 @@ class ChainPolicy:
         for index in self._coherent:
             self.stores[index].invalidate_all()
 
-    def _publish(self, digests: list[str]) -> None:
-        """Tell the other processes, through the bus, which keys changed; retried in the background when it fails."""
+    def _plan_publish(self, digests: list[str]) -> Plan[None]:
+        """Tell the other processes, through the bus, which keys changed; retried in the background when it fails.
+
+        The bus is called like a layer (a :class:`Call` with index
+        :data:`BUS`), so an asynchronous chain does not block its event loop.
+        """
         bus = self.bus
         if bus is None or not digests:
             return
@@ -396,7 +407,7 @@ class ChainPolicy:
         if pending:
             digests, self._unpublished = pending + digests, []
         try:
-            bus.publish(digests, self._origin)
+            yield Call(BUS, "publish", (digests, self._origin))
         except (StoreError, OSError) as exc:
             log.warning("stockpyle: could not publish %d invalidations on %r (retried): %s", len(digests), bus, exc)
             self._unpublished = digests[-_DIGEST_LIMIT:]
@@ -573,7 +584,7 @@ class ChainPolicy:
         if self._unpublished and self.bus is not None:
             digests, self._unpublished = self._unpublished, []
             try:
-                self.bus.publish(digests, self._origin)
+                yield Call(BUS, "publish", (digests, self._origin))
             except (StoreError, OSError) as exc:
                 log.debug("stockpyle: still cannot publish %d invalidations: %s", len(digests), exc)
                 self._unpublished = digests + self._unpublished
@@ -757,7 +768,7 @@ class ChainPolicy:
             return
         for index in range(last - 1, -1, -1):
             yield from self._plan_layer_write(index, operation, argument, objs)
-        self._publish(self._digest_keys(objs) if self.bus is not None else [])
+        yield from self._plan_publish(self._digest_keys(objs) if self.bus is not None else [])
 
     def _before_in_process_writes(self, objs: list[Any]) -> None:
         if any(self._per_thread):
@@ -808,7 +819,7 @@ class ChainPolicy:
                 yield from self._plan_layer_write(index, "batch_delete", removed, removed)
             if stored:
                 yield from self._plan_layer_write(index, "batch_put", stored, stored)
-        self._publish(self._digest_keys(removed + stored) if self.bus is not None else [])
+        yield from self._plan_publish(self._digest_keys(removed + stored) if self.bus is not None else [])
 
     def _plan_invalidate_class(self, klass: type) -> Plan[None]:
         """Drop every ``klass`` instance from the cache layers (and a last layer that is not the system of record)."""
@@ -828,7 +839,7 @@ class ChainPolicy:
                 self._in_process_call(index, "invalidate_class", "invalidate_class", klass)
             else:
                 yield from self._guarded(index, "invalidate_class", "invalidate_class", klass)
-        self._publish([class_digest(klass)] if self.bus is not None else [])
+        yield from self._plan_publish([class_digest(klass)] if self.bus is not None else [])
 
     def _plan_invalidate(self, indexes: Iterable[int], objs: list[Any]) -> Plan[None]:
         """Remove ``objs`` from the cache layers ``indexes``, best effort: a layer that fails remembers them."""
@@ -857,7 +868,11 @@ class ChainPolicy:
         return totals
 
 
-def _check_layers(stores: Any, what: str) -> list[Any]:
+def check_layers(stores: Any, what: str) -> list[Any]:
+    """The layers of a chain, validated through their types.
+
+    :raises ConfigurationError: for an empty list or an object that is not a store.
+    """
     if isinstance(stores, (str, bytes)) or not isinstance(stores, Iterable):
         raise ConfigurationError(f"{what} takes a list of stores, fastest first; got {stores!r}")
     layers = list(stores)
@@ -943,7 +958,7 @@ class ChainedStore(ChainPolicy, BaseStore):
         cooldown: float = 5.0,
         max_pending_invalidations: int = 10_000,
         retry_interval: float = 0.5,
-        bus: Any = _NO_BUS,
+        bus: Any = NO_BUS,
         stampede: Stampede | None = DEFAULT_STAMPEDE,
     ) -> None:
         super().__init__()
@@ -952,7 +967,7 @@ class ChainedStore(ChainPolicy, BaseStore):
         #: the chain's stampede protection (``None``: none; see :class:`~stockpyle.Stampede`)
         self.stampede = stampede
         self._flights = SingleFlight()
-        layers = _check_layers(stores if stores is not None else [], "ChainedStore")
+        layers = check_layers(stores if stores is not None else [], "ChainedStore")
         # the top layer's index, probed directly on the hit path when it offers (and the bus trusts) it
         self._fast_index = None
         self._trusted_index: Any = None
@@ -989,7 +1004,8 @@ class ChainedStore(ChainPolicy, BaseStore):
             call = plan.send(None)
             while True:
                 try:
-                    result = getattr(stores[call.index], call.method)(*call.args)
+                    target = stores[call.index] if call.index != BUS else self.bus
+                    result = getattr(target, call.method)(*call.args)
                 except BaseException as exc:  # noqa: BLE001 - the plan decides what a failure means
                     call = plan.throw(exc)
                 else:
