@@ -6,11 +6,13 @@ holds every algorithm; a driver only moves bytes.
 
 Keys
     Every stockpyle key becomes one backend key of the form
-    ``{prefix}:{namespace}:{ClassName}:{digest}``, where ``digest`` is a
-    160-bit BLAKE2b hash of :func:`stockpyle.keys.encode_key`.  Keys are
-    therefore always valid (at most ~220 ASCII characters, no whitespace or
-    control characters) whatever the key values are, and stay readable in
-    dumps of the backend.
+    ``{prefix}:{namespace}:{ClassName}.{generation}:{digest}``, where
+    ``digest`` is a 160-bit BLAKE2b hash of :func:`stockpyle.keys.encode_key`
+    and ``generation`` is the class's generation token (8 hex digits, shared
+    by every process through one generation key per class; see
+    :meth:`KeyValueStore.invalidate_class`).  Keys are therefore always valid
+    (at most ~230 ASCII characters, no whitespace or control characters)
+    whatever the key values are, and stay readable in dumps of the backend.
 
 Entries
     Each entry is an envelope from :class:`stockpyle.serializers.Codec` whose

@@ -4,7 +4,7 @@ The store is the key-value engine (:class:`~stockpyle.stores.kv.KeyValueStore`:
 key naming, envelopes and signing, stale-key cleanup, add with undo,
 version-checked writes, tombstones, lifetime caps) on the pymemcache driver
 (:mod:`stockpyle.stores.drivers.pymemcache`).  Its keys have the form
-``{prefix}:{namespace}:{ClassName}:{digest}`` and its entries are the engine's
+``{prefix}:{namespace}:{ClassName}.{generation}:{digest}`` and its entries are the engine's
 envelopes; see :mod:`stockpyle.stores.kv` for both.
 
 memcached specifics: lifetimes are whole seconds (rounded up; above 30 days
