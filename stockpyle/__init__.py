@@ -36,6 +36,9 @@ from .stores.chained import ChainedStore, MultiStore
 from .stores.memory import ProcessMemoryStore, ThreadLocalStore
 
 if _typing.TYPE_CHECKING:  # pragma: no cover
+    from .bus.memcache import MemcacheEpochBus
+    from .bus.postgres import PostgresNotifyBus
+    from .bus.redis import RedisStreamBus
     from .stores.memcache import MemcacheStore
     from .stores.redis import RedisStore
     from .stores.shove import ShoveStore
@@ -48,12 +51,15 @@ __all__ = [
     "BaseStore",
     "ChainedStore",
     "ConfigurationError",
+    "MemcacheEpochBus",
     "MemcacheStore",
     "MultiStore",
     "NonUniqueKeyError",
     "NotStorableError",
+    "PostgresNotifyBus",
     "ProcessMemoryStore",
     "RedisStore",
+    "RedisStreamBus",
     "ShoveStore",
     "SqlAlchemyStore",
     "StockpyleError",
@@ -73,6 +79,12 @@ def __getattr__(name: str) -> _typing.Any:
         from . import stores
 
         value = getattr(stores, name)
+        globals()[name] = value
+        return value
+    if name in ("MemcacheEpochBus", "PostgresNotifyBus", "RedisStreamBus"):
+        from . import bus
+
+        value = getattr(bus, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,10 +19,11 @@ same for every bus:
   sent to which the server's answer proves that nothing older is pending (an
   empty blocking read, a heartbeat that came back through the same ordered
   channel, a poll that found every slot).
-* **Connections.** Every connection of the listener flushes the listeners once
-  it is established and positioned (the first one drops whatever was cached
-  before the bus listened; a later one, a reconnection, is also counted as a
-  gap: messages may have been lost while it was down).
+* **Connections.** The first connection of the listener flushes the listeners
+  once it is established and positioned (that drops whatever was cached
+  before the bus listened).  A reconnection is counted as a gap and flushes
+  too, unless the bus resumed at its old position and detects by itself what
+  it missed meanwhile (:class:`~stockpyle.bus.MemcacheEpochBus` does).
 * **Gaps.** A bus that detects lost messages calls :meth:`ListeningBus._gap`:
   the listeners are flushed before any later message is delivered.
 * **Fork.** In a forked child (gunicorn ``--preload``) the inherited state is
@@ -320,7 +321,7 @@ class ListeningBus:
         backoff = _BACKOFF_MIN
         while not stop.is_set():
             try:
-                self._connect_listener()
+                resumed = self._connect_listener()
             except Exception as exc:  # noqa: BLE001 - an outage: retried with back-off
                 self._close_listener()
                 self._outage(exc, "connect")
@@ -331,10 +332,10 @@ class ListeningBus:
                 self._close_listener()
                 break
             self._connections += 1
-            if self._connections > 1:
+            if self._connections == 1:
+                self._flush()  # whatever was cached before the bus listened
+            elif not resumed:
                 self._gap("the listener reconnected: messages may have been lost meanwhile")
-            else:
-                self._flush()
             if self._warned:
                 log.warning("stockpyle: %r is listening again", self)
                 self._warned = False
@@ -448,8 +449,13 @@ class ListeningBus:
         """Publish one invalidation (split as the channel needs); raise the driver's exception on failure."""
         raise NotImplementedError
 
-    def _connect_listener(self) -> None:
-        """Open the listener's connection and position it (called on the listener thread)."""
+    def _connect_listener(self) -> bool:
+        """Open the listener's connection and position it (called on the listener thread).
+
+        :returns: True when the listener resumed where it was and will detect
+            anything lost meanwhile (no flush needed); False when it was
+            positioned anew (a reconnection then counts as a gap).
+        """
         raise NotImplementedError
 
     def _listen_once(self, stop: threading.Event) -> None:

@@ -221,7 +221,7 @@ class RedisStreamBus(ListeningBus):
         conn.send_command(*args)
         return conn.read_response(disable_decoding=True, timeout=self.socket_timeout)
 
-    def _connect_listener(self) -> None:
+    def _connect_listener(self) -> bool:
         pool = self.client.connection_pool
         with self._conn_lock:
             self._conn = pool.get_connection()
@@ -239,6 +239,7 @@ class RedisStreamBus(ListeningBus):
         else:
             self._position, self._epoch, self._seq = "0-0", None, 0
         self._next_probe = time.monotonic()
+        return False  # positioned anew: a reconnection flushes
 
     def _listen_once(self, stop: threading.Event) -> None:
         conn = self._conn
