@@ -4,7 +4,8 @@ memcached pushes nothing, so every process polls.  The bus keeps, in
 memcached, a *sequence counter* and a *ring* of ``ring`` slots:
 
 * publishing takes the next sequence number with ``incr`` (the counter is
-  created with ``add``, at a random starting value, when it is missing) and
+  created with ``add``, at a random starting value, by the first listener or
+  publisher that finds it missing) and
   writes the message into slot ``seq % ring``: the sequence number, the sender
   id, the send time and the key digests;
 * every process polls once per ``interval`` with one multi-get of the counter
@@ -165,8 +166,7 @@ class MemcacheEpochBus(ListeningBus):
         chunks = [digests[i : i + _DIGESTS_PER_SLOT] for i in range(0, len(digests), _DIGESTS_PER_SLOT)]
         last = self.driver.incr(self._counter_key, len(chunks))
         if last is None:
-            start = str(secrets.randbelow(_START_LIMIT)).encode()
-            self.driver.add_many({self._counter_key: start}, self._forever)  # another process may win: fine
+            self._create_counter()
             last = self.driver.incr(self._counter_key, len(chunks))
             if last is None:
                 raise StoreError(f"memcached ({self.driver.describe()}) keeps no counter under {self._counter_key!r}")
@@ -198,8 +198,16 @@ class MemcacheEpochBus(ListeningBus):
             return True  # a failed poll loses nothing: the ring tells what was missed
         self._pending.clear()
         counter = self._counter(self.driver.get_many([self._counter_key]))
+        if counter is None:  # no message yet: start the counter, so that the first one is no gap
+            self._create_counter()
+            counter = self._counter(self.driver.get_many([self._counter_key]))
         self._expected = None if counter is None else counter + 1
         return False
+
+    def _create_counter(self) -> None:
+        """Create the counter at a random value (a no-op when another process was first)."""
+        start = str(secrets.randbelow(_START_LIMIT)).encode()
+        self.driver.add_many({self._counter_key: start}, self._forever)
 
     def _listen_once(self, stop: threading.Event) -> None:
         delay = self._next_poll - time.monotonic()
@@ -218,7 +226,8 @@ class MemcacheEpochBus(ListeningBus):
         if counter is None:
             if expected is not None:
                 self._restart(None, "the sequence counter vanished (memcached restarted or evicted it)")
-            self._heard((), polled_at)  # nothing was published since
+            self._create_counter()
+            self._heard((), polled_at)  # nothing was published since: a publisher would have created it
             return
         if expected is None:
             self._restart(counter, "the sequence counter appeared: messages before it are unknown")
