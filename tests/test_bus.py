@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from support.buses import RecordingListener, bus_threads, digests_for, wait_trusted
 
 from stockpyle.bus import BusStats, InvalidationBus, class_digest, key_digest
 from stockpyle.exceptions import ConfigurationError, StoreUnavailableError
 from stockpyle.keys import lookup_key
-from support.buses import RecordingListener, bus_threads, digests_for, wait_trusted, wait_until
 
 KINDS = [
     pytest.param("redis", marks=pytest.mark.redis),
@@ -115,7 +115,7 @@ def test_a_message_reaches_every_subscribed_bus_own_included(make_bus: BusFactor
 
 
 def test_large_publications_are_split_and_all_delivered(make_bus: BusFactory) -> None:
-    a, b, _la, lb = listening_pair(make_bus)
+    a, _b, _la, lb = listening_pair(make_bus)
     digests = digests_for("large", 5000)
     a.publish(digests)
     assert lb.wait_digests(digests, timeout=10)
@@ -319,8 +319,13 @@ def test_invalidations_reach_other_processes(make_bus: BusFactory) -> None:
     publisher = make_bus()
     prime(publisher)
     children = [
-        subprocess.Popen([sys.executable, "-c", LISTENER_SCRIPT, make_bus.spec()], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(__file__))  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-c", LISTENER_SCRIPT, make_bus.spec()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=os.path.dirname(__file__),
+        )
         for _ in range(2)
     ]
     try:
