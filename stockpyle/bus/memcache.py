@@ -226,7 +226,9 @@ class MemcacheEpochBus(ListeningBus):
         if counter is None:
             if expected is not None:
                 self._restart(None, "the sequence counter vanished (memcached restarted or evicted it)")
-            self._create_counter()
+            self._create_counter()  # and start from it, so that the next message is no gap
+            created = self._counter(self.driver.get_many([self._counter_key]))
+            self._expected = None if created is None else created + 1
             self._heard((), polled_at)  # nothing was published since: a publisher would have created it
             return
         if expected is None:
