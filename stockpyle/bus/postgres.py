@@ -59,7 +59,7 @@ from ..exceptions import ConfigurationError, StoreError, StoreUnavailableError
 from . import class_digest
 from ._base import ListeningBus, Message, call_quietly, check_digests, positive_seconds
 
-__all__ = ["INSTALL_HINT", "MAX_PAYLOAD", "PostgresNotifyBus", "error_table", "import_psycopg"]
+__all__ = ["INSTALL_HINT", "MAX_PAYLOAD", "TRIGGER_SETTING", "PostgresNotifyBus", "error_table", "import_psycopg"]
 
 log = logging.getLogger("stockpyle.bus")
 
