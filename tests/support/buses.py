@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["RecordingListener", "bus_threads", "digests_for", "wait_trusted", "wait_until"]
+__all__ = ["BusCounter", "RecordingListener", "bus_threads", "digests_for", "wait_trusted", "wait_until"]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.005) -> Any:
@@ -103,3 +103,13 @@ class RecordingListener:
         gate, self._gate = self._gate, None
         if gate is not None:
             gate.set()
+
+
+class BusCounter:
+    """A storable counter for the coherence tests (importable by their worker processes)."""
+
+    __stockpyle_keys__ = ("id",)
+
+    def __init__(self, id: int, value: int) -> None:  # noqa: A002 - the key attribute's name
+        self.id = id
+        self.value = value
