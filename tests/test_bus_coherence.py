@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +105,7 @@ def run(
         seed = subprocess.run(
             [sys.executable, "-c", "import sys, json; from support.bus_worker import *; from stockpyle.stores import "
              "MemcacheStore; s = MemcacheStore(**json.loads(sys.argv[1])); s.put(BusCounter(1, 0)); s.release()",
-             json.dumps(shared)], cwd=here, capture_output=True, text=True, timeout=30,
+             json.dumps(shared)], check=False, cwd=here, capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         assert seed.returncode == 0, seed.stderr
         reader_procs = [spawn("reader") for _ in range(readers)]
@@ -181,10 +181,10 @@ def wait_writes(result: Run, count: int) -> None:
 
 
 @pytest.fixture
-def servers(memcached_factory: Any, redis_server_factory: Any) -> Iterator[dict[str, Any]]:
+def servers(memcached_factory: Any, redis_server_factory: Any) -> dict[str, Any]:
     memcached = memcached_factory.one(memory_mb=32)
     redis_server = redis_server_factory.start()
-    yield {"memcached": memcached, "redis": redis_server}
+    return {"memcached": memcached, "redis": redis_server}
 
 
 def shared_layer(servers: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,8 @@ that every message published before ``t`` was delivered, so trust runs until
 
     max_staleness = interval + timeout
 
-where ``timeout`` is the socket timeout of one poll (default: ``interval``).
+where ``timeout`` is the socket timeout of one poll (default: ``interval``;
+publications use connections of their own, with a timeout of at least 0.5 s).
 A poll is sent every ``interval``; as long as each one is answered within
 ``timeout`` the bus stays trusted without a gap, and a frozen server stops
 the trust ``max_staleness`` after the last answered poll.  The cost is one
@@ -63,6 +64,8 @@ _DIGESTS_PER_SLOT: Final = 8192
 _WINDOW_MIN: Final = 8
 _WINDOW_MAX: Final = 512
 _NAMESPACE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+#: The shortest socket timeout of a publication, seconds.
+_PUBLISH_TIMEOUT: Final = 0.5
 #: Counters start at a random value below this (memcached counters are 64-bit).
 _START_LIMIT: Final = 2**62
 
@@ -140,6 +143,13 @@ class MemcacheEpochBus(ListeningBus):
             names = [s if isinstance(s, str) else f"{s[0]}:{s[1]}" for s in specs]
             client = build_client(specs, connect_timeout=connect_timeout, timeout=timeout, max_pool_size=None)
             driver = PymemcacheDriver(client, servers=names)
+            # publications are writes the chain waits for: they keep a timeout of their own
+            sender = build_client(specs, connect_timeout=connect_timeout, timeout=max(timeout, _PUBLISH_TIMEOUT),
+                                  max_pool_size=None)  # fmt: skip
+            self._sender: PymemcacheDriver = PymemcacheDriver(sender, servers=names)
+        else:
+            self._sender = driver
+        #: the driver of the polls (``timeout`` bounds each of their round trips)
         self.driver: PymemcacheDriver = driver
         self._counter_key = f"{namespace}:bus:n"
         self._forever = driver.ttl(None)
@@ -164,21 +174,22 @@ class MemcacheEpochBus(ListeningBus):
 
     def _send(self, digests: tuple[str, ...], origin: str | None, sent: float) -> None:
         chunks = [digests[i : i + _DIGESTS_PER_SLOT] for i in range(0, len(digests), _DIGESTS_PER_SLOT)]
-        last = self.driver.incr(self._counter_key, len(chunks))
+        last = self._sender.incr(self._counter_key, len(chunks))
         if last is None:
-            self._create_counter()
-            last = self.driver.incr(self._counter_key, len(chunks))
+            self._create_counter(self._sender)
+            last = self._sender.incr(self._counter_key, len(chunks))
             if last is None:
-                raise StoreError(f"memcached ({self.driver.describe()}) keeps no counter under {self._counter_key!r}")
+                raise StoreError(f"memcached ({self._sender.describe()}) keeps no counter under {self._counter_key!r}")
         first = last - len(chunks) + 1
         items = {}
         for seq, chunk in enumerate(chunks, first):
             body = {"s": seq, "p": self.sender, "o": origin, "t": sent, "d": "".join(chunk)}
             items[self.slot_key(seq)] = json.dumps(body, separators=(",", ":")).encode()
-        self.driver.set_many(items, self._forever)
+        self._sender.set_many(items, self._forever)
 
     def _close_publisher(self) -> None:
         if self._owns_driver:
+            call_quietly(self._sender.close)
             call_quietly(self.driver.close)
 
     # -- listening ----------------------------------------------------------
@@ -204,10 +215,10 @@ class MemcacheEpochBus(ListeningBus):
         self._expected = None if counter is None else counter + 1
         return False
 
-    def _create_counter(self) -> None:
+    def _create_counter(self, driver: PymemcacheDriver | None = None) -> None:
         """Create the counter at a random value (a no-op when another process was first)."""
         start = str(secrets.randbelow(_START_LIMIT)).encode()
-        self.driver.add_many({self._counter_key: start}, self._forever)
+        (driver or self.driver).add_many({self._counter_key: start}, self._forever)
 
     def _listen_once(self, stop: threading.Event) -> None:
         delay = self._next_poll - time.monotonic()
@@ -296,3 +307,5 @@ class MemcacheEpochBus(ListeningBus):
         # pymemcache is not fork-aware: the child closes its copies of the
         # sockets (a plain close, nothing is sent) and reconnects on use
         call_quietly(self.driver.close)
+        if self._sender is not self.driver:
+            call_quietly(self._sender.close)

@@ -110,6 +110,6 @@ class BusCounter:
 
     __stockpyle_keys__ = ("id",)
 
-    def __init__(self, id: int, value: int) -> None:  # noqa: A002 - the key attribute's name
+    def __init__(self, id: int, value: int) -> None:
         self.id = id
         self.value = value
