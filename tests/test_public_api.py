@@ -15,9 +15,10 @@ from stockpyle import exceptions
 from stockpyle.exceptions import NonUniqueKeyError, StockpyleError
 
 PUBLIC = {
-    "BaseDictionaryStore", "BaseStore", "ChainedStore", "ConfigurationError", "MemcacheEpochBus", "MemcacheStore",
-    "MultiStore", "NonUniqueKeyError", "NotStorableError", "PostgresNotifyBus", "ProcessMemoryStore", "RedisStore",
-    "RedisStreamBus", "ShoveStore", "SqlAlchemyStore", "StockpyleError", "Storable", "StoreError",
+    "AsyncBaseStore", "AsyncChainedStore", "BaseDictionaryStore", "BaseStore", "ChainedStore", "ConfigurationError",
+    "LeaseTimeoutError", "MemcacheEpochBus", "MemcacheStore", "MultiStore", "NonUniqueKeyError", "NotStorableError",
+    "PostgresNotifyBus", "ProcessMemoryStore", "RedisStore", "RedisStreamBus", "ShoveStore", "SqlAlchemyStore",
+    "Stampede", "StockpyleError", "Storable", "StoreError",
     "StoreNotBoundError", "StoreUnavailableError", "ThreadLocalStore", "UnknownKeyError", "exceptions",
 }  # fmt: skip
 # the errors a newcomer meets first, importable as `from stockpyle import ...`
@@ -30,8 +31,9 @@ BUS_PUBLIC = {
     "class_digest", "key_digest",
 }  # fmt: skip
 STORES_PUBLIC = {
-    "BaseDictionaryStore", "BaseStore", "ChainedStore", "LayerStats", "MemcacheStore", "MultiStore",
-    "ProcessMemoryStore", "RedisStore", "ShoveStore", "SqlAlchemyStore", "ThreadLocalStore",
+    "AsyncBaseStore", "AsyncChainedStore", "AsyncKeyValueStore", "BaseDictionaryStore", "BaseStore", "ChainedStore",
+    "KeyValueStore", "LayerStats", "MemcacheStore", "MultiStore", "ProcessMemoryStore", "RedisStore", "ShoveStore",
+    "SqlAlchemyStore", "ThreadLocalStore",
 }  # fmt: skip
 
 
@@ -97,11 +99,12 @@ def test_top_level_imports(name: str) -> None:
 
 
 def test_importing_stockpyle_never_imports_an_optional_backend() -> None:
+    # nor asyncio: synchronous programs do not pay for the asyncio stores' import
     script = textwrap.dedent(
         """
         import sys
         import stockpyle, stockpyle.stores, stockpyle.keys, stockpyle.lifetimes, stockpyle.storable, stockpyle.bus
-        optional = {'pymemcache', 'sqlalchemy', 'shove', 'stuf', 'redis', 'memcache', 'rich', 'psycopg'}
+        optional = {'pymemcache', 'sqlalchemy', 'shove', 'stuf', 'redis', 'memcache', 'rich', 'asyncio', 'psycopg'}
         loaded = sorted(m for m in sys.modules if m.split('.')[0] in optional)
         print(','.join(loaded))
         """
