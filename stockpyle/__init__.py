@@ -37,6 +37,9 @@ from .stores.chained import ChainedStore, MultiStore
 from .stores.memory import ProcessMemoryStore, ThreadLocalStore
 
 if _typing.TYPE_CHECKING:  # pragma: no cover
+    from .bus.memcache import MemcacheEpochBus
+    from .bus.postgres import PostgresNotifyBus
+    from .bus.redis import RedisStreamBus
     from .stores.achained import AsyncChainedStore
     from .stores.memcache import MemcacheStore
     from .stores.redis import RedisStore
@@ -53,12 +56,15 @@ __all__ = [
     "ChainedStore",
     "ConfigurationError",
     "LeaseTimeoutError",
+    "MemcacheEpochBus",
     "MemcacheStore",
     "MultiStore",
     "NonUniqueKeyError",
     "NotStorableError",
+    "PostgresNotifyBus",
     "ProcessMemoryStore",
     "RedisStore",
+    "RedisStreamBus",
     "ShoveStore",
     "SqlAlchemyStore",
     "Stampede",
@@ -80,6 +86,12 @@ def __getattr__(name: str) -> _typing.Any:
         from . import stores
 
         value = getattr(stores, name)
+        globals()[name] = value
+        return value
+    if name in ("MemcacheEpochBus", "PostgresNotifyBus", "RedisStreamBus"):
+        from . import bus
+
+        value = getattr(bus, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

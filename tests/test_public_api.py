@@ -9,14 +9,16 @@ import textwrap
 import pytest
 
 import stockpyle
+import stockpyle.bus
 import stockpyle.stores
 from stockpyle import exceptions
 from stockpyle.exceptions import NonUniqueKeyError, StockpyleError
 
 PUBLIC = {
     "AsyncBaseStore", "AsyncChainedStore", "BaseDictionaryStore", "BaseStore", "ChainedStore", "ConfigurationError",
-    "LeaseTimeoutError", "MemcacheStore", "MultiStore", "NonUniqueKeyError", "NotStorableError", "ProcessMemoryStore",
-    "RedisStore", "ShoveStore", "SqlAlchemyStore", "Stampede", "StockpyleError", "Storable", "StoreError",
+    "LeaseTimeoutError", "MemcacheEpochBus", "MemcacheStore", "MultiStore", "NonUniqueKeyError", "NotStorableError",
+    "PostgresNotifyBus", "ProcessMemoryStore", "RedisStore", "RedisStreamBus", "ShoveStore", "SqlAlchemyStore",
+    "Stampede", "StockpyleError", "Storable", "StoreError",
     "StoreNotBoundError", "StoreUnavailableError", "ThreadLocalStore", "UnknownKeyError", "exceptions",
 }  # fmt: skip
 # the errors a newcomer meets first, importable as `from stockpyle import ...`
@@ -24,6 +26,10 @@ TOP_LEVEL_ERRORS = (
     "ConfigurationError", "NonUniqueKeyError", "NotStorableError", "StockpyleError", "StoreError",
     "StoreNotBoundError", "StoreUnavailableError", "UnknownKeyError",
 )  # fmt: skip
+BUS_PUBLIC = {
+    "BusListener", "BusStats", "InvalidationBus", "MemcacheEpochBus", "PostgresNotifyBus", "RedisStreamBus",
+    "class_digest", "key_digest",
+}  # fmt: skip
 STORES_PUBLIC = {
     "AsyncBaseStore", "AsyncChainedStore", "AsyncKeyValueStore", "BaseDictionaryStore", "BaseStore", "ChainedStore",
     "KeyValueStore", "LayerStats", "MemcacheStore", "MultiStore", "ProcessMemoryStore", "RedisStore", "ShoveStore",
@@ -36,6 +42,8 @@ def test_all_lists_exactly_the_public_names() -> None:
     assert sorted(stockpyle.__all__) == stockpyle.__all__
     assert set(stockpyle.stores.__all__) == STORES_PUBLIC
     assert sorted(stockpyle.stores.__all__) == stockpyle.stores.__all__
+    assert set(stockpyle.bus.__all__) == BUS_PUBLIC
+    assert sorted(stockpyle.bus.__all__) == stockpyle.bus.__all__
     public_modules = {n for n in vars(stockpyle) if not n.startswith("_")} - PUBLIC
     # whatever else is visible at top level is a submodule, not an undeclared name
     assert all(isinstance(getattr(stockpyle, n), type(stockpyle)) for n in public_modules), public_modules
@@ -95,8 +103,8 @@ def test_importing_stockpyle_never_imports_an_optional_backend() -> None:
     script = textwrap.dedent(
         """
         import sys
-        import stockpyle, stockpyle.stores, stockpyle.keys, stockpyle.lifetimes, stockpyle.storable
-        optional = {'pymemcache', 'sqlalchemy', 'shove', 'stuf', 'redis', 'memcache', 'rich', 'asyncio'}
+        import stockpyle, stockpyle.stores, stockpyle.keys, stockpyle.lifetimes, stockpyle.storable, stockpyle.bus
+        optional = {'pymemcache', 'sqlalchemy', 'shove', 'stuf', 'redis', 'memcache', 'rich', 'asyncio', 'psycopg'}
         loaded = sorted(m for m in sys.modules if m.split('.')[0] in optional)
         print(','.join(loaded))
         """
@@ -110,3 +118,28 @@ def test_unknown_attribute_is_an_attribute_error() -> None:
         _ = stockpyle.NoSuchStore  # type: ignore[attr-defined]
     with pytest.raises(AttributeError):
         _ = stockpyle.stores.NoSuchStore  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        _ = stockpyle.bus.NoSuchBus  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [("RedisStreamBus", "redis"), ("PostgresNotifyBus", "postgres"), ("MemcacheEpochBus", "memcache")],
+)
+def test_buses_are_lazy_exports_of_the_bus_package_and_the_top_level(name: str, module: str) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import stockpyle.bus
+        assert 'stockpyle.bus.{module}' not in sys.modules
+        from stockpyle.bus import {name} as from_bus
+        from stockpyle import {name} as from_top
+        import stockpyle.bus.{module} as defining
+        assert from_bus is from_top is defining.{name}
+        from stockpyle.bus import InvalidationBus
+        assert issubclass(from_bus, object) and 'publish' in dir(from_bus)
+        print('ok')
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"

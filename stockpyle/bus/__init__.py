@@ -22,12 +22,45 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..keys import Key, class_name, encode_key
 from ..stats import Latency
 
-__all__ = ["BusListener", "BusStats", "InvalidationBus", "class_digest", "key_digest"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .memcache import MemcacheEpochBus
+    from .postgres import PostgresNotifyBus
+    from .redis import RedisStreamBus
+
+__all__ = [
+    "BusListener",
+    "BusStats",
+    "InvalidationBus",
+    "MemcacheEpochBus",
+    "PostgresNotifyBus",
+    "RedisStreamBus",
+    "class_digest",
+    "key_digest",
+]
+
+_LAZY = {"MemcacheEpochBus": ".memcache", "PostgresNotifyBus": ".postgres", "RedisStreamBus": ".redis"}
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: a bus's module imports its optional driver, so it is imported on first use
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 #: Hex digits of a key digest (16 bytes: collisions are negligible, and a
 #: collision only invalidates one more entry).

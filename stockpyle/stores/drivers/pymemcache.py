@@ -373,6 +373,21 @@ class PymemcacheDriver:
         # None (key gone) and False (changed since gets) are both conflicts
         return bool(self._once_more(lambda: node.cas(key, value, token, expire=ttl, noreply=False)))
 
+    # -- counters: not part of KVDriver (used by stockpyle.bus.MemcacheEpochBus) --
+
+    def incr(self, key: str, delta: int = 1) -> int | None:
+        """Add ``delta`` to the decimal counter under ``key`` (memcached ``incr``, atomic on the server).
+
+        :returns: the new value, or ``None`` when the key holds nothing
+            (create it with :meth:`add_many`).  memcached wraps at 2**64.
+        """
+        node = self._node(key)
+        if self._legacy:
+            result = self._once_more(lambda: node.incr(key, delta))
+        else:
+            result = self._once_more(lambda: node.incr(key, delta, noreply=False))
+        return None if result is None else int(result)
+
     def close(self) -> None:
         if self._legacy:
             self.client.disconnect_all()
