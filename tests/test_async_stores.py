@@ -7,6 +7,7 @@ The synchronous suites run against them through :func:`stockpyle.testing.sync_br
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any, ClassVar
 
@@ -16,6 +17,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from support.databases import QueryCounter, create_tables, drop_tables, table_name
 
 from stockpyle import ChainedStore, ProcessMemoryStore
+from stockpyle.exceptions import StoreUnavailableError
 from stockpyle.lifetimes import MEMCACHE_RELATIVE_LIMIT
 from stockpyle.stores.achained import AsyncChainedStore
 from stockpyle.stores.drivers.pymemcache import PymemcacheDriver, build_client, normalize_servers
@@ -165,3 +167,44 @@ def test_the_async_chain_and_the_sync_chain_share_one_policy() -> None:
     assert [layer.hits for layer in sync_stats.layers] == [layer.hits for layer in async_stats.layers]
     assert [layer.misses for layer in sync_stats.layers] == [layer.misses for layer in async_stats.layers]
     assert [layer.backfills for layer in sync_stats.layers] == [layer.backfills for layer in async_stats.layers]
+
+
+@pytest.mark.memcache
+def test_a_frozen_server_never_blocks_the_event_loop(memcached_factory: Any) -> None:
+    """While a read waits for a frozen (SIGSTOP) memcached, other tasks keep running."""
+    (server,) = memcached_factory.start(1)
+    store = async_memcache(server.address)
+
+    async def scenario() -> tuple[type[BaseException] | None, float, float]:
+        await store.put(Item("f1", 1, 1, "v"))
+        gaps: list[float] = []
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            last = time.monotonic()
+            while not done.is_set():
+                await asyncio.sleep(0.005)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.ensure_future(ticker())
+        server.pause()
+        began = time.monotonic()
+        error: type[BaseException] | None = None
+        try:
+            await store.get(Item, {"key": "f1"})
+        except StoreUnavailableError as exc:
+            error = type(exc)
+        finally:
+            waited = time.monotonic() - began
+            server.resume()
+            done.set()
+            await tick
+        return error, waited, max(gaps)
+
+    error, waited, worst_gap = asyncio.run(scenario())
+    assert error is StoreUnavailableError
+    assert waited >= 0.4  # the read really waited for the client's timeout (0.5 s)
+    assert worst_gap < 0.25, f"the event loop stood still for {worst_gap * 1000:.0f} ms"
+    asyncio.run(store.release())

@@ -91,7 +91,6 @@ class AsyncChainedStore(ChainPolicy):
         self.stampede = stampede
         self.polymorphic = False
         self._fast_index: Any = None
-        self._trusted_index: Any = None
         self._setup_policy(layers, failure_threshold, cooldown, max_pending_invalidations, retry_interval, bus=bus)
         # networked layers that are synchronous stores: run in worker threads
         self._threaded = [not self._in_process[i] and not _is_async_layer(layer) for i, layer in enumerate(layers)]
@@ -107,8 +106,7 @@ class AsyncChainedStore(ChainPolicy):
             direct: DirectIndex | None = layers[0].direct_index()
             if direct is not None:
                 direct.count_with(self._fast_hit_count)
-                self._trusted_index = direct.index
-                self._fast_index = direct.index if self._trusted else None
+                self._fast_index = direct.index
         self._countdown = SAMPLE_EVERY
         # per event loop: the futures of reads in flight, and the repair task
         self._flights: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Hashable, asyncio.Future[Any]]] = (
@@ -123,11 +121,6 @@ class AsyncChainedStore(ChainPolicy):
 
     def describe(self) -> str:
         return " -> ".join(type(layer).__name__ for layer in self.stores)
-
-    def set_trusted(self, trusted: bool) -> None:
-        """Serve in-process entries or not (called by the trust watch as the bus is heard or falls silent)."""
-        self._trusted = trusted
-        self._fast_index = self._trusted_index if trusted else None
 
     # -- the executor -------------------------------------------------------
 
@@ -166,7 +159,7 @@ class AsyncChainedStore(ChainPolicy):
         self._fast_hits_seen = fast
         self._first_stats.hits += hits
         totals = self._refresh_totals()
-        totals.trusted = self._trusted
+        totals.trusted = self._trust()
         if self.bus is not None:
             totals.bus = self.bus.stats()
         return totals
@@ -200,14 +193,24 @@ class AsyncChainedStore(ChainPolicy):
             value = keydict[name]
             if type(value) is str or type(value) is int:
                 rec = index.get((klass, name, value))
-                if rec is not None and (rec.expires is None or rec.expires > _monotonic()):
-                    self._fast_hits += 1
-                    return _done(rec.obj)
+                if rec is not None:
+                    bus = self.bus
+                    if bus is None:
+                        if rec.expires is None or rec.expires > _monotonic():
+                            self._fast_hits += 1
+                            return _done(rec.obj)
+                    else:
+                        now = _monotonic()  # the bus's deadline, on every hit (see ChainedStore.get)
+                        if now < bus.trusted_until and (rec.expires is None or rec.expires > now):
+                            self._fast_hits += 1
+                            return _done(rec.obj)
+                        if now >= bus.trusted_until:
+                            return self._miss(0, klass, keydict, stampede)
                 if not self._single:
                     canonical_value(value)
                     self._first_stats.misses += 1
                     return self._miss(1, klass, keydict, stampede)
-        if not self._first_in_process or not self._trusted or self._first_breaker.open_until:
+        if not self._first_in_process or not self._trust() or self._first_breaker.open_until:
             return self._miss(0, klass, keydict, stampede)
         try:
             obj = self.stores[0].get(klass, keydict)
@@ -408,10 +411,8 @@ class AsyncChainedStore(ChainPolicy):
     async def release(self) -> None:
         """Release every layer (all are attempted; the first error is re-raised), as ChainedStore.release."""
         if self.bus is not None:
-            from ._trust import trust_watch
-
-            trust_watch.unwatch(self)
-            self.set_trusted(False)
+            self._trusted = False
+            self._fast_index = None
             self.bus.unsubscribe(self)
         for task in list(self._repairing.values()):
             task.cancel()

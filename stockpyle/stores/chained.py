@@ -29,7 +29,6 @@ from ..keys import Key, canonical_value, lookup_key, object_keys
 from ..stampede import DEFAULT_STAMPEDE, LeaseTimeoutError, SingleFlight, Stampede
 from ..stats import SAMPLE_EVERY, Latency, StoreStats
 from ._repair import repairs
-from ._trust import trust_watch
 from .base import BaseStore, DirectIndex, KeyDict
 
 __all__ = ["BUS", "Call", "ChainPolicy", "ChainStats", "ChainedStore", "LayerStats", "MultiStore"]
@@ -341,20 +340,20 @@ class ChainPolicy:
                 f"bus= takes an invalidation bus (see stockpyle.bus), e.g. RedisStreamBus(url); {bus!r} lacks "
                 + (", ".join(missing) if missing else "max_staleness")
             )
-        self._trusted = False  # until the bus is first heard
         self.bus.subscribe(self)
-        trust_watch.watch(self)
 
-    def trust_deadline(self) -> float:
+    def _trust(self) -> bool:
+        """Whether in-process entries may be served now: the bus's deadline, compared on every read.
+
+        Comparing the clock on the read (rather than in a thread that
+        switches the chain at intervals) keeps the bound whatever the
+        scheduler does to the process's threads.  ``_trusted`` is false once
+        the chain stopped listening (:meth:`release`).
+        """
+        if not self._trusted:
+            return False
         bus = self.bus
-        return 0.0 if bus is None else float(bus.trusted_until)
-
-    def trust_granularity(self) -> float:
-        bus = self.bus
-        return 0.01 if bus is None else min(0.01, max(0.002, bus.max_staleness / 10))
-
-    def set_trusted(self, trusted: bool) -> None:
-        self._trusted = trusted
+        return bus is None or _monotonic() < bus.trusted_until
 
     def _digest_keys(self, objs: Iterable[Any]) -> list[str]:
         """The bus names of every key of ``objs`` (under every storable base), remembered for invalidations."""
@@ -606,7 +605,7 @@ class ChainPolicy:
             try:
                 if index != last:
                     if in_process[index]:
-                        if not self._trusted:
+                        if not self._trust():
                             continue  # the bus fell silent: in-process entries may be stale
                         obj = self._in_process_call(index, "get", "get", klass, keydict)
                     else:
@@ -670,7 +669,7 @@ class ChainPolicy:
         Invalidations of single keys leave tombstones that refuse the fill
         themselves; a flush (lost messages) leaves none, hence the count.
         """
-        if self._trusted and flushes == self._flushes:
+        if flushes == self._flushes and self._trust():
             return True
         self._totals.fills_refused += 1
         return False
@@ -684,7 +683,7 @@ class ChainPolicy:
         for index in range(last + 1):
             if not missing:
                 break
-            if self._in_process[index] and not self._trusted and index != last:
+            if self._in_process[index] and index != last and not self._trust():
                 continue  # the bus fell silent: in-process entries may be stale
             asked = [requests[i] for i in missing]
             began = perf_counter()
@@ -970,7 +969,6 @@ class ChainedStore(ChainPolicy, BaseStore):
         layers = check_layers(stores if stores is not None else [], "ChainedStore")
         # the top layer's index, probed directly on the hit path when it offers (and the bus trusts) it
         self._fast_index = None
-        self._trusted_index: Any = None
         self._setup_policy(layers, failure_threshold, cooldown, max_pending_invalidations, retry_interval, bus=bus)
         self._first_stats = self._layer_stats[0]
         self._first_breaker = self._breakers[0]
@@ -985,15 +983,8 @@ class ChainedStore(ChainPolicy, BaseStore):
             direct: DirectIndex | None = layers[0].direct_index()
             if direct is not None:
                 direct.count_with(self._fast_hit_count)
-                self._trusted_index = direct.index
-                self._fast_index = direct.index if self._trusted else None
+                self._fast_index = direct.index
         self._countdown = SAMPLE_EVERY
-
-    def set_trusted(self, trusted: bool) -> None:
-        """Serve in-process entries or not (the trust watch calls this as the bus is heard or falls silent)."""
-        self._trusted = trusted
-        # the hit path pays nothing for the bus: an untrusted chain simply has no fast index
-        self._fast_index = self._trusted_index if trusted else None
 
     # -- the executor -------------------------------------------------------
 
@@ -1026,7 +1017,7 @@ class ChainedStore(ChainPolicy, BaseStore):
         self._fast_hits_seen = fast
         self._first_stats.hits += hits
         totals = self._refresh_totals()
-        totals.trusted = self._trusted
+        totals.trusted = self._trust()
         if self.bus is not None:
             totals.bus = self.bus.stats()
         return totals
@@ -1070,9 +1061,21 @@ class ChainedStore(ChainPolicy, BaseStore):
             value = keydict[name]
             if type(value) is str or type(value) is int:
                 rec = index.get((klass, name, value))
-                if rec is not None and (rec.expires is None or rec.expires > _monotonic()):
-                    self._fast_hits += 1
-                    return rec.obj  # type: ignore[return-value]
+                if rec is not None:
+                    bus = self.bus
+                    if bus is None:
+                        if rec.expires is None or rec.expires > _monotonic():
+                            self._fast_hits += 1
+                            return rec.obj  # type: ignore[return-value]
+                    else:
+                        # the bus's deadline is compared on every hit (one clock read),
+                        # so the staleness bound holds whatever the scheduler does
+                        now = _monotonic()
+                        if now < bus.trusted_until and (rec.expires is None or rec.expires > now):
+                            self._fast_hits += 1
+                            return rec.obj  # type: ignore[return-value]
+                        if now >= bus.trusted_until:
+                            return self._miss(0, klass, keydict, stampede)
                 if not self._single:
                     # L1 does not have it (its get() would probe the same index
                     # again): refuse a value no layer could take, then ask below
@@ -1081,7 +1084,7 @@ class ChainedStore(ChainPolicy, BaseStore):
                     return self._miss(1, klass, keydict, stampede)
         if (
             not self._first_in_process
-            or not self._trusted
+            or not self._trust()
             or self._first_breaker.open_until
             or self._first_breaker.failures
         ):
@@ -1253,8 +1256,8 @@ class ChainedStore(ChainPolicy, BaseStore):
         its shared layers only (its in-process layers are no longer trusted).
         """
         if self.bus is not None:
-            trust_watch.unwatch(self)
-            self.set_trusted(False)
+            self._trusted = False
+            self._fast_index = None
             self.bus.unsubscribe(self)
         first_error: BaseException | None = None
         for layer in self.stores:
