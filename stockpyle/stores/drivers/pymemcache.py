@@ -637,6 +637,8 @@ class PymemcacheDriver:
         self._require_leases()
         lease = _lease_token(token)
         expire = _fill_ttl(ttl)
+        if not isinstance(value, bytes):
+            raise TypeError(f"a memcached value must be bytes; got {type(value).__name__}")
         node = self._node(key)
         if self._uses_meta(node):
             request = meta_set(self._key(node, key), value, b"T%d C%s" % (expire, lease.cas))
