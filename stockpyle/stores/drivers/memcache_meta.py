@@ -60,7 +60,6 @@ ERROR_STATUSES: Final = frozenset({"ERROR", "CLIENT_ERROR", "SERVER_ERROR"})
 # space-separated tokens, each a letter and an optional argument.
 _KEY: Final = re.compile(rb"[\x21-\x7e\x80-\xff]{1,250}\Z")
 _FLAGS: Final = re.compile(rb"(?:[A-Za-z][\x21-\x7e]*(?: [A-Za-z][\x21-\x7e]*)*)?\Z")
-_SIZE: Final = re.compile(rb"[0-9]{1,10}\Z")
 _PLAIN: Final = frozenset({b"HD", b"EN", b"NF", b"NS", b"EX", b"MN"})
 _ERROR_LINES: Final = ((b"CLIENT_ERROR", "CLIENT_ERROR"), (b"SERVER_ERROR", "SERVER_ERROR"), (b"ERROR", "ERROR"))
 _CRLF: Final = b"\r\n"
@@ -109,9 +108,19 @@ def check_key(key: bytes) -> bytes:
     return key
 
 
+# flag strings already checked (a driver sends few distinct ones); bounded
+_CHECKED: set[bytes] = set()
+_CHECKED_LIMIT: Final = 1024
+
+
 def _check_flags(flags: bytes) -> bytes:
+    if flags in _CHECKED:
+        return flags
     if type(flags) is not bytes or _FLAGS.match(flags) is None:
         raise ValueError(f"meta flags must be space-separated tokens, each a letter and an argument: {flags!r}")
+    if len(_CHECKED) >= _CHECKED_LIMIT:
+        _CHECKED.clear()
+    _CHECKED.add(flags)
     return flags
 
 
@@ -162,7 +171,11 @@ def meta_noop() -> bytes:
 
 
 def _flags_of(tokens: list[bytes]) -> dict[str, bytes]:
-    return {chr(token[0]): token[1:] for token in tokens if token}
+    flags = {}
+    for token in tokens:
+        if token:
+            flags[chr(token[0])] = token[1:]
+    return flags
 
 
 class MetaParser:
@@ -176,14 +189,26 @@ class MetaParser:
     __slots__ = ("_buf", "_pending", "_pos")
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        # what was received and not yet returned starts at _pos; a single piece
+        # stays the bytes object it arrived as (no copy), several are joined
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         # (flags, size) of a VA line whose data block is not complete yet
         self._pending: tuple[dict[str, bytes], int] | None = None
 
     def feed(self, data: bytes) -> None:
         """Add bytes received from the connection."""
-        self._buf += data
+        buf = self._buf
+        if self._pos >= len(buf):
+            self._buf = data
+            self._pos = 0
+        elif type(buf) is bytearray:
+            buf += data
+        else:
+            joined = bytearray(buf[self._pos :])
+            joined += data
+            self._buf = joined
+            self._pos = 0
 
     def buffered(self) -> int:
         """Bytes received but not yet part of a returned response."""
@@ -211,14 +236,14 @@ class MetaParser:
                 return None
             if end - pos > MAX_LINE_LENGTH:
                 raise MetaProtocolError(f"response line longer than {MAX_LINE_LENGTH} bytes")
-            line = bytes(buf[pos:end])
+            line = bytes(buf[pos:end])  # a no-op on bytes
             pos = end + 2
             head = line[:2]
             if head == b"VA" and line[2:3] == b" ":
-                tokens = line.split(b" ")
-                if len(tokens) < 2 or _SIZE.match(tokens[1]) is None:
+                size, _space, rest = line[3:].partition(b" ")
+                if not size.isdigit() or len(size) > 10:
                     raise MetaProtocolError(f"malformed value line {line[:80]!r}")
-                pending = (_flags_of(tokens[2:]), int(tokens[1]))
+                pending = (_flags_of(rest.split(b" ")) if rest else {}, int(size))
             elif head in _PLAIN and (len(line) == 2 or line[2:3] == b" "):
                 self._consumed(pos)
                 return MetaResponse(head.decode("ascii"), _flags_of(line[3:].split(b" ")))
@@ -229,24 +254,25 @@ class MetaParser:
                         text = line[len(prefix) + 1 :].decode("utf-8", "replace")
                         return MetaResponse(status, {}, None, text)
                 raise MetaProtocolError(f"unexpected response line {line[:80]!r}")
-        flags, size = pending
-        if len(buf) - pos < size + 2:
+        flags, size_ = pending
+        stop = pos + size_
+        if len(buf) < stop + 2:
             self._pos = pos
             self._pending = pending
             return None
-        if buf[pos + size : pos + size + 2] != _CRLF:
-            raise MetaProtocolError(f"a {size}-byte value block does not end with CRLF where its size says")
-        value = bytes(buf[pos : pos + size])
+        if buf[stop : stop + 2] != _CRLF:
+            raise MetaProtocolError(f"a {size_}-byte value block does not end with CRLF where its size says")
+        value = bytes(buf[pos:stop])  # a no-op on bytes
         self._pending = None
-        self._consumed(pos + size + 2)
+        self._consumed(stop + 2)
         return MetaResponse("VA", flags, value)
 
     def _consumed(self, pos: int) -> None:
         buf = self._buf
         if pos >= len(buf):
-            buf.clear()
+            self._buf = b""
             pos = 0
-        elif pos >= _COMPACT:
+        elif pos >= _COMPACT and type(buf) is bytearray:
             del buf[:pos]
             pos = 0
         self._pos = pos

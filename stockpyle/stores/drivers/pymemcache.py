@@ -343,6 +343,7 @@ class PymemcacheDriver:
         self._server_error: type[Exception] = exceptions.MemcacheServerError if exceptions else OSError
         # id(node) -> whether that server speaks meta commands (absent: not asked yet)
         self._meta: dict[int, bool] = {}
+        self._key_parts: dict[int, tuple[bytes, str]] = {}
         self._meta_lock = threading.Lock()
 
     def describe(self) -> str:
@@ -573,13 +574,15 @@ class PymemcacheDriver:
             sock.sendall(data)
             parser = MetaParser()
             out: list[MetaResponse] = []
+            response = None
             while True:
-                response = parser.next_response()
-                if response is None:
+                if response is None:  # nothing complete buffered: wait for more
                     chunk = sock.recv(max(_RECV_SIZE, parser.needed()))
                     if not chunk:
                         raise self._closed_error()
                     parser.feed(chunk)
+                response = parser.next_response()
+                if response is None:
                     continue
                 if response.is_error:
                     raise self._error_line(response)
@@ -601,18 +604,23 @@ class PymemcacheDriver:
         return self._server_error(response.message)
 
     def _key(self, node: Any, key: str) -> bytes:
-        prefix: bytes = getattr(node, "key_prefix", b"") or b""
-        encoding = "utf-8" if getattr(node, "allow_unicode_keys", False) else "ascii"
+        """The key as the node's classic commands send it (its ``key_prefix`` first)."""
+        parts = self._key_parts.get(id(node))
+        if parts is None:
+            prefix = getattr(node, "key_prefix", b"") or b""
+            encoding = "utf-8" if getattr(node, "allow_unicode_keys", False) else "ascii"
+            parts = self._key_parts[id(node)] = (prefix, encoding)
         try:
-            return prefix + key.encode(encoding)
+            return parts[0] + key.encode(parts[1])
         except UnicodeEncodeError:
             raise ValueError(f"memcached keys must be ASCII (allow_unicode_keys is off); got {key!r}") from None
 
     def lease_get(self, key: str, lease_ttl: Hashable) -> LeaseRead:
-        self._require_leases()
+        if not self.can_lease:
+            self._require_leases()
         ttl = _positive_ttl(lease_ttl)
         node = self._node(key)
-        if self._uses_meta(node):
+        if self._meta.get(id(node)) or self._uses_meta(node):
             request = meta_get(self._key(node, key), b"v c N%d" % ttl)
             try:
                 return _lease_read(self._once_more(self._meta_call, node, [request])[0])
