@@ -30,6 +30,7 @@ from .exceptions import (
     StoreUnavailableError,
     UnknownKeyError,
 )
+from .stampede import LeaseTimeoutError, Stampede
 from .storable import Storable
 from .stores.base import BaseDictionaryStore, BaseStore
 from .stores.chained import ChainedStore, MultiStore
@@ -48,6 +49,7 @@ __all__ = [
     "BaseStore",
     "ChainedStore",
     "ConfigurationError",
+    "LeaseTimeoutError",
     "MemcacheStore",
     "MultiStore",
     "NonUniqueKeyError",
@@ -56,6 +58,7 @@ __all__ = [
     "RedisStore",
     "ShoveStore",
     "SqlAlchemyStore",
+    "Stampede",
     "StockpyleError",
     "Storable",
     "StoreError",

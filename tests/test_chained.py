@@ -536,3 +536,29 @@ def test_a_subclass_overriding_get_is_always_called() -> None:
     chain.get(Foo, {"key": "a"})  # a miss in the top layer, then back-filled
     chain.get(Foo, {"key": "a"})  # a hit
     assert top.reads == 2  # the chain never reads around an overridden get()
+
+
+def test_a_write_through_the_chain_reaches_other_threads_thread_local_copies() -> None:
+    """A ThreadLocalStore layer used to keep serving a thread its old copy after another thread's write."""
+    import threading
+
+    sor = ProcessMemoryStore()
+    chain = ChainedStore([ThreadLocalStore(), sor], bus=None)
+    chain.put(Foo("k", payload="v1"))
+    seen: list[Any] = []
+    read = threading.Event()
+    written = threading.Event()
+
+    def reader() -> None:
+        seen.append(chain.get(Foo, {"key": "k"}).payload)  # type: ignore[union-attr]  # now in its own table
+        read.set()
+        written.wait(5)
+        seen.append(chain.get(Foo, {"key": "k"}).payload)  # type: ignore[union-attr]
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    read.wait(5)
+    chain.put(Foo("k", payload="v2"))  # from this thread
+    written.set()
+    thread.join(5)
+    assert seen == ["v1", "v2"]

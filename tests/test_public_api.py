@@ -14,10 +14,10 @@ from stockpyle import exceptions
 from stockpyle.exceptions import NonUniqueKeyError, StockpyleError
 
 PUBLIC = {
-    "BaseDictionaryStore", "BaseStore", "ChainedStore", "ConfigurationError", "MemcacheStore", "MultiStore",
-    "NonUniqueKeyError", "NotStorableError", "ProcessMemoryStore", "RedisStore", "ShoveStore", "SqlAlchemyStore",
-    "StockpyleError", "Storable", "StoreError", "StoreNotBoundError", "StoreUnavailableError", "ThreadLocalStore",
-    "UnknownKeyError", "exceptions",
+    "BaseDictionaryStore", "BaseStore", "ChainedStore", "ConfigurationError", "LeaseTimeoutError", "MemcacheStore",
+    "MultiStore", "NonUniqueKeyError", "NotStorableError", "ProcessMemoryStore", "RedisStore", "ShoveStore",
+    "SqlAlchemyStore", "Stampede", "StockpyleError", "Storable", "StoreError", "StoreNotBoundError",
+    "StoreUnavailableError", "ThreadLocalStore", "UnknownKeyError", "exceptions",
 }  # fmt: skip
 # the errors a newcomer meets first, importable as `from stockpyle import ...`
 TOP_LEVEL_ERRORS = (

@@ -116,3 +116,49 @@ def test_store_stats_reset_keeps_windows() -> None:
     stats.reset()
     assert stats.hits == 0
     assert stats.latency["get"].summary().samples == 0
+
+
+def test_chain_records_the_latency_its_callers_see() -> None:
+    """ChainedStore.stats().latency was always empty: end-to-end latency is sampled like the layers'."""
+    chain = ChainedStore([ProcessMemoryStore(), BaseDictionaryStore({})], bus=None)
+    chain.put(Foo("a"))
+    chain.batch_put([Foo("b"), Foo("c")])
+    for _ in range(SAMPLE_EVERY * 3):
+        chain.get(Foo, {"key": "a"})
+    chain.batch_get(Foo, [{"key": "a"}, {"key": "b"}])
+    chain.delete(Foo("c"))
+    latency = chain.stats().latency
+    assert latency["get"].summary().samples == 3  # one call in SAMPLE_EVERY
+    assert (latency["put"].summary().samples, latency["batch_put"].summary().samples) == (1, 1)
+    assert (latency["batch_get"].summary().samples, latency["delete"].summary().samples) == (1, 1)
+    exported = chain.stats().as_dict()["latency"]
+    assert exported["get"]["samples"] == 3 and exported["get"]["median"] > 0
+
+
+def test_misses_back_fills_and_breaker_transitions_log_at_debug(caplog: Any) -> None:
+    import logging
+
+    from stockpyle.exceptions import StoreUnavailableError
+
+    class Down(ProcessMemoryStore):
+        in_process = False  # a shared layer, as far as the chain knows
+        failing = True
+
+        def get(self, klass: Any, keydict: Any) -> Any:
+            if self.failing:
+                raise StoreUnavailableError("down")
+            return super().get(klass, keydict)
+
+    down = Down()
+    bottom = BaseDictionaryStore({})
+    bottom.put(Foo("a"))
+    chain = ChainedStore([ProcessMemoryStore(), down, bottom], bus=None, failure_threshold=1, cooldown=0)
+    with caplog.at_level(logging.DEBUG, logger="stockpyle.chained"):
+        chain.get(Foo, {"key": "none"})
+        chain.get(Foo, {"key": "a"})
+        down.failing = False
+        chain.get(Foo, {"key": "x"})
+    text = caplog.text
+    assert "no layer has Foo" in text
+    assert "back-filled layer 0" in text
+    assert "probed after its cool-down" in text and "its breaker closes" in text

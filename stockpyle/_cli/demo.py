@@ -601,7 +601,7 @@ def run(args: argparse.Namespace) -> int:
                 redis_layer.configure(classes=[DemoUser], lifetime=300)
                 layers.append(redis_layer)
             layers.append(SqlAlchemyStore(engine=engine))
-            chain = ChainedStore(layers)
+            chain = ChainedStore(layers, bus=None)  # one process: nothing to keep coherent
 
             console.print(
                 f"[bold]stockpyle demo[/bold]: {args.users:,} users in {where}; "

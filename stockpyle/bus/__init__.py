@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from ..keys import Key, encode_key
+from ..keys import Key, class_name, encode_key
 from ..stats import Latency
 
-__all__ = ["BusListener", "BusStats", "InvalidationBus", "key_digest"]
+__all__ = ["BusListener", "BusStats", "InvalidationBus", "class_digest", "key_digest"]
 
 #: Hex digits of a key digest (16 bytes: collisions are negligible, and a
 #: collision only invalidates one more entry).
@@ -39,12 +39,22 @@ def key_digest(key: Key) -> str:
     return hashlib.blake2b(encode_key(key).encode("utf-8"), digest_size=DIGEST_SIZE).hexdigest()
 
 
+def class_digest(klass: type) -> str:
+    """The name on a bus of "every entry of this class" (for class-wide invalidations)."""
+    return hashlib.blake2b(f"class:{class_name(klass)}".encode(), digest_size=DIGEST_SIZE).hexdigest()
+
+
 @runtime_checkable
 class BusListener(Protocol):
     """What a bus calls in each subscribed process (from its listener thread)."""
 
-    def invalidate(self, digests: Sequence[str]) -> None:
-        """Drop the entries under these key digests from the in-process layers."""
+    def invalidate(self, digests: Sequence[str], origin: str | None = None) -> None:
+        """Drop the entries under these key digests from the in-process layers.
+
+        :param origin: the ``origin`` the message was published with (a
+            publisher that already brought its own layers up to date skips its
+            own messages), or ``None`` when unknown.
+        """
         ...
 
     def flush(self) -> None:
@@ -110,12 +120,14 @@ class InvalidationBus(Protocol):
     max_staleness: float
     trusted_until: float
 
-    def publish(self, digests: Sequence[str]) -> None:
+    def publish(self, digests: Sequence[str], origin: str | None = None) -> None:
         """Send one invalidation of these key digests to every subscribed process.
 
         Called after the shared layers were written, so that a process that
         drops its copy and reads again finds the new value.
 
+        :param origin: an id of the publisher, handed back to every listener
+            with the message.
         :raises StoreError: when the bus cannot be reached (the chain retries).
         """
         ...

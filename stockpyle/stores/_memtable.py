@@ -25,8 +25,9 @@ store holds a lock around writes (or, for thread-local tables, needs none).
 from __future__ import annotations
 
 import heapq
+import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from ..consistency import ABSENT_SLOT, Slot, SlotKind, add_allowed, put_allowed
@@ -51,8 +52,8 @@ class MemoryTable:
     """
 
     __slots__ = (
-        "clock", "class_stones", "evictions", "expirations", "heap", "index", "maxsize", "records",
-        "seq", "tombstone_lifetime", "tombstones", "_purge_at",
+        "clock", "class_stones", "evictions", "expirations", "heap", "index", "lock", "maxsize", "records",
+        "seq", "tombstone_lifetime", "tombstones", "_purge_at", "__weakref__",
     )  # fmt: skip
 
     def __init__(self, maxsize: int | None, clock: Callable[[], float], tombstone_lifetime: float = 0.0) -> None:
@@ -73,6 +74,8 @@ class MemoryTable:
         self.class_stones: dict[type, float] = {}
         self.tombstone_lifetime = tombstone_lifetime
         self._purge_at = _TOMBSTONE_PURGE_AT
+        #: guards writes when more than one thread may write (the owning store decides)
+        self.lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -197,6 +200,30 @@ class MemoryTable:
             for key in [k for k, (until, _, _) in tombstones.items() if until <= now]:
                 del tombstones[key]
             self._purge_at = max(_TOMBSTONE_PURGE_AT, 2 * len(tombstones))
+
+    def invalidate_keys(self, keys: Iterable[Key]) -> int:
+        """Drop the objects stored under any of ``keys`` (under all their keys) and tombstone ``keys``.
+
+        The tombstones refuse add-only writes for ``tombstone_lifetime``
+        seconds, so a fill that read a lower layer before this invalidation
+        cannot install the old value.
+
+        :returns: how many objects were dropped.
+        """
+        index = self.index
+        dropped = 0
+        keys = list(keys)
+        for key in keys:
+            rec = index.get(key)
+            if rec is not None:
+                self.drop(rec)
+                dropped += 1
+        if self.tombstone_lifetime and keys:
+            stone = (self.clock() + self.tombstone_lifetime, None, None)
+            tombstones = self.tombstones
+            for key in keys:
+                tombstones[key] = stone
+        return dropped
 
     def invalidate_class(self, klass: type) -> int:
         """Drop every object that is an instance of ``klass``; returns how many.

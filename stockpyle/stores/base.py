@@ -43,6 +43,7 @@ from ..stats import StoreStats
 
 __all__ = [
     "MISS",
+    "AsyncBaseStore",
     "BaseDictionaryStore",
     "BaseStore",
     "DirectIndex",
@@ -429,6 +430,158 @@ class BaseStore:
 # __init_subclass__)
 for _name in ("batch_get", "batch_put", "batch_delete"):
     setattr(BaseStore, _name, _counted(_name, BaseStore.__dict__[_name]))
+del _name
+
+
+# ----------------------------------------------------------------------------
+# the asyncio contract
+
+
+def _acounted(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    """:func:`_counted` for the coroutine operations of an :class:`AsyncBaseStore`."""
+    batch = name.startswith("batch_")
+    lookup = name.endswith("get")
+
+    @functools.wraps(method)
+    async def operation(self: AsyncBaseStore, *args: Any) -> Any:
+        if batch:
+            args = (*args[:-1], list(args[-1]))
+        stats = self.stats()
+        start = perf_counter()
+        try:
+            result = await method(self, *args)
+        except StoreError:
+            stats.errors += 1
+            raise
+        stats.timer(name).add(perf_counter() - start)
+        if lookup:
+            if batch:
+                found = sum(obj is not None for obj in result)
+                stats.hits += found
+                stats.misses += len(result) - found
+            elif result is None:
+                stats.misses += 1
+            else:
+                stats.hits += 1
+        elif name.endswith("put"):
+            stats.puts += len(args[-1]) if batch else 1
+        else:
+            stats.deletes += len(args[-1]) if batch else 1
+        return result
+
+    operation._stockpyle_counted = True  # type: ignore[attr-defined]
+    return operation
+
+
+class AsyncBaseStore:
+    """The store contract for asyncio: :class:`BaseStore`'s operations as coroutines.
+
+    The same capability flags apply (``supports_expiry``, ``supports_add``,
+    ``supports_class_invalidation``, ``is_cache``); an asyncio store is never
+    ``in_process`` (an in-process store needs no ``await``: an
+    :class:`~stockpyle.AsyncChainedStore` calls a :class:`ProcessMemoryStore`
+    directly).  ``release()`` is a coroutine, and ``async with store`` calls it.
+
+    :param polymorphic: also index objects under their storable base classes.
+    :param lifetime_cb: ``obj -> lifetime`` for this store.
+    """
+
+    supports_expiry: ClassVar[bool] = True
+    supports_add: ClassVar[bool] = False
+    supports_class_invalidation: ClassVar[bool] = False
+    in_process: ClassVar[bool] = False
+    is_cache: ClassVar[bool] = False
+    _auto_stats: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls._auto_stats:
+            return
+        for name in _OPERATIONS:
+            method = cls.__dict__.get(name)
+            if callable(method) and not getattr(method, "_stockpyle_counted", False):
+                setattr(cls, name, _acounted(name, method))
+
+    def __init__(self, *, polymorphic: bool = False, lifetime_cb: LifetimeCallback | None = None) -> None:
+        if not isinstance(polymorphic, bool):
+            raise ConfigurationError(f"polymorphic must be True or False; got {polymorphic!r}")
+        self.polymorphic = polymorphic
+        self.lifetimes = LifetimePolicy(lifetime_cb)
+        self._stockpyle_stats = StoreStats()
+
+    def stats(self) -> StoreStats:
+        """This store's counters and sampled latencies (the live object)."""
+        return self._stockpyle_stats
+
+    def reset_stats(self) -> None:
+        """Set the counters back to zero and forget the latency samples."""
+        self._stockpyle_stats.reset()
+
+    def configure(self, classes: Iterable[type], lifetime: Any) -> None:
+        """Set the lifetime of instances of ``classes`` (and subclasses) in this store."""
+        self.lifetimes.configure(classes, lifetime)
+
+    def describe(self) -> str:
+        """Where the store keeps its data, for messages."""
+        return type(self).__name__
+
+    def _unimplemented(self, operation: str) -> NotImplementedError:
+        return NotImplementedError(f"{type(self).__qualname__} does not implement {operation}()")
+
+    async def put(self, obj: object) -> None:
+        """Store ``obj`` under every one of its keys."""
+        raise self._unimplemented("put")
+
+    async def get(self, klass: type[T], keydict: KeyDict) -> T | None:
+        """The stored ``klass`` instance matching ``keydict``, or ``None``."""
+        raise self._unimplemented("get")
+
+    async def delete(self, obj: object) -> None:
+        """Remove ``obj`` under every one of its keys."""
+        raise self._unimplemented("delete")
+
+    async def batch_put(self, objs: Iterable[object]) -> None:
+        """Store every object of ``objs``."""
+        for obj in objs:
+            await self.put(obj)
+
+    async def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
+        """Look up many objects; request order, ``None`` per miss."""
+        return [await self.get(klass, kd) for kd in keydicts]
+
+    async def batch_delete(self, objs: Iterable[object]) -> None:
+        """Remove every object of ``objs``."""
+        for obj in objs:
+            await self.delete(obj)
+
+    async def add(self, obj: object) -> bool:
+        """Add-only write (see :meth:`BaseStore.add`); the default writes with :meth:`put`."""
+        await self.put(obj)
+        return True
+
+    async def batch_add(self, objs: Iterable[object]) -> list[bool]:
+        """:meth:`add` for many objects."""
+        return [await self.add(obj) for obj in objs]
+
+    async def invalidate_class(self, klass: type) -> None:
+        """Drop every entry of ``klass`` (see :meth:`BaseStore.invalidate_class`)."""
+        raise self._unimplemented("invalidate_class")
+
+    async def release(self) -> None:
+        """Release connections; the store reconnects on its next operation."""
+
+    async def __aenter__(self: T) -> T:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} polymorphic={self.polymorphic}>"
+
+
+for _name in ("batch_get", "batch_put", "batch_delete"):
+    setattr(AsyncBaseStore, _name, _acounted(_name, AsyncBaseStore.__dict__[_name]))
 del _name
 
 

@@ -12,22 +12,27 @@ drives the very same plans with ``await``.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import threading
 import time
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from time import perf_counter
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
+from ..bus import BusStats, InvalidationBus, class_digest, key_digest
 from ..effects import WriteEffects
 from ..exceptions import ConfigurationError, ObjectError, StoreError, UnknownKeyError
-from ..keys import canonical_value, object_keys
+from ..keys import Key, canonical_value, lookup_key, object_keys
+from ..stampede import DEFAULT_STAMPEDE, LeaseTimeoutError, SingleFlight, Stampede
 from ..stats import SAMPLE_EVERY, Latency, StoreStats
 from ._repair import repairs
+from ._trust import trust_watch
 from .base import BaseStore, DirectIndex, KeyDict
 
-__all__ = ["Call", "ChainPolicy", "ChainStats", "ChainedStore", "LayerStats", "MultiStore"]
+__all__ = ["BUS", "Call", "ChainPolicy", "ChainStats", "ChainedStore", "LayerStats", "MultiStore"]
 
 T = TypeVar("T")
 log = logging.getLogger("stockpyle.chained")
@@ -49,10 +54,23 @@ class _Failed:
 
 #: What a guarded call of a cache layer returns when the layer was skipped or failed.
 _FAILED: Any = _Failed()
+#: The default of a call's ``stampede=``: the chain's own policy.
+_CHAIN_POLICY: Any = object()
+#: The default of ``bus=``: no bus, and a warning when in-process layers sit above shared ones.
+NO_BUS: Final[Any] = object()
+#: Key names remembered for invalidations before the in-process layers are flushed and it starts afresh.
+_DIGEST_LIMIT = 1_000_000
+
+
+#: The index of a :class:`Call` addressed to the chain's invalidation bus rather than a layer.
+BUS: Final = -1
 
 
 class Call:
-    """One operation a plan asks of a layer that is not in process: ``stores[index].method(*args)``."""
+    """One operation a plan asks of a layer that is not in process: ``stores[index].method(*args)``.
+
+    An ``index`` of :data:`BUS` addresses the chain's invalidation bus.
+    """
 
     __slots__ = ("args", "index", "method")
 
@@ -126,6 +144,16 @@ class ChainStats(StoreStats):
     """
 
     layers: list[LayerStats] = field(default_factory=list)
+    #: the invalidation bus's statistics in this process, or ``None`` without a bus
+    bus: BusStats | None = None
+    #: keys dropped from the in-process layers by invalidations from the bus
+    invalidated: int = 0
+    #: times the in-process layers were flushed because the bus lost messages
+    flushes: int = 0
+    #: back-fills of in-process layers skipped because an invalidation or a flush came in meanwhile
+    fills_refused: int = 0
+    #: whether in-process entries may be served now (the bus was heard within its max_staleness)
+    trusted: bool = True
 
     def __iter__(self) -> Iterator[LayerStats]:
         return iter(self.layers)
@@ -140,6 +168,14 @@ class ChainStats(StoreStats):
         """Totals and per-layer statistics as plain data."""
         out = super().as_dict()
         out["layers"] = [layer.as_dict() for layer in self.layers]
+        if self.bus is not None:
+            out["bus"] = {
+                **self.bus.as_dict(),
+                "invalidated": self.invalidated,
+                "flushes": self.flushes,
+                "fills_refused": self.fills_refused,
+                "trusted": self.trusted,
+            }
         return out
 
 
@@ -231,6 +267,8 @@ class ChainPolicy:
         cooldown: float,
         max_pending_invalidations: int,
         retry_interval: float,
+        *,
+        bus: Any = NO_BUS,
     ) -> None:
         if isinstance(failure_threshold, bool) or not isinstance(failure_threshold, int) or failure_threshold < 1:
             raise ConfigurationError(f"failure_threshold must be a positive int; got {failure_threshold!r}")
@@ -270,7 +308,117 @@ class ChainPolicy:
         ]
         # the last layer reports what its writes really did (SqlAlchemyStore)
         self._reports_effects = bool(getattr(type(layers[-1]), "reports_effects", False))
+        # in-process layers that keep one table per thread: a write reaches the others through invalidate_keys
+        self._per_thread = [bool(getattr(type(layer), "per_thread", False)) for layer in layers]
         self._totals = ChainStats(layers=self._layer_stats)
+        self._setup_coherence(bus)
+
+    # -- coherence of in-process layers (the invalidation bus) ---------------
+
+    def _setup_coherence(self, bus: Any) -> None:
+        coherent = [i for i, in_process in enumerate(self._in_process) if in_process]
+        shared_below = any(not in_process for in_process in self._in_process[1:])
+        self.bus: InvalidationBus | None = None if bus is NO_BUS else bus
+        #: whether in-process entries may be served (always, without a bus)
+        self._trusted = True
+        self._flushes = 0
+        self._digests: dict[str, Key] = {}  # bus name -> key, for keys the in-process layers may hold
+        self._class_digests: dict[str, type] = {}
+        self._unpublished: list[str] = []
+        self._origin = f"{os.getpid()}:{id(self):x}:{secrets.token_hex(4)}"
+        self._coherent = coherent
+        if self.bus is None:
+            if bus is NO_BUS and coherent and shared_below:
+                log.warning(
+                    "stockpyle: this chain's in-process layers are not kept coherent across processes: another "
+                    "process's writes reach them only when their entries expire.  Pass bus= (see stockpyle.bus), "
+                    "or give them a short lifetime with configure(); pass bus=None to silence this"
+                )
+            return
+        missing = [name for name in ("publish", "subscribe", "unsubscribe", "stats") if not _layer_type_has(bus, name)]
+        if missing or not isinstance(getattr(bus, "max_staleness", None), (int, float)):
+            raise ConfigurationError(
+                f"bus= takes an invalidation bus (see stockpyle.bus), e.g. RedisStreamBus(url); {bus!r} lacks "
+                + (", ".join(missing) if missing else "max_staleness")
+            )
+        self._trusted = False  # until the bus is first heard
+        self.bus.subscribe(self)
+        trust_watch.watch(self)
+
+    def trust_deadline(self) -> float:
+        bus = self.bus
+        return 0.0 if bus is None else float(bus.trusted_until)
+
+    def trust_granularity(self) -> float:
+        bus = self.bus
+        return 0.01 if bus is None else min(0.01, max(0.002, bus.max_staleness / 10))
+
+    def set_trusted(self, trusted: bool) -> None:
+        self._trusted = trusted
+
+    def _digest_keys(self, objs: Iterable[Any]) -> list[str]:
+        """The bus names of every key of ``objs`` (under every storable base), remembered for invalidations."""
+        digests = []
+        index = self._digests
+        if len(index) > _DIGEST_LIMIT:
+            # a plain bound: forgetting names would miss invalidations, so the layers go too
+            index.clear()
+            self.flush()
+        for obj in objs:
+            for key in object_keys(obj, True):
+                digest = key_digest(key)
+                index[digest] = key
+                digests.append(digest)
+            klass = type(obj)
+            self._class_digests[class_digest(klass)] = klass
+        return digests
+
+    def invalidate(self, digests: Sequence[str], origin: str | None = None) -> None:
+        """:class:`~stockpyle.bus.BusListener`: drop these keys from the in-process layers (another writer's)."""
+        if origin == self._origin:
+            return  # this chain's own write: its layers are up to date
+        keys = [key for key in map(self._digests.pop, digests, [None] * len(digests)) if key is not None]
+        classes = [klass for klass in map(self._class_digests.get, digests) if klass is not None]
+        for index in self._coherent:
+            layer = self.stores[index]
+            if keys:
+                layer.invalidate_keys(keys)
+            for klass in classes:
+                layer.invalidate_class(klass)
+        self._totals.invalidated += len(keys)
+
+    def flush(self) -> None:
+        """:class:`~stockpyle.bus.BusListener`: messages were lost: drop everything from the in-process layers."""
+        self._flushes += 1
+        self._totals.flushes += 1
+        for index in self._coherent:
+            self.stores[index].invalidate_all()
+
+    def _plan_publish(self, digests: list[str]) -> Plan[None]:
+        """Tell the other processes, through the bus, which keys changed; retried in the background when it fails.
+
+        The bus is called like a layer (a :class:`Call` with index
+        :data:`BUS`), so an asynchronous chain does not block its event loop.
+        """
+        bus = self.bus
+        if bus is None or not digests:
+            return
+        pending = self._unpublished
+        if pending:
+            digests, self._unpublished = pending + digests, []
+        try:
+            yield Call(BUS, "publish", (digests, self._origin))
+        except (StoreError, OSError) as exc:
+            log.warning("stockpyle: could not publish %d invalidations on %r (retried): %s", len(digests), bus, exc)
+            self._unpublished = digests[-_DIGEST_LIMIT:]
+            self._schedule_repair()
+
+    def _other_threads(self, objs: list[Any]) -> None:
+        """Drop other threads' copies of ``objs`` from per-thread in-process layers (before this thread writes)."""
+        keys = [key for obj in objs for key in object_keys(obj, True)]
+        for index in self._coherent:
+            if self._per_thread[index]:
+                self.stores[index].invalidate_keys(keys)
 
     # -- calling layers -----------------------------------------------------
 
@@ -290,6 +438,7 @@ class ChainPolicy:
                 return False
             # half-open: this call probes; concurrent callers keep skipping
             breaker.open_until = now + breaker.cooldown
+            log.debug("stockpyle: cache layer %d (%r) is probed after its cool-down", index, self.stores[index])
         return True
 
     def _absorb(self, index: int, action: str, exc: BaseException) -> Any:
@@ -369,6 +518,7 @@ class ChainPolicy:
 
     def _recovered(self, index: int) -> None:
         breaker = self._breakers[index]
+        log.debug("stockpyle: cache layer %d (%r) succeeded; its breaker closes", index, self.stores[index])
         if breaker.open_until:
             log.warning("stockpyle: cache layer %d (%r) answers again; it rejoins the chain", index, self.stores[index])
         breaker.failures = 0
@@ -431,14 +581,23 @@ class ChainPolicy:
             if breaker.pending:
                 replayed = yield from self._replay(index, background=True)
                 still = still or not replayed
+        if self._unpublished and self.bus is not None:
+            digests, self._unpublished = self._unpublished, []
+            try:
+                yield Call(BUS, "publish", (digests, self._origin))
+            except (StoreError, OSError) as exc:
+                log.debug("stockpyle: still cannot publish %d invalidations: %s", len(digests), exc)
+                self._unpublished = digests + self._unpublished
+                still = True
         return still
 
     # -- reads --------------------------------------------------------------
 
-    def _plan_get(self, start: int, klass: type[T], keydict: KeyDict, timed: bool) -> Plan[T | None]:
-        """Ask the layers from ``start`` down; back-fill the layers above the hit."""
+    def _plan_get(self, start: int, klass: type[T], keydict: KeyDict, timed: bool, fill: bool = True) -> Plan[T | None]:
+        """Ask the layers from ``start`` down; back-fill the layers above the hit (unless ``fill`` is false)."""
         last = self._last
         in_process = self._in_process
+        flushes = self._flushes  # a fill is skipped if the in-process layers were flushed meanwhile
         for index in range(start, last + 1):
             stats = self._layer_stats[index]
             # in-process layers are timed when sampled, the others (I/O) always
@@ -447,6 +606,8 @@ class ChainPolicy:
             try:
                 if index != last:
                     if in_process[index]:
+                        if not self._trusted:
+                            continue  # the bus fell silent: in-process entries may be stale
                         obj = self._in_process_call(index, "get", "get", klass, keydict)
                     else:
                         obj = yield from self._guarded(index, "get", "get", klass, keydict)
@@ -470,24 +631,61 @@ class ChainPolicy:
                 continue
             stats.hits += 1
             # back-fill every layer above the hit
-            for above in range(index - 1, -1, -1):
+            for above in range(index - 1 if fill else -1, -1, -1):
                 if in_process[above]:
+                    if not self._fill_allowed(flushes):
+                        continue
+                    if self.bus is not None:
+                        self._digest_keys([obj])
                     done = self._in_process_call(above, "backfill", self._add[above], obj)
                 else:
                     done = yield from self._guarded(above, "backfill", self._add[above], obj)
                 if done is not _FAILED:
                     self._layer_stats[above].backfills += 1
+                    log.debug("stockpyle: back-filled layer %d with %s found in layer %d", above, klass.__qualname__,
+                              index)  # fmt: skip
             return obj  # type: ignore[no-any-return]
+        log.debug("stockpyle: no layer has %s %r", klass.__qualname__, keydict)
         return None
+
+    def _plan_fill_all(self, obj: Any) -> Plan[None]:
+        """Add-only writes of ``obj`` into every layer, bottom up (``get_or_create`` over cache layers only)."""
+        flushes = self._flushes
+        for index in range(self._last, -1, -1):
+            if self._in_process[index]:
+                if not self._fill_allowed(flushes):
+                    continue
+                if self.bus is not None:
+                    self._digest_keys([obj])
+            if index == self._last:
+                yield from self._ask(index, self._add[index], obj)
+            else:
+                done = yield from self._guarded(index, "backfill", self._add[index], obj)
+                if done is not _FAILED:
+                    self._layer_stats[index].backfills += 1
+
+    def _fill_allowed(self, flushes: int) -> bool:
+        """Whether an in-process layer may be back-filled by a read that began at flush count ``flushes``.
+
+        Invalidations of single keys leave tombstones that refuse the fill
+        themselves; a flush (lost messages) leaves none, hence the count.
+        """
+        if self._trusted and flushes == self._flushes:
+            return True
+        self._totals.fills_refused += 1
+        return False
 
     def _plan_batch_get(self, klass: type[T], requests: list[KeyDict]) -> Plan[list[T | None]]:
         results: list[Any] = [None] * len(requests)
         missing = list(range(len(requests)))
         last = self._last
         found_by_layer: list[list[Any]] = [[] for _ in self.stores]
+        flushes = self._flushes
         for index in range(last + 1):
             if not missing:
                 break
+            if self._in_process[index] and not self._trusted and index != last:
+                continue  # the bus fell silent: in-process entries may be stale
             asked = [requests[i] for i in missing]
             began = perf_counter()
             try:
@@ -519,10 +717,16 @@ class ChainPolicy:
         below: list[Any] = []
         for index in range(last, 0, -1):
             below.extend(found_by_layer[index])
-            if below:
-                done = yield from self._guarded(index - 1, "backfill", self._batch_add[index - 1], list(below))
-                if done is not _FAILED:
-                    self._layer_stats[index - 1].backfills += len(below)
+            if not below:
+                continue
+            if self._in_process[index - 1]:
+                if not self._fill_allowed(flushes):
+                    continue
+                if self.bus is not None:
+                    self._digest_keys(below)
+            done = yield from self._guarded(index - 1, "backfill", self._batch_add[index - 1], list(below))
+            if done is not _FAILED:
+                self._layer_stats[index - 1].backfills += len(below)
         return results
 
     # -- writes -------------------------------------------------------------
@@ -534,6 +738,9 @@ class ChainPolicy:
         last = self._last
         in_process = self._in_process
         effects: WriteEffects | None = None
+        if not self._reports_effects:
+            # other threads' copies go first: a per-thread layer may be the last one, written next
+            self._before_in_process_writes(objs)
         try:
             if self._reports_effects:
                 # the system of record says what the write really did (cascades,
@@ -561,6 +768,11 @@ class ChainPolicy:
             return
         for index in range(last - 1, -1, -1):
             yield from self._plan_layer_write(index, operation, argument, objs)
+        yield from self._plan_publish(self._digest_keys(objs) if self.bus is not None else [])
+
+    def _before_in_process_writes(self, objs: list[Any]) -> None:
+        if any(self._per_thread):
+            self._other_threads(objs)
 
     def _plan_layer_write(self, index: int, operation: str, argument: Any, objs: list[Any]) -> Plan[None]:
         """Write to cache layer ``index``; on failure leave it (and, for a bug, those above) without old values."""
@@ -601,11 +813,13 @@ class ChainPolicy:
         for klass in effects.classes:
             yield from self._plan_invalidate_class(klass)
         removed, stored = list(effects.removed), list(effects.stored)
+        self._before_in_process_writes(removed + stored)
         for index in range(self._last - 1, -1, -1):
             if removed:
                 yield from self._plan_layer_write(index, "batch_delete", removed, removed)
             if stored:
                 yield from self._plan_layer_write(index, "batch_put", stored, stored)
+        yield from self._plan_publish(self._digest_keys(removed + stored) if self.bus is not None else [])
 
     def _plan_invalidate_class(self, klass: type) -> Plan[None]:
         """Drop every ``klass`` instance from the cache layers (and a last layer that is not the system of record)."""
@@ -625,6 +839,7 @@ class ChainPolicy:
                 self._in_process_call(index, "invalidate_class", "invalidate_class", klass)
             else:
                 yield from self._guarded(index, "invalidate_class", "invalidate_class", klass)
+        yield from self._plan_publish([class_digest(klass)] if self.bus is not None else [])
 
     def _plan_invalidate(self, indexes: Iterable[int], objs: list[Any]) -> Plan[None]:
         """Remove ``objs`` from the cache layers ``indexes``, best effort: a layer that fails remembers them."""
@@ -653,7 +868,11 @@ class ChainPolicy:
         return totals
 
 
-def _check_layers(stores: Any, what: str) -> list[Any]:
+def check_layers(stores: Any, what: str) -> list[Any]:
+    """The layers of a chain, validated through their types.
+
+    :raises ConfigurationError: for an empty list or an object that is not a store.
+    """
     if isinstance(stores, (str, bytes)) or not isinstance(stores, Iterable):
         raise ConfigurationError(f"{what} takes a list of stores, fastest first; got {stores!r}")
     layers = list(stores)
@@ -739,10 +958,20 @@ class ChainedStore(ChainPolicy, BaseStore):
         cooldown: float = 5.0,
         max_pending_invalidations: int = 10_000,
         retry_interval: float = 0.5,
+        bus: Any = NO_BUS,
+        stampede: Stampede | None = DEFAULT_STAMPEDE,
     ) -> None:
         super().__init__()
-        layers = _check_layers(stores if stores is not None else [], "ChainedStore")
-        self._setup_policy(layers, failure_threshold, cooldown, max_pending_invalidations, retry_interval)
+        if stampede is not None and not isinstance(stampede, Stampede):
+            raise ConfigurationError(f"stampede= takes a stockpyle.Stampede or None; got {stampede!r}")
+        #: the chain's stampede protection (``None``: none; see :class:`~stockpyle.Stampede`)
+        self.stampede = stampede
+        self._flights = SingleFlight()
+        layers = check_layers(stores if stores is not None else [], "ChainedStore")
+        # the top layer's index, probed directly on the hit path when it offers (and the bus trusts) it
+        self._fast_index = None
+        self._trusted_index: Any = None
+        self._setup_policy(layers, failure_threshold, cooldown, max_pending_invalidations, retry_interval, bus=bus)
         self._first_stats = self._layer_stats[0]
         self._first_breaker = self._breakers[0]
         self._first_in_process = self._in_process[0]
@@ -752,14 +981,19 @@ class ChainedStore(ChainPolicy, BaseStore):
         self._l1_hits = 0
         self._fast_hits = 0
         self._fast_hits_seen = 0
-        # the top layer's index, probed directly on the hit path when it offers one
-        self._fast_index = None
         if self._first_in_process and callable(getattr(type(layers[0]), "direct_index", None)):
             direct: DirectIndex | None = layers[0].direct_index()
             if direct is not None:
                 direct.count_with(self._fast_hit_count)
-                self._fast_index = direct.index
+                self._trusted_index = direct.index
+                self._fast_index = direct.index if self._trusted else None
         self._countdown = SAMPLE_EVERY
+
+    def set_trusted(self, trusted: bool) -> None:
+        """Serve in-process entries or not (the trust watch calls this as the bus is heard or falls silent)."""
+        self._trusted = trusted
+        # the hit path pays nothing for the bus: an untrusted chain simply has no fast index
+        self._fast_index = self._trusted_index if trusted else None
 
     # -- the executor -------------------------------------------------------
 
@@ -770,7 +1004,8 @@ class ChainedStore(ChainPolicy, BaseStore):
             call = plan.send(None)
             while True:
                 try:
-                    result = getattr(stores[call.index], call.method)(*call.args)
+                    target = stores[call.index] if call.index != BUS else self.bus
+                    result = getattr(target, call.method)(*call.args)
                 except BaseException as exc:  # noqa: BLE001 - the plan decides what a failure means
                     call = plan.throw(exc)
                 else:
@@ -790,7 +1025,11 @@ class ChainedStore(ChainPolicy, BaseStore):
         hits += fast - self._fast_hits_seen
         self._fast_hits_seen = fast
         self._first_stats.hits += hits
-        return self._refresh_totals()
+        totals = self._refresh_totals()
+        totals.trusted = self._trusted
+        if self.bus is not None:
+            totals.bus = self.bus.stats()
+        return totals
 
     def _fast_hit_count(self) -> int:
         """Hits served from the top layer's index since the chain was built (never reset)."""
@@ -806,7 +1045,12 @@ class ChainedStore(ChainPolicy, BaseStore):
 
     # -- reads --------------------------------------------------------------
 
-    def get(self, klass: type[T], keydict: KeyDict) -> T | None:
+    def get(self, klass: type[T], keydict: KeyDict, *, stampede: Any = _CHAIN_POLICY) -> T | None:
+        """The object, from the fastest layer that has it (see the class docs).
+
+        :param stampede: the :class:`~stockpyle.Stampede` policy for this call
+            (``None``: no protection); by default the chain's.
+        """
         # The L1 hit path is the library's second-hottest code.  When L1 offers
         # its index (an unbounded in-process store), it is probed here directly
         # for the common lookup (one str- or int-valued attribute): that saves
@@ -815,7 +1059,10 @@ class ChainedStore(ChainPolicy, BaseStore):
         self._countdown -= 1
         if self._countdown <= 0:  # one call in SAMPLE_EVERY is timed, layer by layer
             self._countdown = SAMPLE_EVERY
-            return self._run(self._plan_get(0, klass, keydict, True))
+            began = perf_counter()
+            found = self._miss(0, klass, keydict, stampede, timed=True)
+            self._totals.timer("get").add(perf_counter() - began)  # what the caller waited, end to end
+            return found
         index = self._fast_index
         # (anything but a dict, e.g. get(Foo, 1), goes to L1's get(), which says what a lookup is)
         if index is not None and type(keydict) is dict and len(keydict) == 1:
@@ -831,49 +1078,139 @@ class ChainedStore(ChainPolicy, BaseStore):
                     # again): refuse a value no layer could take, then ask below
                     canonical_value(value)
                     self._first_stats.misses += 1
-                    return self._run(self._plan_get(1, klass, keydict, False))
-        if not self._first_in_process or self._first_breaker.open_until or self._first_breaker.failures:
-            return self._run(self._plan_get(0, klass, keydict, False))
+                    return self._miss(1, klass, keydict, stampede)
+        if (
+            not self._first_in_process
+            or not self._trusted
+            or self._first_breaker.open_until
+            or self._first_breaker.failures
+        ):
+            return self._miss(0, klass, keydict, stampede)
         try:
             obj = self.stores[0].get(klass, keydict)
         except UnknownKeyError:
             if self._single:
                 raise
-            return self._run(self._plan_get(1, klass, keydict, False))
+            return self._miss(1, klass, keydict, stampede)
         except StoreError as exc:
             self._failed(0, "get", exc)
-            return self._run(self._plan_get(1, klass, keydict, False))
+            return self._miss(1, klass, keydict, stampede)
         if obj is not None:
             self._l1_hits += 1
             return obj  # type: ignore[no-any-return]
         self._first_stats.misses += 1
         if self._single:
             return None
-        return self._run(self._plan_get(1, klass, keydict, False))
+        return self._miss(1, klass, keydict, stampede)
+
+    def _miss(self, start: int, klass: type[T], keydict: KeyDict, stampede: Any, timed: bool = False) -> T | None:
+        """Read the layers from ``start``, once for all threads of this process missing the same key."""
+        policy: Stampede | None = self.stampede if stampede is _CHAIN_POLICY else stampede
+        if policy is None:
+            return self._run(self._plan_get(start, klass, keydict, timed))
+        try:
+            key: Any = lookup_key(klass, keydict)
+        except UnknownKeyError:
+            # a lookup only the system of record can answer (any mapped columns)
+            key = (klass, tuple(sorted(keydict.items())))
+        try:
+            hash(key)
+        except TypeError:
+            return self._run(self._plan_get(start, klass, keydict, timed))
+
+        def load() -> T | None:
+            return self._run(self._plan_get(start, klass, keydict, timed))
+
+        def waited_too_long() -> T | None:
+            return self._after_timeout(policy, start, klass, keydict)
+
+        return self._flights.run(key, load, policy.wait, waited_too_long)
+
+    def _after_timeout(self, policy: Stampede, start: int, klass: type[T], keydict: KeyDict) -> T | None:
+        if policy.on_timeout == "miss":
+            return None
+        if policy.on_timeout == "raise":
+            raise LeaseTimeoutError(
+                f"waited {policy.wait}s for another reader's load of {klass.__qualname__} {dict(keydict)!r}"
+            )
+        # "load": read for ourselves, without filling (the load we waited for will)
+        return self._run(self._plan_get(start, klass, keydict, False, fill=False))
 
     def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
-        return self._run(self._plan_batch_get(klass, list(keydicts)))
+        return self._timed("batch_get", self._plan_batch_get(klass, list(keydicts)))
+
+    def get_or_create(
+        self, klass: type[T], keydict: KeyDict, creator: Callable[[], T | None], *, stampede: Any = _CHAIN_POLICY
+    ) -> T | None:
+        """The object from the layers, or ``creator()``'s, stored for the next reader.
+
+        For objects whose system of record is not a stockpyle store (a remote
+        API, a computation): ``creator`` is called only when no layer has the
+        object, once for all threads of the process missing it at the same
+        time (and, where a shared layer supports leases, once across
+        processes).  A ``None`` result is returned and not stored.  The object
+        is stored with add-only writes in every layer when every layer is a
+        cache, and with :meth:`put` otherwise (the system of record creates it).
+
+        :param creator: builds the object; it must have the keys ``keydict`` names.
+        :param stampede: the :class:`~stockpyle.Stampede` policy for this call.
+        :raises ConfigurationError: when ``creator`` returns an object that ``keydict`` does not find.
+        """
+        found = self.get(klass, keydict, stampede=stampede)
+        if found is not None:
+            return found
+        policy: Stampede | None = self.stampede if stampede is _CHAIN_POLICY else stampede
+
+        def create() -> T | None:
+            again = self.get(klass, keydict, stampede=None)  # another caller may have created it meanwhile
+            if again is not None:
+                return again
+            made = creator()
+            if made is None:
+                return None
+            if lookup_key(klass, keydict) not in object_keys(made, True):
+                raise ConfigurationError(
+                    f"get_or_create({klass.__qualname__}, {dict(keydict)!r}): the creator returned a "
+                    f"{type(made).__qualname__} object that this lookup does not find"
+                )
+            if self._last_is_cache:
+                self._run(self._plan_fill_all(made))
+            else:
+                self.put(made)
+            return made
+
+        if policy is None:
+            return create()
+        return self._flights.run(("create", lookup_key(klass, keydict)), create, policy.wait, create)
 
     # -- writes -------------------------------------------------------------
 
+    def _timed(self, operation: str, plan: Plan[T]) -> T:
+        """Run ``plan`` and record its duration as the end-to-end latency of ``operation``."""
+        began = perf_counter()
+        try:
+            return self._run(plan)
+        finally:
+            self._totals.timer(operation).add(perf_counter() - began)
+
     def put(self, obj: object) -> None:
-        self._run(self._plan_write("put", obj, [obj]))
+        self._timed("put", self._plan_write("put", obj, [obj]))
         self._totals.puts += 1
 
     def batch_put(self, objs: Iterable[object]) -> None:
         items = list(objs)
         if items:
-            self._run(self._plan_write("batch_put", items, items))
+            self._timed("batch_put", self._plan_write("batch_put", items, items))
             self._totals.puts += len(items)
 
     def delete(self, obj: object) -> None:
-        self._run(self._plan_write("delete", obj, [obj]))
+        self._timed("delete", self._plan_write("delete", obj, [obj]))
         self._totals.deletes += 1
 
     def batch_delete(self, objs: Iterable[object]) -> None:
         items = list(objs)
         if items:
-            self._run(self._plan_write("batch_delete", items, items))
+            self._timed("batch_delete", self._plan_write("batch_delete", items, items))
             self._totals.deletes += len(items)
 
     def _schedule_repair(self) -> None:
@@ -910,7 +1247,15 @@ class ChainedStore(ChainPolicy, BaseStore):
         return " -> ".join(type(layer).__name__ for layer in self.stores)
 
     def release(self) -> None:
-        """Release every layer (all are attempted; the first error is re-raised)."""
+        """Release every layer (all are attempted; the first error is re-raised).
+
+        A chain with a bus stops listening to it: it keeps working, reading
+        its shared layers only (its in-process layers are no longer trusted).
+        """
+        if self.bus is not None:
+            trust_watch.unwatch(self)
+            self.set_trusted(False)
+            self.bus.unsubscribe(self)
         first_error: BaseException | None = None
         for layer in self.stores:
             try:

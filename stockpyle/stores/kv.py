@@ -85,10 +85,10 @@ from ..exceptions import (
     ValueTooLargeError,
 )
 from ..keys import Key, class_name, encode_key, key_model, lookup_key, object_keys, version_of
-from ..lifetimes import LifetimeCallback, seconds_remaining
+from ..lifetimes import LifetimeCallback, LifetimePolicy, seconds_remaining
 from ..serializers import Codec, HMACSigner, JSONSerializer, Serializer, Signer
-from .base import MISS, BaseStore, KeyDict, check_storable, check_tombstone_lifetime
-from .drivers import KVDriver
+from .base import MISS, AsyncBaseStore, BaseStore, KeyDict, check_storable, check_tombstone_lifetime
+from .drivers import AsyncKVDriver, KVDriver
 
 __all__ = [
     "CAS_ATTEMPTS",
@@ -96,6 +96,8 @@ __all__ = [
     "DEFAULT_MAX_LIFETIME",
     "ITEM_OVERHEAD",
     "REPLAY_TOLERANCE",
+    "AsyncKeyValueStore",
+    "KeyValueEngine",
     "KeyValueStore",
     "Op",
     "Plan",
@@ -227,13 +229,11 @@ def _by_ttl(items: Iterable[_Prepared]) -> dict[Hashable, dict[str, bytes]]:
     return groups
 
 
-class KeyValueStore(BaseStore):
-    """Objects in a key-value backend reached through a driver (see the module docs).
+class KeyValueEngine:
+    """Everything a key-value store does but its I/O: keys, entries, rules, plans.
 
-    Most users create a :class:`~stockpyle.stores.MemcacheStore` or a
-    :class:`~stockpyle.stores.RedisStore`; this class is the engine they share,
-    and the base class for a store on another backend (see
-    ``docs/custom_stores.rst``).
+    :class:`KeyValueStore` drives the plans synchronously and
+    :class:`AsyncKeyValueStore` with ``await``; both take the same arguments.
 
     :param driver: a :class:`~stockpyle.stores.drivers.KVDriver`.
     :param polymorphic: also index objects under their storable base classes.
@@ -269,10 +269,13 @@ class KeyValueStore(BaseStore):
     is_cache = True
     #: Name used in messages about this store's arguments.
     store_name: ClassVar[str] = "KeyValueStore"
+    # set by the store base class (BaseStore or AsyncBaseStore) the engine is mixed with
+    polymorphic: bool
+    lifetimes: LifetimePolicy
 
     def __init__(
         self,
-        driver: KVDriver,
+        driver: KVDriver | AsyncKVDriver,
         *,
         polymorphic: bool = False,
         lifetime_cb: LifetimeCallback | None = None,
@@ -287,7 +290,7 @@ class KeyValueStore(BaseStore):
         generation_check: float = DEFAULT_GENERATION_CHECK,
         tombstone_limit: float = float("inf"),
     ) -> None:
-        super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb)
+        super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb)  # type: ignore[call-arg]
         if (
             isinstance(generation_check, bool)
             or not isinstance(generation_check, (int, float))
@@ -332,7 +335,7 @@ class KeyValueStore(BaseStore):
         self._generations_due = time.monotonic() + self.generation_check
         self._generation_lock = threading.Lock()
         self._bad_generations: dict[str, Any] = {}
-        self._driver = driver
+        self._driver: Any = driver
         self._errors = driver.errors
         self._get = driver.get
         self._tomb_ttl: Hashable | None = None
@@ -345,12 +348,12 @@ class KeyValueStore(BaseStore):
         self._item_limit = None if driver.max_item_size is None else driver.max_item_size - ITEM_OVERHEAD
 
     @property
-    def driver(self) -> KVDriver:
+    def driver(self) -> Any:
         """The driver this store moves its bytes through."""
         return self._driver
 
     def describe(self) -> str:
-        return self._driver.describe()
+        return str(self._driver.describe())
 
     def __repr__(self) -> str:
         return (
@@ -482,38 +485,33 @@ class KeyValueStore(BaseStore):
                 self._mkeys.clear()
 
     def _learn(self, classes: Sequence[type]) -> None:
-        self._adopt(self._run(self._plan_generations(list(classes), "learn a class generation"), "get"))
+        """Learn the generations of ``classes`` (the synchronous store reads them on the spot)."""
+        raise NotImplementedError  # each front defines it
 
-    def _check_generations(self) -> None:
-        """Re-read the generations of the classes in use, at most every ``generation_check`` seconds."""
-        self._generations_due = time.monotonic() + self.generation_check
-        classes = list(self._tokens)
-        if classes:
-            try:
-                self._learn(classes)
-            except StockpyleError as exc:
-                log.warning("stockpyle: could not check class generations in %s: %s", self._driver.backend, exc)
-                self._generations_due = time.monotonic() + min(self.generation_check, 0.1)
+    def _needed_classes(self, klasses: Iterable[type]) -> list[type]:
+        """The classes whose generation a key of each of ``klasses`` needs and this process does not know."""
+        tokens = self._tokens
+        needed: dict[type, None] = {}
+        for klass in klasses:
+            for base in key_model(klass).bases:
+                if base not in tokens:
+                    needed[base] = None
+        return list(needed)
 
-    def invalidate_class(self, klass: type) -> None:
-        """Make every entry of ``klass`` (and of its subclasses) unreachable, in every process.
+    def _key_classes(self, objs: Iterable[object]) -> set[type]:
+        """The classes of every key ``objs`` are stored under."""
+        out: set[type] = set()
+        for obj in objs:
+            model = key_model(type(obj))
+            out.update(model.bases if self.polymorphic else (model.klass,))
+        return out
 
-        The class gets a new generation token in the backend; the keys of the
-        class (and of classes that have it as a storable base) carry it, so
-        entries written before are never read again and expire with their
-        lifetime.  This process sees the change at once; other processes
-        within ``generation_check`` seconds.  For ``tombstone_lifetime``
-        seconds afterwards, :meth:`add` refuses objects of the class, as a
-        delete's tombstones would refuse them.
-
-        :raises StoreError: when the backend fails (the class is then unchanged).
-        """
+    def _new_generation(self, klass: type) -> tuple[str, dict[str, bytes], tuple[str, float]]:
+        """The key, value and (token, time) of a fresh generation for ``klass``."""
         key_model(klass)  # refuses classes that cannot be stored
         gkey = self._generation_key(klass)
         token, changed = secrets.token_hex(4), time.time()
-        value = self.codec.seal(gkey, f"{token}:{changed}".encode("ascii"))
-        self._errors.call(self, "invalidate_class", self._driver.set_many, {gkey: value}, self._fixed_generation_ttl())
-        self._adopt({klass: (token, changed)})
+        return gkey, {gkey: self.codec.seal(gkey, f"{token}:{changed}".encode("ascii"))}, (token, changed)
 
     def _class_refused(self, obj: object, now: float) -> bool:
         """Whether an add of ``obj`` comes too soon after a class invalidation of its class or a base."""
@@ -521,14 +519,8 @@ class KeyValueStore(BaseStore):
         tokens = self._tokens
         return any(tokens.get(base, ("", 0.0))[1] > horizon for base in key_model(type(obj)).bases)
 
-    def key_for(self, klass: type, keydict: KeyDict) -> str:
-        """The backend key ``get(klass, keydict)`` reads."""
-        return self.storage_key(lookup_key(klass, keydict))
-
     def _object_mkeys(self, obj: object) -> list[str]:
         check_storable(obj)
-        if time.monotonic() >= self._generations_due:
-            self._check_generations()
         mkey = self.storage_key
         out = [mkey(k) for k in object_keys(obj, self.polymorphic)]
         return out if len(out) == len(set(out)) else list(dict.fromkeys(out))
@@ -627,13 +619,6 @@ class KeyValueStore(BaseStore):
                 f"entry for {mkey!r} was written before a newer write or delete of that key: a replayed entry"
             )
         self._saw(mkey, written)
-
-    def _discard_rejected(self, rejected: list[str]) -> None:
-        # if the delete fails the entry stays unusable and is rejected again
-        try:
-            self._errors.call(self, "delete a rejected entry", self._driver.delete_many, rejected)
-        except StockpyleError as exc:
-            log.debug("stockpyle: could not delete rejected entries %s: %s", rejected, exc)
 
     def _inspect(self, mkey: str, data: Any) -> tuple[Slot, list[str]]:
         """The consistency state of an entry and the keys it records, without deserializing its object.
@@ -738,24 +723,15 @@ class KeyValueStore(BaseStore):
                 item.values = values
         return out, failure
 
-    # -- the executor ---------------------------------------------------
-
-    def _run(self, plan: Plan[T], action: str) -> T:
-        """Drive ``plan`` against the driver synchronously; driver errors are translated and thrown into it."""
-        driver = self._driver
-        table = self._errors
-        try:
-            op = next(plan)
-            while True:
-                try:
-                    with table.translating(self, op[2] if len(op) > 2 else action):
-                        result = getattr(driver, op[0])(*op[1])
-                except StockpyleError as exc:
-                    op = plan.throw(exc)
-                else:
-                    op = plan.send(result)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+    def _prepare_add(self, objs: list[object]) -> list[_Prepared]:
+        items, failure = self._prepare(objs)
+        if failure is not None:
+            log.warning("stockpyle: %s back-fill skipped an object: %s", self._driver.backend, failure)
+        now = time.time()
+        for obj, item in zip(objs, items, strict=True):
+            if self._class_refused(obj, now):
+                item.values = None  # its class was just invalidated: the copy may predate that
+        return items
 
     def _mapped(self, exc: BaseException, action: str) -> BaseException:
         """A failure a driver returned (rather than raised), translated."""
@@ -982,23 +958,7 @@ class KeyValueStore(BaseStore):
 
     # -- the operations -------------------------------------------------
 
-    def get(self, klass: type[T], keydict: KeyDict) -> T | None:
-        if time.monotonic() >= self._generations_due:
-            self._check_generations()
-        key = lookup_key(klass, keydict)
-        mkey = self._mkeys.get(key) or self.storage_key(key)
-        data = self._errors.call(self, "get", self._get, mkey)
-        if data is None:
-            return None
-        rejected: list[str] = []
-        obj = self._decode(mkey, data, rejected)
-        if rejected:
-            self._discard_rejected(rejected)
-        return None if obj is MISS else obj
-
     def _lookup_keys(self, klass: type, keydicts: Iterable[KeyDict]) -> list[str]:
-        if time.monotonic() >= self._generations_due:
-            self._check_generations()
         cache = self._mkeys
         storage_key = self.storage_key
         mkeys = []
@@ -1007,8 +967,8 @@ class KeyValueStore(BaseStore):
             mkeys.append(cache.get(key) or storage_key(key))
         return mkeys
 
-    def _decode_found(self, mkeys: list[str], found: Mapping[str, Any]) -> list[Any]:
-        """Decode a ``get_many`` result in request order (rejected entries are deleted).
+    def _decode_found(self, mkeys: list[str], found: Mapping[str, Any]) -> tuple[list[Any], list[str]]:
+        """Decode a ``get_many`` result in request order; also the keys of rejected entries (to delete).
 
         The unsigned fast path of :meth:`_decode` is inlined: this loop runs
         once per entry of every batch.
@@ -1031,20 +991,114 @@ class KeyValueStore(BaseStore):
             obj = self._decode(mkey, data, rejected)
             if obj is not MISS:
                 decoded[mkey] = obj
+        get = decoded.get
+        return [get(mkey) for mkey in mkeys], rejected
+
+
+class KeyValueStore(KeyValueEngine, BaseStore):
+    """Objects in a key-value backend reached through a driver (see the module docs).
+
+    Most users create a :class:`~stockpyle.stores.MemcacheStore` or a
+    :class:`~stockpyle.stores.RedisStore`; this class is the engine they share,
+    and the base class for a store on another backend (see
+    ``docs/custom_stores.rst``).  It takes the arguments of :class:`KeyValueEngine`.
+    """
+
+    # -- the executor ---------------------------------------------------
+
+    def _run(self, plan: Plan[T], action: str) -> T:
+        """Drive ``plan`` against the driver synchronously; driver errors are translated and thrown into it."""
+        driver = self._driver
+        table = self._errors
+        try:
+            op = next(plan)
+            while True:
+                try:
+                    with table.translating(self, op[2] if len(op) > 2 else action):
+                        result = getattr(driver, op[0])(*op[1])
+                except StockpyleError as exc:
+                    op = plan.throw(exc)
+                else:
+                    op = plan.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    # -- class generations ------------------------------------------------
+
+    def _learn(self, classes: Sequence[type]) -> None:
+        self._adopt(self._run(self._plan_generations(list(classes), "learn a class generation"), "get"))
+
+    def _check_generations(self) -> None:
+        """Re-read the generations of the classes in use, at most every ``generation_check`` seconds."""
+        self._generations_due = time.monotonic() + self.generation_check
+        classes = list(self._tokens)
+        if classes:
+            try:
+                self._learn(classes)
+            except StockpyleError as exc:
+                log.warning("stockpyle: could not check class generations in %s: %s", self._driver.backend, exc)
+                self._generations_due = time.monotonic() + min(self.generation_check, 0.1)
+
+    def invalidate_class(self, klass: type) -> None:
+        """Make every entry of ``klass`` (and of its subclasses) unreachable, in every process.
+
+        The class gets a new generation token in the backend; the keys of the
+        class (and of classes that have it as a storable base) carry it, so
+        entries written before are never read again and expire with their
+        lifetime.  This process sees the change at once; other processes
+        within ``generation_check`` seconds.  For ``tombstone_lifetime``
+        seconds afterwards, :meth:`add` refuses objects of the class, as a
+        delete's tombstones would refuse them.
+
+        :raises StoreError: when the backend fails (the class is then unchanged).
+        """
+        _gkey, value, generation = self._new_generation(klass)
+        self._errors.call(self, "invalidate_class", self._driver.set_many, value, self._fixed_generation_ttl())
+        self._adopt({klass: generation})
+
+    def key_for(self, klass: type, keydict: KeyDict) -> str:
+        """The backend key ``get(klass, keydict)`` reads."""
+        return self.storage_key(lookup_key(klass, keydict))
+
+    def _discard_rejected(self, rejected: list[str]) -> None:
+        # if the delete fails the entry stays unusable and is rejected again
+        try:
+            self._errors.call(self, "delete a rejected entry", self._driver.delete_many, rejected)
+        except StockpyleError as exc:
+            log.debug("stockpyle: could not delete rejected entries %s: %s", rejected, exc)
+
+    # -- the operations -------------------------------------------------
+
+    def get(self, klass: type[T], keydict: KeyDict) -> T | None:
+        if time.monotonic() >= self._generations_due:
+            self._check_generations()
+        key = lookup_key(klass, keydict)
+        mkey = self._mkeys.get(key) or self.storage_key(key)
+        data = self._errors.call(self, "get", self._get, mkey)
+        if data is None:
+            return None
+        rejected: list[str] = []
+        obj = self._decode(mkey, data, rejected)
         if rejected:
             self._discard_rejected(rejected)
-        get = decoded.get
-        return [get(mkey) for mkey in mkeys]
+        return None if obj is MISS else obj
 
     def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
+        if time.monotonic() >= self._generations_due:
+            self._check_generations()
         mkeys = self._lookup_keys(klass, keydicts)
         if not mkeys:
             return []
         found = self._errors.call(self, "batch_get", self._driver.get_many, list(dict.fromkeys(mkeys)))
-        return self._decode_found(mkeys, found)
+        decoded, rejected = self._decode_found(mkeys, found)
+        if rejected:
+            self._discard_rejected(rejected)
+        return decoded
 
     def _put_many(self, objs: list[object], action: str) -> None:
         if objs:
+            if time.monotonic() >= self._generations_due:
+                self._check_generations()
             items, failure = self._prepare(objs)
             self._run(self._plan_put(items, failure, action), action)
 
@@ -1056,6 +1110,8 @@ class KeyValueStore(BaseStore):
 
     def _delete_many(self, objs: list[object], action: str) -> None:
         if objs:
+            if time.monotonic() >= self._generations_due:
+                self._check_generations()
             prepared = [self._object_mkeys(obj) for obj in objs]
             self._run(self._plan_delete(prepared, objs, action), action)
 
@@ -1068,14 +1124,9 @@ class KeyValueStore(BaseStore):
     def _add_many(self, objs: list[object], action: str) -> list[bool]:
         if not objs:
             return []
-        items, failure = self._prepare(objs)
-        if failure is not None:
-            log.warning("stockpyle: %s back-fill skipped an object: %s", self._driver.backend, failure)
-        now = time.time()
-        for obj, item in zip(objs, items, strict=True):
-            if self._class_refused(obj, now):
-                item.values = None  # its class was just invalidated: the copy may predate that
-        return self._run(self._plan_add(items, action), action)
+        if time.monotonic() >= self._generations_due:
+            self._check_generations()
+        return self._run(self._plan_add(self._prepare_add(objs), action), action)
 
     def add(self, obj: object) -> bool:
         """Store ``obj`` only where none of its keys holds an entry or a tombstone.
@@ -1108,5 +1159,153 @@ class KeyValueStore(BaseStore):
         try:
             with self._errors.translating(self, "close"):
                 self._driver.close()
+        except StockpyleError as exc:
+            log.debug("stockpyle: error while closing %s: %r", self._driver.backend, exc)
+
+
+class AsyncKeyValueStore(KeyValueEngine, AsyncBaseStore):
+    """:class:`KeyValueStore` for asyncio: the same engine and plans, driven with ``await``.
+
+    Its driver is an :class:`~stockpyle.stores.drivers.AsyncKVDriver`; it takes
+    the arguments of :class:`KeyValueEngine`.  Every operation is a coroutine.
+    """
+
+    # -- the executor ---------------------------------------------------
+
+    async def _run(self, plan: Plan[T], action: str) -> T:
+        """Drive ``plan`` against the driver with ``await``; driver errors are translated and thrown into it."""
+        driver = self._driver
+        table = self._errors
+        try:
+            op = next(plan)
+            while True:
+                try:
+                    with table.translating(self, op[2] if len(op) > 2 else action):
+                        result = await getattr(driver, op[0])(*op[1])
+                except StockpyleError as exc:
+                    op = plan.throw(exc)
+                else:
+                    op = plan.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    async def _call(self, action: str, method: str, *args: Any) -> Any:
+        with self._errors.translating(self, action):
+            return await getattr(self._driver, method)(*args)
+
+    # -- class generations ------------------------------------------------
+
+    def _learn(self, classes: Sequence[type]) -> None:
+        raise RuntimeError(  # pragma: no cover - every operation learns its classes first
+            f"{type(self).__name__} computed a key of a class whose generation it had not learnt"
+        )
+
+    async def _ready(self, klasses: Iterable[type]) -> None:
+        """Learn what the keys of ``klasses`` need (and re-check the known generations when due)."""
+        if time.monotonic() >= self._generations_due:
+            self._generations_due = time.monotonic() + self.generation_check
+            known = list(self._tokens)
+            if known:
+                try:
+                    self._adopt(await self._run(self._plan_generations(known, "check class generations"), "get"))
+                except StockpyleError as exc:
+                    log.warning("stockpyle: could not check class generations in %s: %s", self._driver.backend, exc)
+                    self._generations_due = time.monotonic() + min(self.generation_check, 0.1)
+        needed = self._needed_classes(klasses)
+        if needed:
+            self._adopt(await self._run(self._plan_generations(needed, "learn a class generation"), "get"))
+
+    async def invalidate_class(self, klass: type) -> None:
+        """:meth:`KeyValueStore.invalidate_class`."""
+        _gkey, value, generation = self._new_generation(klass)
+        await self._call("invalidate_class", "set_many", value, self._fixed_generation_ttl())
+        self._adopt({klass: generation})
+
+    async def key_for(self, klass: type, keydict: KeyDict) -> str:
+        """The backend key ``get(klass, keydict)`` reads."""
+        await self._ready([klass])
+        return self.storage_key(lookup_key(klass, keydict))
+
+    async def _discard_rejected(self, rejected: list[str]) -> None:
+        try:
+            await self._call("delete a rejected entry", "delete_many", rejected)
+        except StockpyleError as exc:
+            log.debug("stockpyle: could not delete rejected entries %s: %s", rejected, exc)
+
+    # -- the operations -------------------------------------------------
+
+    async def get(self, klass: type[T], keydict: KeyDict) -> T | None:
+        await self._ready([klass])
+        key = lookup_key(klass, keydict)
+        mkey = self._mkeys.get(key) or self.storage_key(key)
+        data = await self._call("get", "get", mkey)
+        if data is None:
+            return None
+        rejected: list[str] = []
+        obj = self._decode(mkey, data, rejected)
+        if rejected:
+            await self._discard_rejected(rejected)
+        return None if obj is MISS else obj
+
+    async def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
+        await self._ready([klass])
+        mkeys = self._lookup_keys(klass, keydicts)
+        if not mkeys:
+            return []
+        found = await self._call("batch_get", "get_many", list(dict.fromkeys(mkeys)))
+        decoded, rejected = self._decode_found(mkeys, found)
+        if rejected:
+            await self._discard_rejected(rejected)
+        return decoded
+
+    async def _put_many(self, objs: list[object], action: str) -> None:
+        if objs:
+            for obj in objs:
+                check_storable(obj)
+            await self._ready(self._key_classes(objs))
+            items, failure = self._prepare(objs)
+            await self._run(self._plan_put(items, failure, action), action)
+
+    async def put(self, obj: object) -> None:
+        await self._put_many([obj], "put")
+
+    async def batch_put(self, objs: Iterable[object]) -> None:
+        await self._put_many(list(objs), "batch_put")
+
+    async def _delete_many(self, objs: list[object], action: str) -> None:
+        if objs:
+            for obj in objs:
+                check_storable(obj)
+            await self._ready(self._key_classes(objs))
+            prepared = [self._object_mkeys(obj) for obj in objs]
+            await self._run(self._plan_delete(prepared, objs, action), action)
+
+    async def delete(self, obj: object) -> None:
+        await self._delete_many([obj], "delete")
+
+    async def batch_delete(self, objs: Iterable[object]) -> None:
+        await self._delete_many(list(objs), "batch_delete")
+
+    async def _add_many(self, objs: list[object], action: str) -> list[bool]:
+        if not objs:
+            return []
+        for obj in objs:
+            check_storable(obj)
+        await self._ready(self._key_classes(objs))
+        return await self._run(self._plan_add(self._prepare_add(objs), action), action)
+
+    async def add(self, obj: object) -> bool:
+        """:meth:`KeyValueStore.add`."""
+        return (await self._add_many([obj], "add"))[0]
+
+    async def batch_add(self, objs: Iterable[object]) -> list[bool]:
+        """:meth:`KeyValueStore.batch_add`."""
+        return await self._add_many(list(objs), "batch_add")
+
+    async def release(self) -> None:
+        """Close the driver's connections; the store reconnects on its next operation."""
+        try:
+            with self._errors.translating(self, "close"):
+                await self._driver.close()
         except StockpyleError as exc:
             log.debug("stockpyle: error while closing %s: %r", self._driver.backend, exc)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from time import perf_counter
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from ..exceptions import ConfigurationError
 from ..keys import Key, lookup_key, object_keys, version_of
@@ -68,6 +69,8 @@ class _InProcessStore(BaseStore):
     supports_add = True
     supports_class_invalidation = True
     in_process = True
+    #: one table per thread (see ThreadLocalStore)
+    per_thread: ClassVar[bool] = False
     is_cache = True
 
     def __init__(
@@ -190,15 +193,41 @@ class _InProcessStore(BaseStore):
         get = self.get
         return [get(klass, kd) for kd in keydicts]
 
+    def _all_tables(self) -> list[MemoryTable]:
+        """Every table of the store (one; a ThreadLocalStore has one per thread)."""
+        raise NotImplementedError  # pragma: no cover - both subclasses define it
+
     def invalidate_class(self, klass: type) -> None:
-        """Drop every stored instance of ``klass`` (subclasses included).
+        """Drop every stored instance of ``klass`` (subclasses included), in every thread's contents.
 
         For ``tombstone_lifetime`` seconds afterwards, :meth:`add` refuses such
-        objects, as a delete's tombstones would.  For a ThreadLocalStore this
-        reaches the calling thread's contents only.
+        objects, as a delete's tombstones would.
         """
-        with self._locked_table() as table:
-            table.invalidate_class(klass)
+        for table in self._all_tables():
+            with table.lock:
+                table.invalidate_class(klass)
+
+    def invalidate_keys(self, keys: Iterable[Key]) -> int:
+        """Drop the objects stored under any of ``keys``, in every thread's contents; tombstone the keys.
+
+        This is how an invalidation bus (and a chain's own writes) keeps an
+        in-process layer coherent: the tombstones refuse back-fills of copies
+        read before the invalidation for ``tombstone_lifetime`` seconds.
+
+        :returns: how many objects were dropped.
+        """
+        keys = list(keys)
+        dropped = 0
+        for table in self._all_tables():
+            with table.lock:
+                dropped += table.invalidate_keys(keys)
+        return dropped
+
+    def invalidate_all(self) -> None:
+        """Drop every object, in every thread's contents (an invalidation bus lost messages)."""
+        for table in self._all_tables():
+            with table.lock:
+                table.clear()
 
     def clear(self) -> None:
         """Remove every object (for ThreadLocalStore: of the calling thread)."""
@@ -240,11 +269,14 @@ class ProcessMemoryStore(_InProcessStore):
         )
         self._table = self._new_table()
         self._index = self._table.index
-        self._lock = threading.RLock()
+        self._lock = self._table.lock
         self._guard = _Guard(self._lock, self._table)
 
     def _locked_table(self) -> AbstractContextManager[MemoryTable]:
         return self._guard
+
+    def _all_tables(self) -> list[MemoryTable]:
+        return [self._table]
 
     def direct_index(self) -> DirectIndex | None:
         """The index, for a :class:`~stockpyle.ChainedStore` with this store on top to probe on its hit path.
@@ -314,6 +346,9 @@ class ThreadLocalStore(_InProcessStore):
         :meth:`ProcessMemoryStore.add`).
     """
 
+    #: one table per thread: a chain's writes reach the other threads' copies through invalidate_keys()
+    per_thread = True
+
     def __init__(
         self,
         *,
@@ -327,17 +362,27 @@ class ThreadLocalStore(_InProcessStore):
         )
         # threading.local frees a thread's __dict__ (and so its table) when the thread ends
         self._local = threading.local()
+        # every thread's table, weakly: invalidations from other threads reach them all
+        self._tables: weakref.WeakSet[MemoryTable] = weakref.WeakSet()
+        self._tables_lock = threading.Lock()
 
     def _table(self) -> MemoryTable:
         try:
             return self._local.table  # type: ignore[no-any-return]
         except AttributeError:
             table = self._local.table = self._new_table()
+            with self._tables_lock:
+                self._tables.add(table)
             return table
 
-    def _locked_table(self) -> AbstractContextManager[MemoryTable]:
-        # only the owning thread ever sees its table: no lock needed
-        return nullcontext(self._table())
+    def _locked_table(self) -> _Guard:
+        # the owning thread writes its table; invalidations may come from others
+        table = self._table()
+        return _Guard(table.lock, table)
+
+    def _all_tables(self) -> list[MemoryTable]:
+        with self._tables_lock:
+            return list(self._tables)
 
     def __len__(self) -> int:
         """Number of objects stored for the calling thread."""

@@ -48,7 +48,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from ...errors import ErrorTable
 
-__all__ = ["KVDriver", "LeaseDriver", "LeaseRead", "LeaseStatus", "supports_leases"]
+__all__ = ["AsyncKVDriver", "KVDriver", "LeaseDriver", "LeaseRead", "LeaseStatus", "supports_leases"]
 
 
 @runtime_checkable
@@ -227,3 +227,66 @@ class LeaseDriver(KVDriver, Protocol):
 def supports_leases(driver: object) -> bool:
     """Whether ``driver`` offers leases (:class:`LeaseDriver` with ``can_lease`` true)."""
     return getattr(driver, "can_lease", False) is True and callable(getattr(driver, "lease_get", None))
+
+
+@runtime_checkable
+class AsyncKVDriver(Protocol):
+    """The asyncio twin of :class:`KVDriver`: the same attributes and methods, as coroutines.
+
+    ``ttl()`` and ``describe()`` stay plain methods (no I/O).  The engine drives
+    the very same plans through either kind (see :mod:`stockpyle.stores.kv`);
+    every rule of :class:`KVDriver` holds, and one more: a call cancelled while
+    it holds a pooled connection closes or returns that connection before the
+    cancellation propagates, so no connection is left half-read.
+    """
+
+    backend: str
+    errors: ErrorTable
+    can_add: bool
+    can_cas: bool
+    max_item_size: int | None
+    min_lifetime: float
+
+    def describe(self) -> str:
+        """Where the data lives (servers, URL), for messages."""
+        ...
+
+    def ttl(self, seconds: float | None) -> Hashable:
+        """The backend's lifetime argument, as :meth:`KVDriver.ttl`."""
+        ...
+
+    async def get(self, key: str) -> bytes | None:
+        """The value of one key, or ``None``."""
+        ...
+
+    async def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]:
+        """The values of the keys that have one (one round trip per server)."""
+        ...
+
+    async def set_many(self, items: Mapping[str, bytes], ttl: Hashable) -> None:
+        """Store every item unconditionally; raise when any was not stored."""
+        ...
+
+    async def add_many(self, items: Mapping[str, bytes], ttl: Hashable) -> tuple[set[str], BaseException | None]:
+        """Store each item only if its key holds nothing (see :meth:`KVDriver.add_many`)."""
+        ...
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete the keys (absent ones are fine); raise when a server failed."""
+        ...
+
+    async def gets_many(self, keys: Sequence[str]) -> Mapping[str, tuple[bytes, Any]]:
+        """Values and compare-and-set tokens of the keys that have one."""
+        ...
+
+    async def cas(self, key: str, value: bytes, token: Any, ttl: Hashable) -> bool:
+        """Store ``value`` only if ``key`` still holds the value ``token`` was read with."""
+        ...
+
+    async def touch_many(self, keys: Sequence[str], ttl: Hashable) -> None:
+        """Give existing keys a new lifetime (absent ones are fine)."""
+        ...
+
+    async def close(self) -> None:
+        """Close connections; the driver reconnects on its next call."""
+        ...

@@ -1,0 +1,168 @@
+"""Stampede protection: one read of the system of record per cold key, in a process and across a fleet.
+
+When a popular entry is missing (it expired, it was invalidated, the cache
+restarted), every request for it misses at once and every one of them reads
+the database -- a *stampede*.  A :class:`~stockpyle.ChainedStore` prevents it
+at two levels:
+
+* **in process** (always, unless ``stampede=None``): concurrent misses of one
+  key in one process wait for a single read of the lower layers, the
+  *flight*, and share its result;
+* **across processes** (where a shared layer supports leases, see
+  :mod:`stockpyle.stores.drivers`): the first process to miss takes a short
+  *lease* on the key in the shared layer, reads the system of record and
+  fills the key; the others are told a lease is held and wait for the fill,
+  polling with jittered backoff.  A writer that changes the key meanwhile
+  voids the lease, so the winner's fill of the value it read is refused.
+
+:class:`Stampede` is the policy: how long a lease lasts, how long a loser
+waits, and what a loser does when the wait runs out.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeVar
+
+from .exceptions import ConfigurationError, StockpyleError
+
+__all__ = ["DEFAULT_STAMPEDE", "LeaseTimeoutError", "SingleFlight", "Stampede"]
+
+T = TypeVar("T")
+
+OnTimeout = Literal["load", "miss", "raise"]
+
+
+class LeaseTimeoutError(StockpyleError, TimeoutError):
+    """A read waited ``Stampede.wait`` seconds for another reader's load and ``on_timeout="raise"``."""
+
+
+def _seconds(name: str, value: Any, *, positive: bool = True, optional: bool = False) -> float | None:
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 if positive else value >= 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ConfigurationError(f"Stampede {name} must be a number of seconds {bound}; got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Stampede:
+    """How a chain protects a cold key from a stampede.
+
+    :param lease: seconds a cross-process lease lasts: the longest one load of
+        the system of record may take.  A holder that dies loses it after this.
+    :param wait: seconds a reader waits for another reader's load (in process
+        or in another process) before ``on_timeout`` applies.
+    :param on_timeout: what a reader does when the wait runs out: ``"load"``
+        reads the system of record itself (without filling the caches),
+        ``"miss"`` returns ``None``, ``"raise"`` raises
+        :class:`LeaseTimeoutError`.
+    :param refresh_ahead: seconds before an entry's expiry at which one reader
+        (and only one) refreshes it while the others are still served it
+        (where the shared layer supports it); ``None``: never.
+    :param serve_stale_for: seconds a reader that finds a lease held may be
+        served the entry's previous (stale, invalidated) value instead of
+        waiting, where the shared layer keeps one (memcached marks stale
+        values); ``0``: never.
+    :param max_poll: the longest pause between two looks of a waiting reader
+        at the shared layer (pauses start short and grow, with jitter).
+    :param leases: use cross-process leases where a shared layer supports
+        them; ``False`` keeps the in-process protection only.
+    :raises ConfigurationError: for invalid values.
+    """
+
+    lease: float = 5.0
+    wait: float = 2.0
+    on_timeout: OnTimeout = "load"
+    refresh_ahead: float | None = None
+    serve_stale_for: float = 0.0
+    max_poll: float = 0.05
+    leases: bool = True
+
+    def __post_init__(self) -> None:
+        _seconds("lease", self.lease)
+        _seconds("wait", self.wait, positive=False)
+        _seconds("refresh_ahead", self.refresh_ahead, optional=True)
+        _seconds("serve_stale_for", self.serve_stale_for, positive=False)
+        _seconds("max_poll", self.max_poll)
+        if self.on_timeout not in ("load", "miss", "raise"):
+            raise ConfigurationError(f"Stampede on_timeout must be 'load', 'miss' or 'raise'; got {self.on_timeout!r}")
+        if not isinstance(self.leases, bool):
+            raise ConfigurationError(f"Stampede leases must be True or False; got {self.leases!r}")
+
+    def pauses(self) -> Any:
+        """The pauses of a waiting reader: growing from 2 ms to ``max_poll``, each with +-50% jitter."""
+        pause = min(0.002, self.max_poll)
+        while True:
+            yield pause * random.uniform(0.5, 1.5)  # jitter, not cryptography
+            pause = min(self.max_poll, pause * 2)
+
+
+#: The chain's default: in-process single flight, and leases where a layer has them.
+DEFAULT_STAMPEDE: Final = Stampede()
+
+
+class _Flight:
+    """One read in progress, shared by the readers of one key."""
+
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class SingleFlight:
+    """Concurrent calls for one key in this process wait for one of them (reset in a forked child)."""
+
+    def __init__(self) -> None:
+        self._flights: dict[Hashable, _Flight] = {}
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        #: calls that waited for another and took its result
+        self.shared = 0
+
+    def _table(self) -> dict[Hashable, _Flight]:
+        if self._pid != os.getpid():  # a forked child: the parent's flights are not ours
+            self._flights = {}
+            self._lock = threading.Lock()
+            self._pid = os.getpid()
+        return self._flights
+
+    def run(self, key: Hashable, load: Callable[[], T], wait: float, on_timeout: Callable[[], T]) -> T:
+        """``load()`` once for all concurrent callers of ``key``.
+
+        A caller that finds a flight under way waits up to ``wait`` seconds
+        for it and takes its result; when the flight failed it loads itself,
+        and when the wait runs out it returns ``on_timeout()``.
+        """
+        flights = self._table()
+        with self._lock:
+            flight = flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = flights[key] = _Flight()
+        if leader:
+            try:
+                flight.result = load()
+                return flight.result  # type: ignore[no-any-return]
+            except BaseException as exc:
+                flight.error = exc
+                raise
+            finally:
+                with self._lock:
+                    if flights.get(key) is flight:
+                        del flights[key]
+                flight.done.set()
+        if not flight.done.wait(wait):
+            return on_timeout()
+        if flight.error is not None:
+            return load()  # the leader failed: try for ourselves
+        self.shared += 1
+        return flight.result  # type: ignore[no-any-return]

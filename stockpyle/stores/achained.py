@@ -1,0 +1,454 @@
+"""The chain for asyncio: :class:`AsyncChainedStore`.
+
+It is :class:`~stockpyle.stores.chained.ChainPolicy` -- the very plans
+:class:`~stockpyle.ChainedStore` runs: back-fill, circuit breakers and replay,
+effects, the invalidation bus, statistics -- driven by an executor that
+``await`` s each :class:`~stockpyle.stores.chained.Call` a plan yields.  There
+is no second copy of the chain's logic.
+
+* In-process layers (:class:`~stockpyle.ProcessMemoryStore`,
+  :class:`~stockpyle.ThreadLocalStore`) are called directly, never awaited;
+  a hit in the top layer completes without suspending the caller.
+* Networked layers are asyncio stores (:class:`~stockpyle.stores.base.AsyncBaseStore`:
+  ``AsyncMemcacheStore``, ``AsyncRedisStore``, ``AsyncSqlAlchemyStore`` ...); a
+  synchronous store given as a layer is run in a worker thread
+  (:func:`asyncio.to_thread`), and so is a synchronous invalidation bus.
+* Concurrent misses of one key wait for one read of the lower layers -- per
+  event loop (a future per key), like the synchronous chain per process.
+* Missed invalidations are retried by a task of the event loop the chain is
+  used in, every ``retry_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import weakref
+from collections.abc import Callable, Generator, Hashable, Iterable, Sequence
+from time import monotonic as _monotonic
+from time import perf_counter
+from typing import Any, TypeVar
+
+from ..exceptions import ConfigurationError, StoreError, UnknownKeyError
+from ..keys import canonical_value, lookup_key, object_keys
+from ..stampede import DEFAULT_STAMPEDE, LeaseTimeoutError, Stampede
+from ..stats import SAMPLE_EVERY
+from .base import DirectIndex, KeyDict
+from .chained import BUS, NO_BUS, ChainPolicy, ChainStats, Plan, check_layers, log
+
+__all__ = ["AsyncChainedStore"]
+
+T = TypeVar("T")
+_CHAIN_POLICY: Any = object()
+
+
+class _Done:
+    """An awaitable that is already done: what a top-layer hit returns, so the caller never suspends."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self
+
+    def __iter__(self) -> _Done:
+        return self
+
+    def __next__(self) -> Any:
+        raise StopIteration(self.value)
+
+    def send(self, value: Any) -> Any:
+        raise StopIteration(self.value)
+
+    def throw(self, *exc: Any) -> Any:  # pragma: no cover - nothing is ever thrown into a finished await
+        raise exc[0] if len(exc) == 1 else exc[1]
+
+    def close(self) -> None:
+        pass
+
+
+def _is_async_layer(layer: Any) -> bool:
+    """Whether ``layer``'s operations are coroutines (checked on its type)."""
+    return inspect.iscoroutinefunction(getattr(type(layer), "get", None))
+
+
+class AsyncChainedStore(ChainPolicy):
+    """Layers of stores used as a write-through cache, fastest first, for asyncio.
+
+    The semantics are :class:`~stockpyle.ChainedStore`'s, operation for
+    operation, and so are the arguments; every operation is awaited::
+
+        chain = AsyncChainedStore([ProcessMemoryStore(), AsyncRedisStore(url), AsyncSqlAlchemyStore(engine=e)])
+        await chain.put(obj)
+        found = await chain.get(Foo, {"key": "k"})
+
+    :raises ConfigurationError: as ChainedStore's.
+    """
+
+    supports_expiry = True
+    supports_class_invalidation = True
+    in_process = False
+    is_cache = False
+
+    def __init__(
+        self,
+        stores: Sequence[Any] | None = None,
+        *,
+        failure_threshold: int = 3,
+        cooldown: float = 5.0,
+        max_pending_invalidations: int = 10_000,
+        retry_interval: float = 0.5,
+        bus: Any = NO_BUS,
+        stampede: Stampede | None = DEFAULT_STAMPEDE,
+    ) -> None:
+        if stampede is not None and not isinstance(stampede, Stampede):
+            raise ConfigurationError(f"stampede= takes a stockpyle.Stampede or None; got {stampede!r}")
+        layers = check_layers(stores if stores is not None else [], "AsyncChainedStore")
+        self.stampede = stampede
+        self.polymorphic = False
+        self._fast_index: Any = None
+        self._trusted_index: Any = None
+        self._setup_policy(layers, failure_threshold, cooldown, max_pending_invalidations, retry_interval, bus=bus)
+        # networked layers that are synchronous stores: run in worker threads
+        self._threaded = [not self._in_process[i] and not _is_async_layer(layer) for i, layer in enumerate(layers)]
+        self._bus_is_async = self.bus is not None and inspect.iscoroutinefunction(type(self.bus).publish)
+        self._first_in_process = self._in_process[0]
+        self._first_stats = self._layer_stats[0]
+        self._first_breaker = self._breakers[0]
+        self._single = len(layers) == 1
+        self._l1_hits = 0
+        self._fast_hits = 0
+        self._fast_hits_seen = 0
+        if self._first_in_process and callable(getattr(type(layers[0]), "direct_index", None)):
+            direct: DirectIndex | None = layers[0].direct_index()
+            if direct is not None:
+                direct.count_with(self._fast_hit_count)
+                self._trusted_index = direct.index
+                self._fast_index = direct.index if self._trusted else None
+        self._countdown = SAMPLE_EVERY
+        # per event loop: the futures of reads in flight, and the repair task
+        self._flights: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Hashable, asyncio.Future[Any]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._repairing: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __repr__(self) -> str:
+        return f"<AsyncChainedStore {list(self.stores)!r}>"
+
+    def describe(self) -> str:
+        return " -> ".join(type(layer).__name__ for layer in self.stores)
+
+    def set_trusted(self, trusted: bool) -> None:
+        """Serve in-process entries or not (called by the trust watch as the bus is heard or falls silent)."""
+        self._trusted = trusted
+        self._fast_index = self._trusted_index if trusted else None
+
+    # -- the executor -------------------------------------------------------
+
+    async def _run(self, plan: Plan[T]) -> T:
+        """Run a plan: each :class:`Call` it yields is awaited (or run in a thread), its outcome sent back."""
+        stores = self.stores
+        threaded = self._threaded
+        try:
+            call = plan.send(None)
+            while True:
+                try:
+                    if call.index == BUS:
+                        method = getattr(self.bus, call.method)
+                        if self._bus_is_async:
+                            result = await method(*call.args)
+                        else:
+                            result = await asyncio.to_thread(method, *call.args)
+                    elif threaded[call.index]:
+                        result = await asyncio.to_thread(getattr(stores[call.index], call.method), *call.args)
+                    else:
+                        result = await getattr(stores[call.index], call.method)(*call.args)
+                except BaseException as exc:  # noqa: BLE001 - the plan decides what a failure means
+                    call = plan.throw(exc)
+                else:
+                    call = plan.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    # -- statistics ---------------------------------------------------------
+
+    def stats(self) -> ChainStats:
+        """The chain's totals and per-layer counters, as :meth:`ChainedStore.stats`."""
+        hits, self._l1_hits = self._l1_hits, 0
+        fast = self._fast_hits
+        hits += fast - self._fast_hits_seen
+        self._fast_hits_seen = fast
+        self._first_stats.hits += hits
+        totals = self._refresh_totals()
+        totals.trusted = self._trusted
+        if self.bus is not None:
+            totals.bus = self.bus.stats()
+        return totals
+
+    def _fast_hit_count(self) -> int:
+        return self._fast_hits
+
+    def reset_stats(self) -> None:
+        """Set the chain's and every layer's counters back to zero."""
+        self._l1_hits = 0
+        self._fast_hits_seen = self._fast_hits
+        self._totals.reset()
+        for stats in self._layer_stats:
+            stats.reset()
+
+    # -- reads --------------------------------------------------------------
+
+    def get(self, klass: type[T], keydict: KeyDict, *, stampede: Any = _CHAIN_POLICY) -> Any:
+        """``await chain.get(klass, keydict)``: the object, from the fastest layer that has it.
+
+        A hit in the top (in-process) layer returns an awaitable that is
+        already done: awaiting it does not suspend the caller.
+        """
+        self._countdown -= 1
+        if self._countdown <= 0:
+            self._countdown = SAMPLE_EVERY
+            return self._timed_miss(0, klass, keydict, stampede)
+        index = self._fast_index
+        if index is not None and type(keydict) is dict and len(keydict) == 1:
+            (name,) = keydict
+            value = keydict[name]
+            if type(value) is str or type(value) is int:
+                rec = index.get((klass, name, value))
+                if rec is not None and (rec.expires is None or rec.expires > _monotonic()):
+                    self._fast_hits += 1
+                    return _Done(rec.obj)
+                if not self._single:
+                    canonical_value(value)
+                    self._first_stats.misses += 1
+                    return self._miss(1, klass, keydict, stampede)
+        if not self._first_in_process or not self._trusted or self._first_breaker.open_until:
+            return self._miss(0, klass, keydict, stampede)
+        try:
+            obj = self.stores[0].get(klass, keydict)
+        except UnknownKeyError:
+            if self._single:
+                raise
+            return self._miss(1, klass, keydict, stampede)
+        except StoreError as exc:
+            self._failed(0, "get", exc)
+            return self._miss(1, klass, keydict, stampede)
+        if obj is not None:
+            self._l1_hits += 1
+            return _Done(obj)
+        self._first_stats.misses += 1
+        if self._single:
+            return _Done(None)
+        return self._miss(1, klass, keydict, stampede)
+
+    async def _timed_miss(self, start: int, klass: type[T], keydict: KeyDict, stampede: Any) -> T | None:
+        began = perf_counter()
+        try:
+            return await self._miss(start, klass, keydict, stampede, timed=True)
+        finally:
+            self._totals.timer("get").add(perf_counter() - began)
+
+    def _loop_flights(self) -> dict[Hashable, asyncio.Future[Any]]:
+        loop = asyncio.get_running_loop()
+        flights = self._flights.get(loop)
+        if flights is None:
+            flights = self._flights[loop] = {}
+        return flights
+
+    async def _single_flight(
+        self, key: Hashable, load: Callable[[], Any], wait: float, on_timeout: Callable[[], Any]
+    ) -> Any:
+        """``await load()`` once for all concurrent callers of ``key`` in this event loop."""
+        flights = self._loop_flights()
+        flight = flights.get(key)
+        if flight is None:
+            flight = flights[key] = asyncio.get_running_loop().create_future()
+            try:
+                result = await load()
+            except BaseException as exc:
+                if not flight.done():
+                    flight.set_exception(exc)
+                    flight.exception()  # retrieved: followers load for themselves
+                raise
+            else:
+                if not flight.done():
+                    flight.set_result(result)
+                return result
+            finally:
+                if flights.get(key) is flight:
+                    del flights[key]
+        try:
+            result = await asyncio.wait_for(asyncio.shield(flight), wait)
+        except asyncio.TimeoutError:
+            return await on_timeout()
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError) and not flight.cancelled():
+                raise
+            return await load()  # the leader failed (or was cancelled): try for ourselves
+        return result
+
+    async def _miss(
+        self, start: int, klass: type[T], keydict: KeyDict, stampede: Any, timed: bool = False
+    ) -> T | None:
+        policy: Stampede | None = self.stampede if stampede is _CHAIN_POLICY else stampede
+        if policy is None:
+            return await self._run(self._plan_get(start, klass, keydict, timed))
+        try:
+            key: Any = lookup_key(klass, keydict)
+        except UnknownKeyError:
+            key = (klass, tuple(sorted(keydict.items())))
+        try:
+            hash(key)
+        except TypeError:
+            return await self._run(self._plan_get(start, klass, keydict, timed))
+
+        def load() -> Any:
+            return self._run(self._plan_get(start, klass, keydict, timed))
+
+        async def waited_too_long() -> T | None:
+            if policy.on_timeout == "miss":
+                return None
+            if policy.on_timeout == "raise":
+                raise LeaseTimeoutError(
+                    f"waited {policy.wait}s for another reader's load of {klass.__qualname__} {dict(keydict)!r}"
+                )
+            return await self._run(self._plan_get(start, klass, keydict, False, fill=False))
+
+        return await self._single_flight(key, load, policy.wait, waited_too_long)  # type: ignore[no-any-return]
+
+    async def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
+        return await self._timed("batch_get", self._plan_batch_get(klass, list(keydicts)))
+
+    async def get_or_create(
+        self, klass: type[T], keydict: KeyDict, creator: Callable[[], Any], *, stampede: Any = _CHAIN_POLICY
+    ) -> T | None:
+        """:meth:`ChainedStore.get_or_create`; ``creator`` may be a coroutine function."""
+        found = await self.get(klass, keydict, stampede=stampede)
+        if found is not None:
+            return found  # type: ignore[no-any-return]
+        policy: Stampede | None = self.stampede if stampede is _CHAIN_POLICY else stampede
+
+        async def create() -> T | None:
+            again = await self.get(klass, keydict, stampede=None)
+            if again is not None:
+                return again  # type: ignore[no-any-return]
+            made = creator()
+            if inspect.isawaitable(made):
+                made = await made
+            if made is None:
+                return None
+            if lookup_key(klass, keydict) not in object_keys(made, True):
+                raise ConfigurationError(
+                    f"get_or_create({klass.__qualname__}, {dict(keydict)!r}): the creator returned a "
+                    f"{type(made).__qualname__} object that this lookup does not find"
+                )
+            if self._last_is_cache:
+                await self._run(self._plan_fill_all(made))
+            else:
+                await self.put(made)
+            return made  # type: ignore[no-any-return]
+
+        if policy is None:
+            return await create()
+        return await self._single_flight(  # type: ignore[no-any-return]
+            ("create", lookup_key(klass, keydict)), create, policy.wait, create
+        )
+
+    # -- writes -------------------------------------------------------------
+
+    async def _timed(self, operation: str, plan: Plan[T]) -> T:
+        began = perf_counter()
+        try:
+            return await self._run(plan)
+        finally:
+            self._totals.timer(operation).add(perf_counter() - began)
+
+    async def put(self, obj: object) -> None:
+        await self._timed("put", self._plan_write("put", obj, [obj]))
+        self._totals.puts += 1
+
+    async def batch_put(self, objs: Iterable[object]) -> None:
+        items = list(objs)
+        if items:
+            await self._timed("batch_put", self._plan_write("batch_put", items, items))
+            self._totals.puts += len(items)
+
+    async def delete(self, obj: object) -> None:
+        await self._timed("delete", self._plan_write("delete", obj, [obj]))
+        self._totals.deletes += 1
+
+    async def batch_delete(self, objs: Iterable[object]) -> None:
+        items = list(objs)
+        if items:
+            await self._timed("batch_delete", self._plan_write("batch_delete", items, items))
+            self._totals.deletes += len(items)
+
+    async def invalidate_class(self, klass: type) -> None:
+        """:meth:`ChainedStore.invalidate_class`."""
+        await self._run(self._plan_invalidate_class(klass))
+
+    # -- repair ---------------------------------------------------------------
+
+    def _schedule_repair(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not in a loop (a bus thread): the next operation in the loop schedules it
+        task = self._repairing.get(loop)
+        if task is None or task.done():
+            self._repairing[loop] = loop.create_task(self._repair_loop(), name="stockpyle-repair")
+
+    async def _repair_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.retry_interval)
+            try:
+                still = await self._run(self._plan_repair())
+            except Exception:  # noqa: BLE001 - a bug must not end the retries silently
+                log.exception("stockpyle: repairing %r failed", self)
+                still = True
+            if not still:
+                return
+
+    async def repair(self) -> bool:
+        """:meth:`ChainedStore.repair`."""
+        return await self._run(self._plan_repair())
+
+    # -- the rest -------------------------------------------------------------
+
+    def configure(self, classes: Iterable[type], lifetime: Any) -> None:
+        """Configure the lifetime in every layer that supports it."""
+        classes = list(classes) if not isinstance(classes, type) else [classes]
+        for layer in self.stores:
+            if getattr(type(layer), "supports_expiry", True) and callable(getattr(type(layer), "configure", None)):
+                layer.configure(classes=classes, lifetime=lifetime)
+
+    async def release(self) -> None:
+        """Release every layer (all are attempted; the first error is re-raised), as ChainedStore.release."""
+        if self.bus is not None:
+            from ._trust import trust_watch
+
+            trust_watch.unwatch(self)
+            self.set_trusted(False)
+            self.bus.unsubscribe(self)
+        for task in list(self._repairing.values()):
+            task.cancel()
+        first_error: BaseException | None = None
+        for layer in self.stores:
+            try:
+                released = layer.release()
+                if inspect.isawaitable(released):
+                    await released
+            except Exception as exc:  # noqa: BLE001 - release the others first
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+
+    async def __aenter__(self) -> AsyncChainedStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
+
