@@ -328,6 +328,28 @@ def test_engine_writes_end_a_lease_and_reads_leave_it_in_place(env: Env) -> None
     assert store.rejected == 0
 
 
+def test_the_async_engine_reads_a_key_under_a_lease_as_a_miss_too(env: Env) -> None:
+    import asyncio
+
+    from stockpyle.stores.drivers.threaded import ThreadedDriver
+    from stockpyle.stores.kv import AsyncKeyValueStore
+
+    sync = env.store(namespace=env.prefix)
+    store = AsyncKeyValueStore(ThreadedDriver(sync.driver), namespace=env.prefix)
+    doc = Doc(random.randrange(1 << 30), 2)
+    mkey = sync.key_for(Doc, {"id": doc.id})
+    read = sync.driver.lease_get(mkey, sync.driver.ttl(30))
+    assert read.status is WON
+
+    async def reads() -> list[Any]:
+        assert await store.key_for(Doc, {"id": doc.id}) == mkey
+        return [await store.get(Doc, {"id": doc.id}), await store.batch_get(Doc, [{"id": doc.id}])]
+
+    assert asyncio.run(reads()) == [None, [None]]
+    assert store.rejected == 0
+    assert sync.driver.lease_get(mkey, sync.driver.ttl(30)).status is LOST  # still held
+
+
 # ---------------------------------------------------------------------------
 # the randomised interleavings
 
