@@ -345,3 +345,23 @@ def test_leases_route_to_the_entrys_server_in_a_cluster(
     driver.mark_stale(keys, driver.ttl(30))
     assert all(driver.lease_get(k, driver.ttl(30)).stale for k in keys)
     assert set(driver.lease_modes) == set(memcached_cluster.addresses)
+
+
+def test_a_client_key_prefix_applies_to_lease_commands_too(
+    memcached_server: Any, drivers: list[PymemcacheDriver]
+) -> None:
+    from pymemcache.client.base import PooledClient
+
+    host, _, port = memcached_server.address.rpartition(":")
+    prefixed = PooledClient((host, int(port)), key_prefix=b"pfx:", default_noreply=False, timeout=2)
+    bare = PooledClient((host, int(port)), default_noreply=False, timeout=2)
+    driver = PymemcacheDriver(prefixed)
+    drivers.append(driver)
+    k = key("prefixed")
+    read = driver.lease_get(k, driver.ttl(30))
+    assert read.status is LeaseStatus.WON
+    assert bare.get("pfx:" + k) == b""  # the stub is under the prefixed key, where classic commands look
+    assert bare.get(k) is None
+    assert driver.lease_fill(k, b"v", read.token, driver.ttl(60))
+    assert prefixed.get(k) == b"v"
+    bare.close()
