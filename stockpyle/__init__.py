@@ -32,11 +32,12 @@ from .exceptions import (
 )
 from .stampede import LeaseTimeoutError, Stampede
 from .storable import Storable
-from .stores.base import BaseDictionaryStore, BaseStore
+from .stores.base import AsyncBaseStore, BaseDictionaryStore, BaseStore
 from .stores.chained import ChainedStore, MultiStore
 from .stores.memory import ProcessMemoryStore, ThreadLocalStore
 
 if _typing.TYPE_CHECKING:  # pragma: no cover
+    from .stores.achained import AsyncChainedStore
     from .stores.memcache import MemcacheStore
     from .stores.redis import RedisStore
     from .stores.shove import ShoveStore
@@ -45,6 +46,8 @@ if _typing.TYPE_CHECKING:  # pragma: no cover
 __version__ = "1.0.0rc1"
 
 __all__ = [
+    "AsyncBaseStore",
+    "AsyncChainedStore",
     "BaseDictionaryStore",
     "BaseStore",
     "ChainedStore",
@@ -71,8 +74,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> _typing.Any:
-    # backend stores live in modules that import optional drivers: load on first use
-    if name in ("MemcacheStore", "RedisStore", "ShoveStore", "SqlAlchemyStore"):
+    # backend stores live in modules that import optional drivers, the asyncio
+    # chain in one that imports asyncio: load on first use
+    if name in ("AsyncChainedStore", "MemcacheStore", "RedisStore", "ShoveStore", "SqlAlchemyStore"):
         from . import stores
 
         value = getattr(stores, name)

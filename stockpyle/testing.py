@@ -39,12 +39,26 @@ object only)::
 
 ``make_store`` receives ``tombstone_lifetime=`` where a test needs one.
 
+Asyncio stores (:class:`~stockpyle.stores.base.AsyncBaseStore`,
+:class:`~stockpyle.AsyncChainedStore`) run the same suites through
+:func:`sync_bridge`, which runs their coroutines on an event loop of its own
+(in debug mode, failing the test when a callback blocked the loop for longer
+than 100 ms)::
+
+    class TestMyAsyncStore(StoreContract):
+        def make_store(self, **options):
+            return sync_bridge(MyAsyncStore(**options))
+
 Requires pytest (``pip install pytest``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
+import inspect
+import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -71,9 +85,11 @@ __all__ = [
     "HOSTILE_VALUES",
     "Item",
     "StoreContract",
+    "SyncBridge",
     "Truck",
     "Unkeyed",
     "Versioned",
+    "sync_bridge",
 ]
 
 
@@ -663,3 +679,151 @@ class ConsistencyContract:
         assert store.add(Item("i1", 1, 1, "read before the invalidation")) is False
         store.put(Item("i1", 1, 1, "written after"))  # an authoritative put goes through
         assert self._found(store, Item, {"key": "i1"}).payload == "written after"
+
+
+# -- asyncio stores under the synchronous suites ---------------------------------
+
+#: The slow-callback threshold of the bridges' event loop (asyncio debug mode):
+#: a callback that blocks the loop longer than this fails the test.
+SLOW_CALLBACK = 0.1
+
+
+class _BridgeLoop(logging.Handler):
+    """The one event loop every :class:`SyncBridge` of a process runs on (a daemon thread, debug mode).
+
+    It also collects asyncio's debug-mode "Executing ... took" warnings of
+    its own thread, for the bridges to report.
+    """
+
+    _lock = threading.Lock()
+    _instance: _BridgeLoop | None = None
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_debug(True)
+        self.loop.slow_callback_duration = SLOW_CALLBACK
+        self.thread = threading.Thread(target=self.loop.run_forever, name="stockpyle-sync-bridge", daemon=True)
+        self.slow: list[str] = []
+        self.thread.start()
+        logging.getLogger("asyncio").addHandler(self)
+
+    @classmethod
+    def shared(cls) -> _BridgeLoop:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread.ident and "took" in record.getMessage():
+            self.slow.append(record.getMessage())
+
+    def wait(self, awaitable: Any) -> Any:
+        async def run() -> Any:
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result()
+
+
+class SyncBridge:
+    """A synchronous face of an asyncio store, for suites written for synchronous stores.
+
+    Every operation is run to completion on one event loop shared by all
+    bridges of the process (in a daemon thread, debug mode); ``release()``
+    releases the store and raises ``AssertionError`` if a callback blocked
+    that loop for longer than :data:`SLOW_CALLBACK` since the last check.
+    Create it with :func:`sync_bridge`, which also copies the store's
+    capability flags onto the bridge's class.
+
+    :ivar store: the asyncio store.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self._bridge = _BridgeLoop.shared()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the store's coroutines run on."""
+        return self._bridge.loop
+
+    def run(self, awaitable: Any) -> Any:
+        """Run ``awaitable`` on the bridge's loop and return its result."""
+        return self._bridge.wait(awaitable)
+
+    def _call(self, name: str, *args: Any) -> Any:
+        result = getattr(self.store, name)(*args)
+        return self._bridge.wait(result) if inspect.isawaitable(result) else result
+
+    def put(self, obj: object) -> None:
+        self._call("put", obj)
+
+    def get(self, klass: type, keydict: Any) -> Any:
+        return self._call("get", klass, keydict)
+
+    def delete(self, obj: object) -> None:
+        self._call("delete", obj)
+
+    def batch_put(self, objs: Any) -> None:
+        self._call("batch_put", objs)
+
+    def batch_get(self, klass: type, keydicts: Any) -> Any:
+        return self._call("batch_get", klass, keydicts)
+
+    def batch_delete(self, objs: Any) -> None:
+        self._call("batch_delete", objs)
+
+    def add(self, obj: object) -> Any:
+        return self._call("add", obj)
+
+    def batch_add(self, objs: Any) -> Any:
+        return self._call("batch_add", objs)
+
+    def invalidate_class(self, klass: type) -> None:
+        self._call("invalidate_class", klass)
+
+    def configure(self, classes: Any, lifetime: Any) -> None:
+        self.store.configure(classes=classes, lifetime=lifetime)
+
+    def stats(self) -> Any:
+        return self.store.stats()
+
+    def reset_stats(self) -> None:
+        self.store.reset_stats()
+
+    def release(self) -> None:
+        """Release the store (never terminal: the bridge keeps working); check for slow callbacks."""
+        self._call("release")
+        slow = self._bridge.slow
+        if slow:
+            found = list(slow)
+            slow.clear()
+            raise AssertionError(
+                f"asyncio callbacks blocked the loop longer than {SLOW_CALLBACK * 1000:.0f} ms: {found}"
+            )
+
+    def __enter__(self) -> SyncBridge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def __repr__(self) -> str:
+        return f"<SyncBridge {self.store!r}>"
+
+
+_FLAGS = ("supports_expiry", "supports_add", "supports_class_invalidation", "in_process", "is_cache")
+_BRIDGES: dict[tuple[Any, ...], type[SyncBridge]] = {}
+
+
+def sync_bridge(store: Any) -> SyncBridge:
+    """A :class:`SyncBridge` for ``store`` whose class carries the store's capability flags."""
+    flags = tuple(bool(getattr(type(store), flag, False)) for flag in _FLAGS)
+    kind = _BRIDGES.get(flags)
+    if kind is None:
+        kind = _BRIDGES[flags] = type("SyncBridge", (SyncBridge,), dict(zip(_FLAGS, flags, strict=True)))
+    return kind(store)

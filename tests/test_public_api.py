@@ -14,10 +14,10 @@ from stockpyle import exceptions
 from stockpyle.exceptions import NonUniqueKeyError, StockpyleError
 
 PUBLIC = {
-    "BaseDictionaryStore", "BaseStore", "ChainedStore", "ConfigurationError", "LeaseTimeoutError", "MemcacheStore",
-    "MultiStore", "NonUniqueKeyError", "NotStorableError", "ProcessMemoryStore", "RedisStore", "ShoveStore",
-    "SqlAlchemyStore", "Stampede", "StockpyleError", "Storable", "StoreError", "StoreNotBoundError",
-    "StoreUnavailableError", "ThreadLocalStore", "UnknownKeyError", "exceptions",
+    "AsyncBaseStore", "AsyncChainedStore", "BaseDictionaryStore", "BaseStore", "ChainedStore", "ConfigurationError",
+    "LeaseTimeoutError", "MemcacheStore", "MultiStore", "NonUniqueKeyError", "NotStorableError", "ProcessMemoryStore",
+    "RedisStore", "ShoveStore", "SqlAlchemyStore", "Stampede", "StockpyleError", "Storable", "StoreError",
+    "StoreNotBoundError", "StoreUnavailableError", "ThreadLocalStore", "UnknownKeyError", "exceptions",
 }  # fmt: skip
 # the errors a newcomer meets first, importable as `from stockpyle import ...`
 TOP_LEVEL_ERRORS = (
@@ -25,8 +25,9 @@ TOP_LEVEL_ERRORS = (
     "StoreNotBoundError", "StoreUnavailableError", "UnknownKeyError",
 )  # fmt: skip
 STORES_PUBLIC = {
-    "BaseDictionaryStore", "BaseStore", "ChainedStore", "LayerStats", "MemcacheStore", "MultiStore",
-    "ProcessMemoryStore", "RedisStore", "ShoveStore", "SqlAlchemyStore", "ThreadLocalStore",
+    "AsyncBaseStore", "AsyncChainedStore", "AsyncKeyValueStore", "BaseDictionaryStore", "BaseStore", "ChainedStore",
+    "KeyValueStore", "LayerStats", "MemcacheStore", "MultiStore", "ProcessMemoryStore", "RedisStore", "ShoveStore",
+    "SqlAlchemyStore", "ThreadLocalStore",
 }  # fmt: skip
 
 
@@ -90,11 +91,12 @@ def test_top_level_imports(name: str) -> None:
 
 
 def test_importing_stockpyle_never_imports_an_optional_backend() -> None:
+    # nor asyncio: synchronous programs do not pay for the asyncio stores' import
     script = textwrap.dedent(
         """
         import sys
         import stockpyle, stockpyle.stores, stockpyle.keys, stockpyle.lifetimes, stockpyle.storable
-        optional = {'pymemcache', 'sqlalchemy', 'shove', 'stuf', 'redis', 'memcache', 'rich'}
+        optional = {'pymemcache', 'sqlalchemy', 'shove', 'stuf', 'redis', 'memcache', 'rich', 'asyncio'}
         loaded = sorted(m for m in sys.modules if m.split('.')[0] in optional)
         print(','.join(loaded))
         """

@@ -1,13 +1,14 @@
 """Soak test: 2 processes x 8 threads of random put/get/delete on 10,000 objects.
 
 The chain in each process is [ProcessMemoryStore(maxsize=500, lifetime 2 s),
-MemcacheStore, SqlAlchemyStore(PostgreSQL)].  Every object is written by one
+cache, SqlAlchemyStore(PostgreSQL)], the cache a MemcacheStore or a
+RedisStore (one run each).  Every object is written by one
 owner thread only, with a version that grows by one on every put or delete,
 so each owner can check that its own reads never go backwards: a read after
 an acknowledged put returns that version or a newer one, and a read after an
 acknowledged delete returns nothing.  Other threads read everything (and so
 back-fill the caches concurrently with the owners' writes).  At the end every
-memcached entry is compared with the database, and each process reports its
+cache entry is compared with the database, and each process reports its
 memory: the bounded L1 never exceeds ``maxsize`` and RSS growth stays bounded.
 
 Duration: ``STOCKPYLE_SOAK_SECONDS`` (default 8, so CI runs it); run longer by
@@ -75,16 +76,26 @@ def rss_mb() -> float:
     return 0.0  # pragma: no cover - not Linux
 
 
-def make_chain(address: str, namespace: str, url: str) -> tuple[ChainedStore, ProcessMemoryStore, MemcacheStore]:
+def make_chain(cache: str, namespace: str, url: str) -> tuple[ChainedStore, ProcessMemoryStore, Any]:
+    """The soak's chain; ``cache`` is ``memcached=HOST:PORT`` or ``redis=URL``."""
+    kind, _, where = cache.partition("=")
     l1 = ProcessMemoryStore(maxsize=L1_MAXSIZE, lifetime_cb=lambda obj: L1_LIFETIME)
-    l2 = MemcacheStore([address], namespace=namespace, lifetime_cb=lambda obj: 300)
+    l2: Any
+    if kind == "memcached":
+        l2 = MemcacheStore([where], namespace=namespace, lifetime_cb=lambda obj: 300)
+    else:
+        from stockpyle import RedisStore
+
+        l2 = RedisStore(where, namespace=namespace, lifetime_cb=lambda obj: 300)
     sor = SqlAlchemyStore(engine=make_engine(url, pool_size=THREADS, max_overflow=THREADS))
-    return ChainedStore([l1, l2, sor]), l1, l2
+    # no bus: the L1 lifetime (2 s) bounds what another process's writes leave stale,
+    # and each owner checks only its own objects
+    return ChainedStore([l1, l2, sor], bus=None), l1, l2
 
 
-def worker(process: int, address: str, namespace: str, url: str, seconds: float) -> dict[str, Any]:
+def worker(process: int, cache: str, namespace: str, url: str, seconds: float) -> dict[str, Any]:
     """One process of the soak: THREADS threads until ``seconds`` have passed; returns its figures."""
-    chain, l1, l2 = make_chain(address, namespace, url)
+    chain, l1, l2 = make_chain(cache, namespace, url)
     figures = {"ops": 0, "puts": 0, "deletes": 0, "gets": 0, "batch_gets": 0, "errors": 0, "stale": 0, "lost": 0}
     examples: list[str] = []
     lock = threading.Lock()
@@ -184,15 +195,22 @@ def soak_url(postgres_url: str) -> Any:
         engine.dispose()
 
 
-def test_soak(soak_url: str, memcached_server: Any) -> None:
+@pytest.mark.parametrize("kind", ["memcached", pytest.param("redis", marks=pytest.mark.redis)])
+def test_soak(kind: str, soak_url: str, request: pytest.FixtureRequest) -> None:
     seconds = float(os.environ.get("STOCKPYLE_SOAK_SECONDS") or 8)
-    namespace = "soak" + uuid.uuid4().hex[:8]
+    if kind == "memcached":
+        cache = f"memcached={request.getfixturevalue('memcached_server').address}"
+        namespace = "soak" + uuid.uuid4().hex[:8]
+    else:
+        request.getfixturevalue("redis_client")  # deletes this test's keys (they contain redis_prefix) afterwards
+        cache = f"redis={request.getfixturevalue('redis_url')}"
+        namespace = "soak" + request.getfixturevalue("redis_prefix")
     env = {**os.environ, "STOCKPYLE_TEST_TABLE_SUFFIX": TABLE_SUFFIX}
     here = Path(__file__)
     started = time.monotonic()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(here), str(n), memcached_server.address, namespace, soak_url, str(seconds)],
+            [sys.executable, str(here), str(n), cache, namespace, soak_url, str(seconds)],
             cwd=here.parent,
             env=env,
             stdout=subprocess.PIPE,
@@ -208,8 +226,8 @@ def test_soak(soak_url: str, memcached_server: Any) -> None:
         results.append(json.loads(out.strip().splitlines()[-1]))
     elapsed = time.monotonic() - started
 
-    # after both processes stopped: memcached must agree with the database
-    chain, _l1, l2 = make_chain(memcached_server.address, namespace, soak_url)
+    # after both processes stopped: the cache must agree with the database
+    chain, _l1, l2 = make_chain(cache, namespace, soak_url)
     sor = chain.stores[-1]
     keydicts = [{"id": i} for i in range(OBJECTS)]
     truth = sor.batch_get(SoakItem, keydicts)
@@ -229,11 +247,11 @@ def test_soak(soak_url: str, memcached_server: Any) -> None:
     stale = sum(r["stale"] for r in results)
     lost = sum(r["lost"] for r in results)
     print(
-        f"\nsoak: {PROCESSES} processes x {THREADS} threads, {OBJECTS} objects, {seconds:.0f} s "
+        f"\nsoak [{kind}]: {PROCESSES} processes x {THREADS} threads, {OBJECTS} objects, {seconds:.0f} s "
         f"({elapsed:.1f} s wall): {total['ops']} operations ({total['ops'] / seconds:.0f}/s; "
         f"{total['puts']} puts, {total['deletes']} deletes, {total['gets']} gets, {total['batch_gets']} batch_gets "
         f"of 10), {errors} errors, {stale} stale reads, {lost} lost writes, "
-        f"{len(disagreements)} memcached entries differing from the database, "
+        f"{len(disagreements)} {kind} entries differing from the database, "
         f"{sum(r['cache_errors'] for r in results)} absorbed cache errors, "
         f"{sum(r['conflicts'] for r in results)} cas give-ups; per process: "
         + "; ".join(
@@ -254,6 +272,6 @@ def test_soak(soak_url: str, memcached_server: Any) -> None:
 
 
 if __name__ == "__main__":
-    # a soak worker process: test_soak.py PROCESS ADDRESS NAMESPACE URL SECONDS
-    process_, address_, namespace_, url_, seconds_ = sys.argv[1:6]
-    print(json.dumps(worker(int(process_), address_, namespace_, url_, float(seconds_))))
+    # a soak worker process: test_soak.py PROCESS CACHE NAMESPACE URL SECONDS
+    process_, cache_, namespace_, url_, seconds_ = sys.argv[1:6]
+    print(json.dumps(worker(int(process_), cache_, namespace_, url_, float(seconds_))))

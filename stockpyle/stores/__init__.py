@@ -5,20 +5,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import BaseDictionaryStore, BaseStore
+from .base import AsyncBaseStore, BaseDictionaryStore, BaseStore
 from .chained import ChainedStore, LayerStats, MultiStore
 from .memory import ProcessMemoryStore, ThreadLocalStore
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .achained import AsyncChainedStore
+    from .kv import AsyncKeyValueStore, KeyValueStore
     from .memcache import MemcacheStore
     from .redis import RedisStore
     from .shove import ShoveStore
     from .sqlalchemy import SqlAlchemyStore
 
 __all__ = [
+    "AsyncBaseStore",
+    "AsyncChainedStore",
+    "AsyncKeyValueStore",
     "BaseDictionaryStore",
     "BaseStore",
     "ChainedStore",
+    "KeyValueStore",
     "LayerStats",
     "MemcacheStore",
     "MultiStore",
@@ -30,6 +36,9 @@ __all__ = [
 ]
 
 _LAZY = {
+    "AsyncChainedStore": ".achained",
+    "AsyncKeyValueStore": ".kv",
+    "KeyValueStore": ".kv",
     "MemcacheStore": ".memcache",
     "RedisStore": ".redis",
     "ShoveStore": ".shove",

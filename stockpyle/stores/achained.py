@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import weakref
-from collections.abc import Callable, Generator, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from time import monotonic as _monotonic
 from time import perf_counter
 from typing import Any, TypeVar
@@ -42,31 +42,13 @@ T = TypeVar("T")
 _CHAIN_POLICY: Any = object()
 
 
-class _Done:
-    """An awaitable that is already done: what a top-layer hit returns, so the caller never suspends."""
+async def _done(value: Any) -> Any:
+    """What a top-layer hit returns: a coroutine that finishes at once, so awaiting it never suspends.
 
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self
-
-    def __iter__(self) -> _Done:
-        return self
-
-    def __next__(self) -> Any:
-        raise StopIteration(self.value)
-
-    def send(self, value: Any) -> Any:
-        raise StopIteration(self.value)
-
-    def throw(self, *exc: Any) -> Any:  # pragma: no cover - nothing is ever thrown into a finished await
-        raise exc[0] if len(exc) == 1 else exc[1]
-
-    def close(self) -> None:
-        pass
+    (A plain coroutine is the cheapest awaitable CPython has: cheaper than
+    a done future or a custom ``__await__``, measured.)
+    """
+    return value
 
 
 def _is_async_layer(layer: Any) -> bool:
@@ -220,7 +202,7 @@ class AsyncChainedStore(ChainPolicy):
                 rec = index.get((klass, name, value))
                 if rec is not None and (rec.expires is None or rec.expires > _monotonic()):
                     self._fast_hits += 1
-                    return _Done(rec.obj)
+                    return _done(rec.obj)
                 if not self._single:
                     canonical_value(value)
                     self._first_stats.misses += 1
@@ -238,10 +220,10 @@ class AsyncChainedStore(ChainPolicy):
             return self._miss(1, klass, keydict, stampede)
         if obj is not None:
             self._l1_hits += 1
-            return _Done(obj)
+            return _done(obj)
         self._first_stats.misses += 1
         if self._single:
-            return _Done(None)
+            return _done(None)
         return self._miss(1, klass, keydict, stampede)
 
     async def _timed_miss(self, start: int, klass: type[T], keydict: KeyDict, stampede: Any) -> T | None:
@@ -290,9 +272,7 @@ class AsyncChainedStore(ChainPolicy):
             return await load()  # the leader failed (or was cancelled): try for ourselves
         return result
 
-    async def _miss(
-        self, start: int, klass: type[T], keydict: KeyDict, stampede: Any, timed: bool = False
-    ) -> T | None:
+    async def _miss(self, start: int, klass: type[T], keydict: KeyDict, stampede: Any, timed: bool = False) -> T | None:
         policy: Stampede | None = self.stampede if stampede is _CHAIN_POLICY else stampede
         if policy is None:
             return await self._run(self._plan_get(start, klass, keydict, timed))
@@ -451,4 +431,3 @@ class AsyncChainedStore(ChainPolicy):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.release()
-

@@ -18,11 +18,13 @@ SHA-256 digest of the full text.
 shove 0.6.6 does not import on Python 3.10+; see :mod:`stockpyle._shove_compat`
 for the narrow compatibility measures applied when a ShoveStore needs shove.
 
-From Python 3.13 on, ``dbm`` creates new databases with ``dbm.sqlite3``,
-whose database object only the thread that opened it may use.  A store
-opened from a ``dbm://`` URI on such a Python therefore opens and uses its
-shove on one thread of its own (:class:`OwnerThreadMapping`), so it can be
-shared between threads like on earlier versions.
+Some backends are bound to the thread that opened them: ``lite://``
+(sqlite3) on every Python, and ``dbm://`` from Python 3.13 on, where ``dbm``
+creates new databases with ``dbm.sqlite3``.  A store opened from such a URI
+opens and uses its shove on one thread of its own
+(:class:`OwnerThreadMapping`), so it can be shared between threads -- and
+used from a chain that calls it from worker threads -- like every other
+store.
 """
 
 from __future__ import annotations
@@ -412,9 +414,9 @@ class ShoveStore(BaseDictionaryStore):
             self._released = False
 
     def _open(self, uri: str) -> MutableMapping[Any, Any]:
-        """Open the shove at ``uri`` (3.13+ dbm databases on a thread of their own)."""
+        """Open the shove at ``uri`` (thread-bound backends on a thread of their own)."""
         options = self._shove_options
-        if _DBM_THREAD_BOUND and isinstance(uri, str) and uri.startswith("dbm://"):
+        if isinstance(uri, str) and (uri.startswith("lite://") or (_DBM_THREAD_BOUND and uri.startswith("dbm://"))):
             return OwnerThreadMapping(lambda: open_shove(uri, **options))
         return cast("MutableMapping[Any, Any]", open_shove(uri, **options))
 
