@@ -28,6 +28,11 @@ Entries
     ``put`` compare versions without deserializing the object; it is JSON, so
     reading it never runs code even in an unsigned store.
 
+Lease stubs
+    An empty value is never an entry: it is a lease stub (see
+    :mod:`stockpyle.stores.drivers`, "Leases"), which every read treats as
+    absent and leaves in place.
+
 Tombstones
     A tombstone is an envelope whose payload is four 0xFF bytes (a section
     length no key list has) followed by the owner's first key and the JSON
@@ -404,7 +409,7 @@ class KeyValueEngine:
 
     def _read_generation(self, gkey: str, data: Any) -> tuple[str, float] | None:
         """The token and change time a generation key holds; None if absent or not verifiable (counted)."""
-        if data is None:
+        if data is None or data == b"":  # empty: a lease stub, i.e. absent
             return None
         try:
             if type(data) is not bytes:
@@ -543,6 +548,9 @@ class KeyValueEngine:
                 return self._raw_loads(data[start + _KEYS_LEN + length :])
             except Exception as exc:  # noqa: BLE001 - corrupt data of any kind is a rejected entry
                 return self._reject(mkey, SerializationError(f"cannot deserialize entry: {exc!r}"), rejected)
+        if data == b"":
+            # an empty value is a lease stub (see stockpyle.stores.drivers): absent, and left in place
+            return MISS
         try:
             if type(data) is not bytes:
                 raise SerializationError(f"client returned {type(data).__name__}, not bytes (is a serde configured?)")
@@ -621,7 +629,7 @@ class KeyValueEngine:
         tombstone) belongs to: versions are per object, so they are only ever
         compared with entries of the same owner.
         """
-        if data is None:
+        if data is None or data == b"":  # empty: a lease stub, i.e. absent
             return ABSENT_SLOT, []
         if type(data) is not bytes:
             return Slot(SlotKind.UNREADABLE), []

@@ -24,16 +24,31 @@ Rules every driver follows:
 The drivers shipped: :mod:`stockpyle.stores.drivers.pymemcache` (memcached
 through pymemcache, and python-memcached-style clients) and
 :mod:`stockpyle.stores.drivers.redis` (Redis and Redis Cluster through redis-py).
+
+Leases (optional)
+    A driver may also offer *leases*, the cross-process half of stampede
+    protection (:class:`LeaseDriver`; :func:`supports_leases` tells whether a
+    driver does).  A reader that misses takes the lease of the key; exactly
+    one caller in the fleet wins it and loads the value from the system of
+    record, then fills the key with :meth:`~LeaseDriver.lease_fill`, which
+    stores only while the lease is still the one won: a writer's set,
+    delete, tombstone or :meth:`~LeaseDriver.mark_stale` of the key in
+    between makes the fill fail, so a value loaded before a write can never
+    land after it.  The lease lives under the entry's own key; read through
+    the plain methods (``get``, ``get_many``, ``gets_many``) a key under a
+    lease holds the empty value ``b""``, which is therefore reserved: no
+    entry is ever empty, and an empty value means "absent".
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from ...errors import ErrorTable
 
-__all__ = ["AsyncKVDriver", "KVDriver"]
+__all__ = ["AsyncKVDriver", "KVDriver", "LeaseDriver", "LeaseRead", "LeaseStatus", "supports_leases"]
 
 
 @runtime_checkable
@@ -113,6 +128,105 @@ class KVDriver(Protocol):
     def close(self) -> None:
         """Close connections; the driver reconnects on its next call."""
         ...
+
+
+class LeaseStatus(enum.Enum):
+    """What :meth:`LeaseDriver.lease_get` found."""
+
+    #: the key holds a current value: no lease is involved
+    HIT = "hit"
+    #: this caller holds the lease: load the value, then :meth:`~LeaseDriver.lease_fill`
+    #: (or :meth:`~LeaseDriver.lease_release` when the load failed)
+    WON = "won"
+    #: another caller holds the lease: wait and read again (or serve the stale value, if there is one)
+    LOST = "lost"
+
+
+class LeaseRead(NamedTuple):
+    """The answer of :meth:`LeaseDriver.lease_get`.
+
+    :ivar status: see :class:`LeaseStatus`.
+    :ivar value: the value under the key: current for :attr:`~LeaseStatus.HIT`,
+        the stale value when :attr:`stale` is true, otherwise ``None``.
+    :ivar stale: the value was marked stale (:meth:`LeaseDriver.mark_stale`)
+        and someone -- this caller when the status is
+        :attr:`~LeaseStatus.WON` -- is to refresh it.
+    :ivar token: for :attr:`~LeaseStatus.WON` only: the opaque lease token to
+        pass to :meth:`~LeaseDriver.lease_fill` or :meth:`~LeaseDriver.lease_release`.
+    :ivar cas: the compare-and-set token of the value read (the same kind of
+        token :meth:`KVDriver.gets_many` returns, usable with
+        :meth:`KVDriver.cas`), or ``None`` without a value.
+    """
+
+    status: LeaseStatus
+    value: bytes | None = None
+    stale: bool = False
+    token: Any = None
+    cas: Any = None
+
+    @property
+    def won(self) -> bool:
+        """Whether this caller holds the lease."""
+        return self.status is LeaseStatus.WON
+
+
+@runtime_checkable
+class LeaseDriver(KVDriver, Protocol):
+    """A :class:`KVDriver` that also offers leases (see "Leases" in the module docs).
+
+    The methods are plain calls like the rest of the protocol, so the engine's
+    plans can yield them as ``(method, args)``.  Lifetimes are the driver's
+    own (:meth:`KVDriver.ttl`); a lease lifetime must be positive (a lease
+    that never expires would block its key for good if its holder died).
+
+    :ivar can_lease: whether this driver instance offers leases at all (a
+        driver class may implement the methods yet not support them for some
+        clients).  Check it with :func:`supports_leases`.
+    """
+
+    can_lease: bool
+
+    def lease_get(self, key: str, lease_ttl: Hashable) -> LeaseRead:
+        """Read ``key``; on a miss (or a stale value nobody refreshes yet) try to take its lease.
+
+        Exactly one of any number of concurrent callers, in every process, wins
+        the lease of an absent key; it expires after ``lease_ttl`` unless filled.
+
+        :param lease_ttl: the lease's lifetime (from :meth:`KVDriver.ttl`).
+        """
+        ...
+
+    def lease_fill(self, key: str, value: bytes, token: Any, ttl: Hashable) -> bool:
+        """Store ``value`` under ``key`` only while the lease ``token`` is still the one on the key.
+
+        :returns: False when the lease is gone: expired, or ended by a writer's
+            set, delete or tombstone, or by :meth:`mark_stale`.  Nothing is
+            stored then.
+        """
+        ...
+
+    def lease_release(self, key: str, token: Any) -> None:
+        """Give the lease up (the load failed or was cancelled) so that the next reader wins it.
+
+        A lease no longer on the key (filled, expired, ended by a writer) is left alone.
+        """
+        ...
+
+    def mark_stale(self, keys: Sequence[str], ttl: Hashable) -> None:
+        """Mark the values of ``keys`` stale; each may still be read for ``ttl``.
+
+        The next :meth:`lease_get` of a stale key wins its lease and gets the
+        stale value to serve while it refreshes; concurrent ones lose and get
+        the stale value too.  Plain reads keep returning the value as it is.
+        A lease being held on one of the keys is ended (its fill fails).
+        Absent keys are fine; raises when a server failed.
+        """
+        ...
+
+
+def supports_leases(driver: object) -> bool:
+    """Whether ``driver`` offers leases (:class:`LeaseDriver` with ``can_lease`` true)."""
+    return getattr(driver, "can_lease", False) is True and callable(getattr(driver, "lease_get", None))
 
 
 @runtime_checkable

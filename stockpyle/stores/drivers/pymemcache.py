@@ -4,21 +4,54 @@
 uses for ``servers=[...]``: a thread-safe ``PooledClient`` for one server, or a
 ``HashClient`` with one pool per server and *pinned* rendezvous hashing for
 several (see :class:`PinnedRendezvousHash`).  :class:`PymemcacheDriver` adapts
-that client, or one passed in, to :class:`~stockpyle.stores.drivers.KVDriver`.
+that client, or one passed in, to :class:`~stockpyle.stores.drivers.KVDriver`
+and :class:`~stockpyle.stores.drivers.LeaseDriver`.
+
+Leases use memcached's meta commands (:mod:`~stockpyle.stores.drivers.memcache_meta`)
+over pymemcache's own pooled connections, on the server the key's entry
+lives on:
+
+* ``lease_get``: ``mg <key> v c N<lease>``.  A hit is returned as it is; on
+  a miss memcached creates an empty stub under the key and answers ``W`` to
+  exactly one caller (:attr:`~stockpyle.stores.drivers.LeaseStatus.WON`)
+  and ``Z`` to the others (``LOST``).  A value marked stale (``X``) is
+  returned with ``W`` to one caller, who refreshes it, and with ``Z`` to the others.
+* ``lease_fill``: ``ms <key> <size> T<ttl> C<cas>`` with the stub's
+  compare-and-set token: any write to the key since (a set, a delete, a
+  tombstone, ``mark_stale``, an expiry and a new stub) changed or removed
+  it, and the fill answers ``EX``/``NF``.
+* ``lease_release``: ``md <key> C<cas>`` removes the stub if it is still
+  the one won; on a stale value, ``md <key> I C<cas>`` marks it stale again
+  so that the next reader wins the refresh.
+* ``mark_stale``: ``md <key> I T<ttl>`` for each key, pipelined per server.
+
+Meta support is detected per server at first use (an ``mn``; later an
+``mg`` answered with ``ERROR`` counts too).  A server without meta commands
+(memcached before 1.6, some proxies) gets the fallback, logged once as a
+warning: the lease is an empty value ``add``-ed under the entry's key, read
+back with ``gets`` for its token and filled with ``cas``, so a writer's
+delete or set in between still makes the fill fail; ``mark_stale`` then
+deletes the keys (such servers cannot keep stale values).  Clients that are
+not pymemcache's (python-memcached style) offer no leases.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from ...errors import ErrorRule, ErrorTable
 from ...exceptions import ConfigurationError, StoreError, StoreUnavailableError, ValueTooLargeError
 from ...lifetimes import memcache_expire
+from . import LeaseRead, LeaseStatus
+from .memcache_meta import MetaParser, MetaProtocolError, MetaResponse, meta_delete, meta_get, meta_noop, meta_set
 
 __all__ = [
     "DEFAULT_MAX_ITEM_SIZE",
     "INSTALL_HINT",
+    "MemcacheLease",
     "PinnedRendezvousHash",
     "PymemcacheDriver",
     "build_client",
@@ -30,6 +63,24 @@ INSTALL_HINT: Final = "MemcacheStore requires pymemcache: pip install stockpyle[
 
 #: memcached's default largest item (``-I 1m``).
 DEFAULT_MAX_ITEM_SIZE: Final = 1024 * 1024
+
+log = logging.getLogger("stockpyle.memcache")
+
+# bytes asked of the socket per read (more when a value's remaining size is known)
+_RECV_SIZE: Final = 65536
+_LOST: Final = LeaseRead(LeaseStatus.LOST)
+
+
+class MemcacheLease(NamedTuple):
+    """The token of a memcached lease (opaque to callers: pass it back to the driver).
+
+    :ivar cas: the compare-and-set token of the stub (or of the stale value) won.
+    :ivar stale: the lease was won on a stale value, which a release keeps
+        (marked stale again) instead of deleting.
+    """
+
+    cas: bytes
+    stale: bool = False
 
 
 def import_pymemcache() -> Any:
@@ -62,7 +113,8 @@ def error_table() -> ErrorTable:
     if table is not None:
         return table
     closed: tuple[type[BaseException], ...] = (ConnectionResetError, BrokenPipeError)
-    rules = [ErrorRule(OSError, StoreUnavailableError)]
+    garbled = ErrorRule(MetaProtocolError, StoreError)  # the connection was out of step (and is closed)
+    rules = [ErrorRule(OSError, StoreUnavailableError), garbled]
     if installed:
         closed = (*closed, exceptions.MemcacheUnexpectedCloseError)
         rules = [
@@ -75,6 +127,7 @@ def error_table() -> ErrorTable:
                 message="the server refused a value as too large",
             ),
             ErrorRule(exceptions.MemcacheError, StoreError),
+            garbled,
         ]
     table = _TABLES[installed] = ErrorTable("memcached", rules, retry=closed)
     return table
@@ -169,6 +222,70 @@ def _is_pymemcache_like(client: Any) -> bool:
     return all(callable(getattr(client, name, None)) for name in ("get", "get_many", "set_many", "delete_many"))
 
 
+def _has_pool(node: Any) -> bool:
+    """Whether ``node`` is a ``PooledClient``-like client whose pool lends raw connections."""
+    pool = getattr(node, "client_pool", None)
+    return all(callable(getattr(pool, name, None)) for name in ("get", "release", "destroy"))
+
+
+def _is_connection(node: Any) -> bool:
+    """Whether ``node`` is a pymemcache ``Client``: one connection (``sock``) that connects itself."""
+    return hasattr(node, "sock") and all(callable(getattr(node, name, None)) for name in ("_connect", "close"))
+
+
+def _server_name(node: Any) -> str:
+    server = getattr(node, "server", None)
+    if isinstance(server, tuple) and len(server) == 2:
+        return f"{server[0]}:{server[1]}"
+    return str(server) if server is not None else type(node).__name__
+
+
+def _positive_ttl(lease_ttl: Any) -> int:
+    if type(lease_ttl) is not int or lease_ttl < 1:
+        raise ValueError(
+            f"a memcached lease lifetime must be a positive whole number of seconds (from driver.ttl()); got"
+            f" {lease_ttl!r}"
+        )
+    return lease_ttl
+
+
+def _fill_ttl(ttl: Any) -> int:
+    if type(ttl) is not int or ttl < 0:
+        raise ValueError(f"a memcached lifetime must be a whole number of seconds (from driver.ttl()); got {ttl!r}")
+    return ttl
+
+
+def _lease_token(token: Any) -> MemcacheLease:
+    if not isinstance(token, MemcacheLease):
+        raise TypeError(f"expected the MemcacheLease token lease_get returned; got {type(token).__name__}")
+    return token
+
+
+def _lease_read(response: MetaResponse) -> LeaseRead:
+    """What an ``mg <key> v c N<ttl>`` answer means."""
+    if response.status != "VA":
+        if response.status == "EN":
+            # the stub could not be created (the server is out of memory): nobody holds a lease,
+            # but none can be had either; the caller waits or loads as its policy says
+            return _LOST
+        raise MetaProtocolError(f"unexpected {response.status} answer to a lease read")
+    flags = response.flags
+    value = response.value
+    cas = flags.get("c")
+    if cas is None:
+        raise MetaProtocolError("a lease read was answered without the cas token it asked for")
+    if "W" in flags:
+        stale = bool(value) and "X" in flags
+        if stale:
+            return LeaseRead(LeaseStatus.WON, value, True, MemcacheLease(cas, True), cas)
+        return LeaseRead(LeaseStatus.WON, None, False, MemcacheLease(cas, False))
+    if not value:
+        return _LOST  # another client's stub
+    if "X" in flags:
+        return LeaseRead(LeaseStatus.LOST, value, True, None, cas)
+    return LeaseRead(LeaseStatus.HIT, value, False, None, cas)
+
+
 class PymemcacheDriver:
     """memcached through a pymemcache ``Client``/``PooledClient``/``HashClient`` or a python-memcached-style client.
 
@@ -217,6 +334,17 @@ class PymemcacheDriver:
         self.can_cas = (
             not self._legacy and callable(getattr(first, "gets_many", None)) and callable(getattr(first, "cas", None))
         )
+        # leases need gets/add/cas (the fallback) on pymemcache clients; meta commands also need raw connections
+        self.can_lease = self.can_cas and self.can_add and callable(getattr(first, "gets", None))
+        exceptions = import_pymemcache().exceptions if self.can_lease else None
+        self._closed_error: type[Exception] = exceptions.MemcacheUnexpectedCloseError if exceptions else OSError
+        self._unknown_command: type[Exception] = exceptions.MemcacheUnknownCommandError if exceptions else OSError
+        self._client_error: type[Exception] = exceptions.MemcacheClientError if exceptions else OSError
+        self._server_error: type[Exception] = exceptions.MemcacheServerError if exceptions else OSError
+        # id(node) -> whether that server speaks meta commands (absent: not asked yet)
+        self._meta: dict[int, bool] = {}
+        self._key_parts: dict[int, tuple[bytes, str]] = {}
+        self._meta_lock = threading.Lock()
 
     def describe(self) -> str:
         return ", ".join(self.servers) if self.servers else type(self.client).__name__
@@ -387,6 +515,194 @@ class PymemcacheDriver:
         else:
             result = self._once_more(lambda: node.incr(key, delta, noreply=False))
         return None if result is None else int(result)
+
+    # -- leases (LeaseDriver) -----------------------------------------------
+
+    @property
+    def lease_modes(self) -> dict[str, str]:
+        """How leases work on each server asked so far: ``"meta"`` or ``"add"`` (the fallback), by ``host:port``."""
+        nodes = self._nodes
+        return {_server_name(n): "meta" if self._meta[id(n)] else "add" for n in nodes if id(n) in self._meta}
+
+    def _require_leases(self) -> None:
+        if not self.can_lease:
+            raise ConfigurationError(
+                f"leases need a pymemcache client (Client, PooledClient or HashClient); {self.describe()} is "
+                f"{type(self.client).__name__}"
+            )
+
+    def _no_meta(self, node: Any, why: object) -> bool:
+        with self._meta_lock:
+            known = self._meta.get(id(node))
+            self._meta[id(node)] = False
+        if known is not False:
+            log.warning(
+                "stockpyle: memcached at %s does not take meta commands (%s); its leases fall back to add-based "
+                "locks (no stale values: mark_stale deletes)",
+                _server_name(node),
+                why,
+            )
+        return False
+
+    def _uses_meta(self, node: Any) -> bool:
+        """Whether leases on ``node`` use meta commands: asked once per server with ``mn``."""
+        state = self._meta.get(id(node))
+        if state is not None:
+            return state
+        if not _has_pool(node) and not _is_connection(node):
+            return self._no_meta(node, f"{type(node).__name__} lends no raw connections")
+        try:
+            self._once_more(self._meta_call, node, [meta_noop()])
+        except self._client_error as exc:  # ERROR (no such command) or CLIENT_ERROR
+            return self._no_meta(node, f"{type(exc).__name__}: {exc}")
+        self._meta[id(node)] = True
+        return True
+
+    def _meta_call(self, node: Any, requests: list[bytes]) -> list[MetaResponse]:
+        """Send ``requests`` on one of ``node``'s own connections; their responses, in order.
+
+        The connection is borrowed from the node's pool and returned only
+        after a clean exchange; after anything else (a timeout, a closed or
+        garbled stream, an error line) it is closed and dropped from the pool.
+        """
+        data = b"".join(requests)
+        pool = getattr(node, "client_pool", None)
+        if pool is None:
+            return self._exchange(node, data, len(requests))
+        conn = pool.get()
+        try:
+            responses = self._exchange(conn, data, len(requests))
+        except BaseException:
+            pool.destroy(conn)
+            raise
+        pool.release(conn)
+        return responses
+
+    def _exchange(self, conn: Any, data: bytes, count: int) -> list[MetaResponse]:
+        try:
+            sock = conn.sock
+            if sock is None:
+                # pymemcache 4.x (pinned in the memcache extra): connects with the client's
+                # own options (timeouts, TCP_NODELAY, keepalive, TLS)
+                conn._connect()
+                sock = conn.sock
+            sock.sendall(data)
+            parser = MetaParser()
+            out: list[MetaResponse] = []
+            response = None
+            while True:
+                if response is None:  # nothing complete buffered: wait for more
+                    chunk = sock.recv(max(_RECV_SIZE, parser.needed()))
+                    if not chunk:
+                        raise self._closed_error()
+                    parser.feed(chunk)
+                response = parser.next_response()
+                if response is None:
+                    continue
+                if response.is_error:
+                    raise self._error_line(response)
+                out.append(response)
+                if len(out) == count:
+                    break
+            if parser.buffered():
+                raise MetaProtocolError(f"{parser.buffered()} bytes arrived after the last expected response")
+            return out
+        except BaseException:
+            conn.close()
+            raise
+
+    def _error_line(self, response: MetaResponse) -> Exception:
+        if response.status == "ERROR":
+            return self._unknown_command(response.message or "ERROR")
+        if response.status == "CLIENT_ERROR":
+            return self._client_error(response.message)
+        return self._server_error(response.message)
+
+    def _key(self, node: Any, key: str) -> bytes:
+        """The key as the node's classic commands send it (its ``key_prefix`` first)."""
+        parts = self._key_parts.get(id(node))
+        if parts is None:
+            prefix = getattr(node, "key_prefix", b"") or b""
+            encoding = "utf-8" if getattr(node, "allow_unicode_keys", False) else "ascii"
+            parts = self._key_parts[id(node)] = (prefix, encoding)
+        try:
+            return parts[0] + key.encode(parts[1])
+        except UnicodeEncodeError:
+            raise ValueError(f"memcached keys must be ASCII (allow_unicode_keys is off); got {key!r}") from None
+
+    def lease_get(self, key: str, lease_ttl: Hashable) -> LeaseRead:
+        if not self.can_lease:
+            self._require_leases()
+        ttl = _positive_ttl(lease_ttl)
+        node = self._node(key)
+        if self._meta.get(id(node)) or self._uses_meta(node):
+            request = meta_get(self._key(node, key), b"v c N%d" % ttl)
+            try:
+                return _lease_read(self._once_more(self._meta_call, node, [request])[0])
+            except self._unknown_command as exc:  # e.g. a proxy that knows mn but not mg
+                self._no_meta(node, f"mg answered {exc}")
+        return self._once_more(self._add_lease_get, node, key, ttl)  # type: ignore[no-any-return]
+
+    def _add_lease_get(self, node: Any, key: str, ttl: int) -> LeaseRead:
+        """The fallback: an empty value ``add``-ed under the key is the lease; ``gets`` gives its token."""
+        value, cas = node.gets(key)
+        if value is None and node.add(key, b"", expire=ttl, noreply=False):
+            value, cas = node.gets(key)
+            if value == b"" and cas is not None:
+                return LeaseRead(LeaseStatus.WON, token=MemcacheLease(cas))
+        elif value is None:
+            value, cas = node.gets(key)  # another client added first: its stub, or already its value
+        if value:
+            return LeaseRead(LeaseStatus.HIT, value, False, None, cas)
+        return _LOST
+
+    def lease_fill(self, key: str, value: bytes, token: Any, ttl: Hashable) -> bool:
+        self._require_leases()
+        lease = _lease_token(token)
+        expire = _fill_ttl(ttl)
+        if not isinstance(value, bytes):
+            raise TypeError(f"a memcached value must be bytes; got {type(value).__name__}")
+        node = self._node(key)
+        if self._uses_meta(node):
+            request = meta_set(self._key(node, key), value, b"T%d C%s" % (expire, lease.cas))
+            try:
+                response: MetaResponse = self._once_more(self._meta_call, node, [request])[0]
+                return response.status == "HD"
+            except self._unknown_command as exc:
+                self._no_meta(node, f"ms answered {exc}")
+        return bool(self._once_more(lambda: node.cas(key, value, lease.cas, expire=expire, noreply=False)))
+
+    def lease_release(self, key: str, token: Any) -> None:
+        self._require_leases()
+        lease = _lease_token(token)
+        node = self._node(key)
+        if self._uses_meta(node):
+            # a stub is deleted; a stale value is kept and marked stale again, so the next reader refreshes it
+            flags = b"I C%s" % lease.cas if lease.stale else b"C%s" % lease.cas
+            try:
+                self._once_more(self._meta_call, node, [meta_delete(self._key(node, key), flags)])
+                return
+            except self._unknown_command as exc:
+                self._no_meta(node, f"md answered {exc}")
+        # replace the stub, if it is still ours, by an item that has already expired
+        self._once_more(lambda: node.cas(key, b"", lease.cas, expire=-1, noreply=False))
+
+    def mark_stale(self, keys: Sequence[str], ttl: Hashable) -> None:
+        self._require_leases()
+        expire = _positive_ttl(ttl)
+
+        def mark(node: Any, group: list[str]) -> None:
+            if self._uses_meta(node):
+                flags = b"I T%d" % expire
+                try:
+                    self._meta_call(node, [meta_delete(self._key(node, key), flags) for key in group])
+                    return
+                except self._unknown_command as exc:
+                    self._no_meta(node, f"md answered {exc}")
+            node.delete_many(group, noreply=False)  # no stale values without meta commands
+
+        if keys:
+            self._each(keys, mark)
 
     def close(self) -> None:
         if self._legacy:

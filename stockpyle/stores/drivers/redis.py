@@ -14,6 +14,21 @@ sent again through ``RedisCluster``, which follows the redirection and updates
 its slot table.  Replicas are never read: an add-only back-fill must see every
 acknowledged write, and a replica may not have it yet.
 
+Leases (:class:`~stockpyle.stores.drivers.LeaseDriver`) live under the
+entry's own key, as memcached's do: a lease is the value ``\\x00SPL`` +
+a 16-character holder id, written with ``SET key ... NX PX <lease>``, so it
+needs no second key (on a cluster it is in the entry's slot by
+construction) and every writer's ``SET``, ``DEL``, tombstone or
+compare-and-set of the key replaces it without knowing about leases.  The
+fill is a Lua script that writes only while the key still holds that
+holder's lease: the write in between makes it fail.  ``mark_stale`` (a
+script) rewrites a value as ``\\x00SPS`` + holder (none yet) + the old
+value with a new lifetime; the next ``lease_get`` claims it and refreshes.
+The plain reads hide both forms: a lease reads as ``b""`` (absent, as a
+memcached stub does), a stale value as the old value.  Values starting with
+``\\x00SPL`` or ``\\x00SPS`` are therefore reserved; stockpyle's own
+envelopes start with ``SP``.  Leases need ``EVAL``; ``KEEPTTL`` needs Redis 6.
+
 Compare-and-set compares values: the token of a key is the value read, and
 ``cas`` writes only while the key still holds it (a Lua script comparing SHA-1
 digests; ``WATCH``/``MULTI``/``EXEC`` where scripts are refused).  Lifetimes
@@ -27,19 +42,28 @@ import inspect
 import logging
 import math
 import re
+import secrets
 import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from ...errors import ErrorRule, ErrorTable
 from ...exceptions import ConfigurationError, StoreError, StoreUnavailableError, ValueTooLargeError
+from . import LeaseRead, LeaseStatus
 
 __all__ = [
     "CAS_SCRIPT",
     "DEFAULT_MAX_ITEM_SIZE",
+    "FILL_SCRIPT",
     "INSTALL_HINT",
+    "LEASE_MARK",
+    "MARK_STALE_SCRIPT",
     "NO_EXPIRY",
+    "RELEASE_SCRIPT",
     "RedisDriver",
+    "RedisLease",
+    "STALE_MARK",
+    "TAKE_SCRIPT",
     "build_client",
     "error_table",
     "import_redis",
@@ -68,6 +92,122 @@ else
 end
 return 1
 """
+
+
+#: The value of a key under a lease starts with this, then the 16-byte holder id.
+LEASE_MARK: Final = b"\x00SPL"
+#: A stale value starts with this, then the holder id of its refresher (or
+#: :data:`_NO_HOLDER`), then the old value.
+STALE_MARK: Final = b"\x00SPS"
+_HOLDER_SIZE: Final = 16
+_HEAD: Final = len(LEASE_MARK) + _HOLDER_SIZE
+_NO_HOLDER: Final = b"-" * _HOLDER_SIZE
+_LOST: Final = LeaseRead(LeaseStatus.LOST)
+
+# In the scripts, '\0SPL' and '\0SPS' are LEASE_MARK and STALE_MARK (Lua's \0 is a NUL byte);
+# a head is the mark and a holder: 20 bytes.
+
+#: ``KEYS[1]``: the key; ``ARGV``: a new holder id, the lease's lifetime in
+#: milliseconds.  An absent key gets a lease for the holder (``{1}``); a
+#: stale value nobody refreshes yet gets the holder as its refresher
+#: (``{1, value}``); otherwise ``{0, value}`` (the value may be a lease).
+TAKE_SCRIPT: Final = r"""
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], '\0SPL' .. ARGV[1], 'PX', ARGV[2])
+  return {1}
+end
+if string.sub(v, 1, 20) == '\0SPS----------------' then
+  redis.call('SET', KEYS[1], '\0SPS' .. ARGV[1] .. string.sub(v, 21), 'KEEPTTL')
+  return {1, v}
+end
+return {0, v}
+"""
+
+#: ``KEYS[1]``: the key; ``ARGV``: the holder id, the value, its lifetime in
+#: milliseconds (0: none).  Writes only while the key holds that holder's
+#: lease or stale value.
+FILL_SCRIPT: Final = r"""
+local v = redis.call('GET', KEYS[1])
+if not v then
+  return 0
+end
+local head = string.sub(v, 1, 20)
+if head ~= '\0SPL' .. ARGV[1] and head ~= '\0SPS' .. ARGV[1] then
+  return 0
+end
+if ARGV[3] == '0' then
+  redis.call('SET', KEYS[1], ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return 1
+"""
+
+#: ``KEYS[1]``: the key; ``ARGV[1]``: the holder id.  Deletes the holder's
+#: lease, or makes its stale value refreshable by the next reader again.
+RELEASE_SCRIPT: Final = r"""
+local v = redis.call('GET', KEYS[1])
+if not v then
+  return 0
+end
+if v == '\0SPL' .. ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+if string.sub(v, 1, 20) == '\0SPS' .. ARGV[1] then
+  redis.call('SET', KEYS[1], '\0SPS----------------' .. string.sub(v, 21), 'KEEPTTL')
+  return 1
+end
+return 0
+"""
+
+#: ``KEYS[1]``: the key; ``ARGV[1]``: how long the stale value lives, in
+#: milliseconds.  A lease being held is deleted (its fill fails, the next
+#: reader takes a new one); a value becomes stale without a refresher.
+MARK_STALE_SCRIPT: Final = r"""
+local v = redis.call('GET', KEYS[1])
+if not v then
+  return 0
+end
+local mark = string.sub(v, 1, 4)
+if mark == '\0SPL' then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+if mark == '\0SPS' then
+  v = string.sub(v, 21)
+end
+redis.call('SET', KEYS[1], '\0SPS----------------' .. v, 'PX', ARGV[1])
+return 1
+"""
+
+
+class RedisLease(NamedTuple):
+    """The token of a Redis lease (opaque to callers: pass it back to the driver).
+
+    :ivar holder: the 16-character holder id written into the key.
+    :ivar stale: the lease was won on a stale value.
+    """
+
+    holder: bytes
+    stale: bool = False
+
+
+def _visible(data: bytes) -> bytes:
+    """What a plain read returns for a stored value: a lease reads as ``b""``, a stale value as the old value."""
+    mark = data[:4]
+    if mark == LEASE_MARK:
+        return b""
+    if mark == STALE_MARK:
+        return data[_HEAD:]
+    return data
+
+
+def _positive_ms(ttl: Any, what: str) -> int:
+    if type(ttl) is not int or ttl < 1:
+        raise ValueError(f"a Redis {what} must be a positive number of milliseconds (from driver.ttl()); got {ttl!r}")
+    return ttl
 
 
 def import_redis() -> Any:
@@ -209,6 +349,7 @@ class RedisDriver:
     min_lifetime = 0.001
     can_add = True
     can_cas = True
+    can_lease = True
 
     def __init__(
         self,
@@ -239,6 +380,7 @@ class RedisDriver:
         self._lock = threading.Lock()
         self._client = client
         self._script: Any = None
+        self._lease_scripts: dict[str, Any] = {}
         self._use_script = True
         self._refresh_options: dict[str, Any] = {}
         if cluster:
@@ -377,17 +519,27 @@ class RedisDriver:
     def get(self, key: str) -> bytes | None:
         client = self._client or self.client
         try:
-            return client.get(key)  # type: ignore[no-any-return]
+            data: bytes | None = client.get(key)
         except self._retry:
-            return client.get(key)  # type: ignore[no-any-return]
+            data = client.get(key)
+        if data is not None and data[:1] == b"\x00":
+            return _visible(data)
+        return data
 
-    def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]:
+    def _get_raw(self, keys: Sequence[str]) -> dict[str, bytes]:
         if not keys:
             return {}
         if not self.cluster:
             values = self._once_more(self.client.mget, keys)
             return {key: value for key, value in zip(keys, values, strict=True) if value is not None}
         return {key: value for key, value in self._all(keys, lambda key: ("GET", key)) if value is not None}
+
+    def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]:
+        found = self._get_raw(keys)
+        for key, value in found.items():
+            if value[:1] == b"\x00":
+                found[key] = _visible(value)
+        return found
 
     @staticmethod
     def _set(key: str, value: bytes, ttl: Hashable, *flags: str) -> tuple[Any, ...]:
@@ -430,8 +582,9 @@ class RedisDriver:
         return [key.decode() if isinstance(key, bytes) else key for key in found]
 
     def gets_many(self, keys: Sequence[str]) -> Mapping[str, tuple[bytes, Any]]:
-        # the token of a key is the value itself: cas compares values
-        return {key: (value, value) for key, value in self.get_many(keys).items()}
+        # the token of a key is the value itself as stored (a lease or stale
+        # value included): cas compares values
+        return {key: (_visible(value), value) for key, value in self._get_raw(keys).items()}
 
     def cas(self, key: str, value: bytes, token: Any, ttl: Hashable) -> bool:
         client = self.client
@@ -476,6 +629,75 @@ class RedisDriver:
             except self._redis.exceptions.WatchError:
                 return False
         return True
+
+    # -- leases (LeaseDriver) -----------------------------------------------
+
+    def _lease_script(self, source: str) -> Any:
+        script = self._lease_scripts.get(source)
+        if script is None:
+            script = self._lease_scripts[source] = self.client.register_script(source)
+        return script
+
+    def _run(self, source: str, key: str, *args: Any) -> Any:
+        script = self._lease_script(source)
+        return self._once_more(lambda: script(keys=[key], args=list(args)))
+
+    def lease_get(self, key: str, lease_ttl: Hashable) -> LeaseRead:
+        ttl = _positive_ms(lease_ttl, "lease lifetime")
+        # the hit path is one GET; only a miss or a stale value runs the script
+        client = self._client or self.client
+        data = self._once_more(client.get, key)
+        if data is not None:
+            read = self._read_lease(data)
+            if read is not None:
+                return read
+        holder = secrets.token_hex(_HOLDER_SIZE // 2).encode("ascii")
+        answer = self._run(TAKE_SCRIPT, key, holder, ttl)
+        if int(answer[0]) == 1:
+            if len(answer) == 1:
+                return LeaseRead(LeaseStatus.WON, token=RedisLease(holder))
+            old = bytes(answer[1])[_HEAD:]
+            # the token of a stale value for cas is the value as it is stored now
+            raw = STALE_MARK + holder + old
+            return LeaseRead(LeaseStatus.WON, old, True, RedisLease(holder, True), raw)
+        return self._read_lease(bytes(answer[1])) or _LOST
+
+    @staticmethod
+    def _read_lease(data: bytes) -> LeaseRead | None:
+        """A stored value as a lease read; ``None`` when the caller should try to take the lease."""
+        if data[:1] != b"\x00":
+            return LeaseRead(LeaseStatus.HIT, data, False, None, data)
+        mark = data[:4]
+        if mark == LEASE_MARK:
+            return _LOST
+        if mark == STALE_MARK:
+            if data[4:_HEAD] == _NO_HOLDER:
+                return None
+            return LeaseRead(LeaseStatus.LOST, data[_HEAD:], True, None, data)
+        return LeaseRead(LeaseStatus.HIT, data, False, None, data)
+
+    @staticmethod
+    def _lease_token(token: Any) -> RedisLease:
+        if not isinstance(token, RedisLease):
+            raise TypeError(f"expected the RedisLease token lease_get returned; got {type(token).__name__}")
+        return token
+
+    def lease_fill(self, key: str, value: bytes, token: Any, ttl: Hashable) -> bool:
+        lease = self._lease_token(token)
+        if type(ttl) is not int or ttl < 0:
+            raise ValueError(f"a Redis lifetime must be a number of milliseconds (from driver.ttl()); got {ttl!r}")
+        if not isinstance(value, bytes):
+            raise TypeError(f"a Redis value must be bytes; got {type(value).__name__}")
+        return bool(self._run(FILL_SCRIPT, key, lease.holder, value, ttl))
+
+    def lease_release(self, key: str, token: Any) -> None:
+        self._run(RELEASE_SCRIPT, key, self._lease_token(token).holder)
+
+    def mark_stale(self, keys: Sequence[str], ttl: Hashable) -> None:
+        ms = _positive_ms(ttl, "stale lifetime")
+        if keys:
+            # EVAL with the source: a pipeline per node needs no NOSCRIPT handling, and this path is rare
+            self._all(keys, lambda key: ("EVAL", MARK_STALE_SCRIPT, 1, key, ms))
 
     def close(self) -> None:
         """Disconnect every pooled connection; the pools reconnect on their next use.
