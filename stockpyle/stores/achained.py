@@ -30,11 +30,11 @@ from time import perf_counter
 from typing import Any, TypeVar
 
 from ..exceptions import ConfigurationError, StoreError, UnknownKeyError
-from ..keys import canonical_value, lookup_key, object_keys
+from ..keys import canonical_value, lookup_key
 from ..stampede import DEFAULT_STAMPEDE, LeaseTimeoutError, Stampede
 from ..stats import SAMPLE_EVERY
 from .base import DirectIndex, KeyDict
-from .chained import BUS, NO_BUS, ChainPolicy, ChainStats, Plan, check_layers, log
+from .chained import BUS, CREATE, NO_BUS, SLEEP, ChainPolicy, ChainStats, Plan, check_layers, log
 
 __all__ = ["AsyncChainedStore"]
 
@@ -138,6 +138,13 @@ class AsyncChainedStore(ChainPolicy):
                             result = await method(*call.args)
                         else:
                             result = await asyncio.to_thread(method, *call.args)
+                    elif call.index == SLEEP:
+                        await asyncio.sleep(call.args[0])
+                        result = None
+                    elif call.index == CREATE:
+                        result = call.args[0]()
+                        if inspect.isawaitable(result):
+                            result = await result
                     elif threaded[call.index]:
                         result = await asyncio.to_thread(getattr(stores[call.index], call.method), *call.args)
                     else:
@@ -286,10 +293,10 @@ class AsyncChainedStore(ChainPolicy):
         try:
             hash(key)
         except TypeError:
-            return await self._run(self._plan_get(start, klass, keydict, timed))
+            return await self._run(self._plan_get(start, klass, keydict, timed, policy=policy))
 
         def load() -> Any:
-            return self._run(self._plan_get(start, klass, keydict, timed))
+            return self._run(self._plan_get(start, klass, keydict, timed, policy=policy))
 
         async def waited_too_long() -> T | None:
             if policy.on_timeout == "miss":
@@ -300,7 +307,7 @@ class AsyncChainedStore(ChainPolicy):
                 )
             return await self._run(self._plan_get(start, klass, keydict, False, fill=False))
 
-        return await self._single_flight(key, load, policy.wait, waited_too_long)  # type: ignore[no-any-return]
+        return await self._single_flight(key, load, self._follower_wait(policy), waited_too_long)  # type: ignore[no-any-return]
 
     async def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
         return await self._timed("batch_get", self._plan_batch_get(klass, list(keydicts)))
@@ -309,13 +316,29 @@ class AsyncChainedStore(ChainPolicy):
         self, klass: type[T], keydict: KeyDict, creator: Callable[[], Any], *, stampede: Any = _CHAIN_POLICY
     ) -> T | None:
         """:meth:`ChainedStore.get_or_create`; ``creator`` may be a coroutine function."""
+        policy: Stampede | None = self.stampede if stampede is _CHAIN_POLICY else stampede
+        if not self._last_is_cache:
+            return await self._create_through(klass, keydict, creator, stampede, policy)
+
+        def load() -> Any:
+            # every layer is a cache: the creator is the system of record of this read
+            return self._run(self._plan_get(0, klass, keydict, False, policy=policy, creator=creator))
+
+        if policy is None:
+            return await load()  # type: ignore[no-any-return]
+        return await self._single_flight(  # type: ignore[no-any-return]
+            ("create", lookup_key(klass, keydict)), load, self._follower_wait(policy), load
+        )
+
+    async def _create_through(
+        self, klass: type[T], keydict: KeyDict, creator: Callable[[], Any], stampede: Any, policy: Stampede | None
+    ) -> T | None:
         found = await self.get(klass, keydict, stampede=stampede)
         if found is not None:
             return found  # type: ignore[no-any-return]
-        policy: Stampede | None = self.stampede if stampede is _CHAIN_POLICY else stampede
 
         async def create() -> T | None:
-            again = await self.get(klass, keydict, stampede=None)
+            again = await self.get(klass, keydict, stampede=None)  # another caller may have created it meanwhile
             if again is not None:
                 return again  # type: ignore[no-any-return]
             made = creator()
@@ -323,21 +346,14 @@ class AsyncChainedStore(ChainPolicy):
                 made = await made
             if made is None:
                 return None
-            if lookup_key(klass, keydict) not in object_keys(made, True):
-                raise ConfigurationError(
-                    f"get_or_create({klass.__qualname__}, {dict(keydict)!r}): the creator returned a "
-                    f"{type(made).__qualname__} object that this lookup does not find"
-                )
-            if self._last_is_cache:
-                await self._run(self._plan_fill_all(made))
-            else:
-                await self.put(made)
+            self._check_created(klass, keydict, made)
+            await self.put(made)
             return made  # type: ignore[no-any-return]
 
         if policy is None:
             return await create()
         return await self._single_flight(  # type: ignore[no-any-return]
-            ("create", lookup_key(klass, keydict)), create, policy.wait, create
+            ("create", lookup_key(klass, keydict)), create, self._follower_wait(policy), create
         )
 
     # -- writes -------------------------------------------------------------

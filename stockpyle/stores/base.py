@@ -17,6 +17,8 @@ written by somebody else works the same way (see ``docs/custom_stores.rst``):
                                   keeps it coherent with other processes
 ``is_cache``                      the store holds copies only: a chain may invalidate its
                                   entries, also when it is the chain's last layer
+``supports_leases``               ``lease_get``/``lease_fill``/``lease_release``: one reader
+                                  of all processes loads a missing key (see :class:`Lease`)
 ``direct_index()``                read access to the store's index for a chain's hit path
 ================================  ==========================================================
 """
@@ -48,6 +50,7 @@ __all__ = [
     "BaseStore",
     "DirectIndex",
     "KeyDict",
+    "Lease",
     "MemoryEntry",
     "Tombstone",
     "check_tombstone_lifetime",
@@ -57,6 +60,43 @@ log = logging.getLogger("stockpyle.stores")
 
 T = TypeVar("T")
 KeyDict = Mapping[str, Any]
+
+
+class Lease:
+    """What a store's ``lease_get(klass, keydict, lease)`` found (stores that declare ``supports_leases``).
+
+    ``status`` is one of:
+
+    ``"hit"``
+        the key holds the object (``obj``).
+    ``"won"``
+        the key holds nothing and this caller now holds its lease, for
+        ``lease`` seconds: load the object, then ``lease_fill(obj, token)``
+        (which stores it only if no writer touched the key meanwhile), or
+        ``lease_release(token)`` if there is nothing to store.  ``obj`` is the
+        previous value when the key held one marked stale, else ``None``.
+    ``"lost"``
+        another caller (in this or another process) holds the lease and is
+        loading the object: wait for its fill.  ``obj`` is the stale previous
+        value, if the key keeps one, else ``None``.
+    ``"absent"``
+        the key holds nothing and no lease was taken (a tombstone is there,
+        or the backend offers no leases): load, then back-fill with ``add``
+        as usual.
+
+    :ivar token: what :meth:`lease_fill` and :meth:`lease_release` need
+        (``"won"`` only).
+    """
+
+    __slots__ = ("obj", "status", "token")
+
+    def __init__(self, status: str, obj: Any = None, token: Any = None) -> None:
+        self.status = status
+        self.obj = obj
+        self.token = token
+
+    def __repr__(self) -> str:
+        return f"Lease({self.status!r}, obj={self.obj!r})"
 
 
 class _Miss:
@@ -275,6 +315,8 @@ class BaseStore:
     #: True for stores that only hold copies of objects whose system of record
     #: is elsewhere: a chain may invalidate (delete) their entries freely.
     is_cache: ClassVar[bool] = False
+    #: True when ``lease_get``/``lease_fill``/``lease_release`` are implemented (see :class:`Lease`).
+    supports_leases: ClassVar[bool] = False
     #: Whether the six operations are wrapped to maintain :meth:`stats`.
     _auto_stats: ClassVar[bool] = True
 
@@ -491,6 +533,7 @@ class AsyncBaseStore:
     supports_class_invalidation: ClassVar[bool] = False
     in_process: ClassVar[bool] = False
     is_cache: ClassVar[bool] = False
+    supports_leases: ClassVar[bool] = False
     _auto_stats: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

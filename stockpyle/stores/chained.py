@@ -63,12 +63,18 @@ _DIGEST_LIMIT = 1_000_000
 
 #: The index of a :class:`Call` addressed to the chain's invalidation bus rather than a layer.
 BUS: Final = -1
+#: A :class:`Call` index asking the executor to pause: ``Call(SLEEP, "sleep", (seconds,))``.
+SLEEP: Final = -2
+#: A :class:`Call` index asking the executor to run a creator: ``Call(CREATE, "create", (creator,))``
+#: (its result is awaited when it is awaitable, in the asyncio chain).
+CREATE: Final = -3
 
 
 class Call:
     """One operation a plan asks of a layer that is not in process: ``stores[index].method(*args)``.
 
-    An ``index`` of :data:`BUS` addresses the chain's invalidation bus.
+    An ``index`` of :data:`BUS` addresses the chain's invalidation bus,
+    :data:`SLEEP` a pause and :data:`CREATE` the creator of ``get_or_create``.
     """
 
     __slots__ = ("args", "index", "method")
@@ -153,6 +159,16 @@ class ChainStats(StoreStats):
     fills_refused: int = 0
     #: whether in-process entries may be served now (the bus was heard within its max_staleness)
     trusted: bool = True
+    #: misses of this process that took a shared layer's lease, and so loaded the key for everyone
+    leases_won: int = 0
+    #: misses that found another reader's lease and waited for its fill
+    leases_lost: int = 0
+    #: of those, the ones whose wait ended with the other reader's object
+    lease_waits: int = 0
+    #: waits that ran out (``Stampede.wait``) before the fill came
+    lease_timeouts: int = 0
+    #: stale values served while another reader refreshed them (``Stampede.serve_stale_for``)
+    stale_served: int = 0
 
     def __iter__(self) -> Iterator[LayerStats]:
         return iter(self.layers)
@@ -294,6 +310,16 @@ class ChainPolicy:
         # a last layer that only caches (memcached under a session extension's
         # chain) is repaired like the others; a system of record never is
         self._last_is_cache = bool(getattr(type(layers[-1]), "is_cache", False))
+        # the shared cache layer that takes leases on misses: the first one that declares them
+        leasing = [
+            i
+            for i, layer in enumerate(layers)
+            if not getattr(type(layer), "in_process", False) and _declares(layer, "supports_leases", "lease_get")
+        ]
+        last = len(layers) - 1
+        self._lease_layer: int | None = next((i for i in leasing if i != last), None)
+        # get_or_create over caches only: the last layer may hold the lease too
+        self._create_lease_layer: int | None = next((i for i in leasing if i != last or self._last_is_cache), None)
         self._last = len(layers) - 1
         # capabilities, read from each layer's type once
         self._in_process = [bool(getattr(type(layer), "in_process", False)) for layer in layers]
@@ -592,76 +618,183 @@ class ChainPolicy:
 
     # -- reads --------------------------------------------------------------
 
-    def _plan_get(self, start: int, klass: type[T], keydict: KeyDict, timed: bool, fill: bool = True) -> Plan[T | None]:
-        """Ask the layers from ``start`` down; back-fill the layers above the hit (unless ``fill`` is false)."""
+    def _plan_get(
+        self,
+        start: int,
+        klass: type[T],
+        keydict: KeyDict,
+        timed: bool,
+        *,
+        fill: bool = True,
+        policy: Stampede | None = None,
+        creator: Callable[[], Any] | None = None,
+    ) -> Plan[T | None]:
+        """Ask the layers from ``start`` down; back-fill the layers above the hit (unless ``fill`` is false).
+
+        With a ``policy`` that uses leases, the first shared layer that offers
+        them is read with ``lease_get``: one reader of all processes loads a
+        missing key, the others wait for its fill (see :mod:`stockpyle.stampede`).
+        With a ``creator`` (``get_or_create``), a miss in every layer calls it
+        and stores its object in every layer.
+        """
         last = self._last
         in_process = self._in_process
         flushes = self._flushes  # a fill is skipped if the in-process layers were flushed meanwhile
-        for index in range(start, last + 1):
-            stats = self._layer_stats[index]
-            # in-process layers are timed when sampled, the others (I/O) always
-            clock = timed or not in_process[index]
-            began = perf_counter() if clock else 0.0
-            try:
-                if index != last:
-                    if in_process[index]:
-                        if not self._trust():
-                            continue  # the bus fell silent: in-process entries may be stale
-                        obj = self._in_process_call(index, "get", "get", klass, keydict)
+        leased = None
+        if policy is not None and policy.leases and fill:
+            leased = self._create_lease_layer if creator is not None else self._lease_layer
+        token: Any = None  # the lease this read holds in layer ``leased``
+        try:
+            for index in range(start, last + 1):
+                stats = self._layer_stats[index]
+                # in-process layers are timed when sampled, the others (I/O) always
+                clock = timed or not in_process[index]
+                began = perf_counter() if clock else 0.0
+                try:
+                    if index == leased:
+                        assert policy is not None
+                        if index == last and self._breakers[index].pending:
+                            yield from self._replay(index)
+                        obj, token, outcome = yield from self._plan_leased_read(index, klass, keydict, policy)
+                        if outcome == "serve":  # a stale value while another reader refreshes it
+                            return obj  # type: ignore[no-any-return]
+                        if outcome == "timeout":
+                            if policy.on_timeout == "miss":
+                                return None
+                            if policy.on_timeout == "raise":
+                                raise LeaseTimeoutError(
+                                    f"waited {policy.wait}s for another process's load of {klass.__qualname__} "
+                                    f"{dict(keydict)!r}"
+                                )
+                            fill, leased = False, None  # load for ourselves, filling nothing
+                            continue
+                        if obj is _FAILED:
+                            continue
+                    elif index != last:
+                        if in_process[index]:
+                            if not self._trust():
+                                continue  # the bus fell silent: in-process entries may be stale
+                            obj = self._in_process_call(index, "get", "get", klass, keydict)
+                        else:
+                            obj = yield from self._guarded(index, "get", "get", klass, keydict)
+                        if obj is _FAILED:
+                            continue
                     else:
-                        obj = yield from self._guarded(index, "get", "get", klass, keydict)
-                    if obj is _FAILED:
-                        continue
-                else:
-                    if self._breakers[index].pending:  # a last layer that is a cache missed writes
-                        yield from self._replay(index)
-                    if in_process[index]:
-                        obj = self.stores[index].get(klass, keydict)
-                    else:
-                        obj = yield Call(index, "get", (klass, keydict))
-            except UnknownKeyError:
-                if index == last:
-                    raise
-                continue  # this cache can only look up declared keys; ask lower layers
-            if clock:
-                stats.latency.add(perf_counter() - began)
-            if obj is None:
-                stats.misses += 1
-                continue
-            stats.hits += 1
-            # back-fill every layer above the hit
-            for above in range(index - 1 if fill else -1, -1, -1):
-                if in_process[above]:
-                    if not self._fill_allowed(flushes):
-                        continue
-                    if self.bus is not None:
-                        self._digest_keys([obj])
-                    done = self._in_process_call(above, "backfill", self._add[above], obj)
-                else:
-                    done = yield from self._guarded(above, "backfill", self._add[above], obj)
-                if done is not _FAILED:
-                    self._layer_stats[above].backfills += 1
-                    log.debug("stockpyle: back-filled layer %d with %s found in layer %d", above, klass.__qualname__,
-                              index)  # fmt: skip
-            return obj  # type: ignore[no-any-return]
-        log.debug("stockpyle: no layer has %s %r", klass.__qualname__, keydict)
-        return None
+                        if self._breakers[index].pending:  # a last layer that is a cache missed writes
+                            yield from self._replay(index)
+                        if in_process[index]:
+                            obj = self.stores[index].get(klass, keydict)
+                        else:
+                            obj = yield Call(index, "get", (klass, keydict))
+                except UnknownKeyError:
+                    if index == last:
+                        raise
+                    continue  # this cache can only look up declared keys; ask lower layers
+                if clock:
+                    stats.latency.add(perf_counter() - began)
+                if obj is None:
+                    stats.misses += 1
+                    continue
+                stats.hits += 1
+                token = yield from self._backfill(index - 1 if fill else -1, obj, flushes, leased, token)
+                return obj  # type: ignore[no-any-return]
+            made = None
+            if creator is not None:
+                made = yield Call(CREATE, "create", (creator,))
+                if made is not None:
+                    self._check_created(klass, keydict, made)
+                    token = yield from self._backfill(last, made, flushes, leased, token)
+            else:
+                log.debug("stockpyle: no layer has %s %r", klass.__qualname__, keydict)
+            if token is not None and leased is not None:  # nothing to fill the lease with: the next reader tries
+                yield from self._guarded(leased, "release a lease", "lease_release", token)
+            return made
+        except GeneratorExit:
+            raise
+        except BaseException:
+            if token is not None and leased is not None:  # the load failed: let the next reader try
+                yield from self._guarded(leased, "release a lease", "lease_release", token)
+            raise
 
-    def _plan_fill_all(self, obj: Any) -> Plan[None]:
-        """Add-only writes of ``obj`` into every layer, bottom up (``get_or_create`` over cache layers only)."""
-        flushes = self._flushes
-        for index in range(self._last, -1, -1):
-            if self._in_process[index]:
+    def _follower_wait(self, policy: Stampede) -> float:
+        """How long a reader waits for its process's leader of the same key.
+
+        Where the leader may itself wait for another process's lease (up to
+        ``wait``) and then load (up to ``lease``), followers wait for both, so
+        they do not give up while the leader is still within its bounds.
+        """
+        if policy.leases and self._lease_layer is not None:
+            return policy.wait + policy.lease
+        return policy.wait
+
+    def _plan_leased_read(
+        self, index: int, klass: type, keydict: KeyDict, policy: Stampede
+    ) -> Plan[tuple[Any, Any, str]]:
+        """``lease_get`` on layer ``index``, waiting while another reader holds the lease.
+
+        :returns: ``(obj, token, outcome)``: ``outcome`` is ``"read"`` (``obj``
+            is the object, ``None`` for a miss -- with ``token`` when this
+            reader won the lease and is to load -- or :data:`_FAILED`),
+            ``"serve"`` (``obj`` is a stale value to return while another
+            reader refreshes it) or ``"timeout"``.
+        """
+        stats = self._totals
+        deadline = _monotonic() + policy.wait
+        pauses = policy.pauses()
+        waited = False
+        while True:
+            found = yield from self._guarded(index, "get", "lease_get", klass, keydict, policy.lease)
+            if found is _FAILED:
+                return _FAILED, None, "read"
+            status = found.status
+            if status == "hit":
+                if waited:
+                    stats.lease_waits += 1
+                return found.obj, None, "read"
+            if status == "absent":
+                return None, None, "read"
+            if status == "won":
+                stats.leases_won += 1
+                return None, found.token, "read"
+            # lost: another reader is loading it
+            if found.obj is not None and policy.serve_stale_for > 0:
+                stats.stale_served += 1
+                return found.obj, None, "serve"
+            if not waited:
+                stats.leases_lost += 1
+                waited = True
+            now = _monotonic()
+            if now >= deadline:
+                stats.lease_timeouts += 1
+                return None, None, "timeout"
+            yield Call(SLEEP, "sleep", (min(next(pauses), deadline - now),))
+
+    def _backfill(self, top: int, obj: Any, flushes: int, leased: int | None, token: Any) -> Plan[Any]:
+        """Back-fill layers ``top`` .. 0 with ``obj`` (a lease held in ``leased`` is filled); returns the token left."""
+        in_process = self._in_process
+        for above in range(top, -1, -1):
+            if in_process[above]:
                 if not self._fill_allowed(flushes):
                     continue
                 if self.bus is not None:
                     self._digest_keys([obj])
-            if index == self._last:
-                yield from self._ask(index, self._add[index], obj)
+                done = self._in_process_call(above, "backfill", self._add[above], obj)
+            elif above == leased and token is not None:
+                done = yield from self._guarded(above, "backfill", "lease_fill", obj, token)
+                token = None
             else:
-                done = yield from self._guarded(index, "backfill", self._add[index], obj)
-                if done is not _FAILED:
-                    self._layer_stats[index].backfills += 1
+                done = yield from self._guarded(above, "backfill", self._add[above], obj)
+            if done is not _FAILED:
+                self._layer_stats[above].backfills += 1
+                log.debug("stockpyle: back-filled layer %d with %s", above, type(obj).__qualname__)
+        return token
+
+    def _check_created(self, klass: type, keydict: KeyDict, made: Any) -> None:
+        if lookup_key(klass, keydict) not in object_keys(made, True):
+            raise ConfigurationError(
+                f"get_or_create({klass.__qualname__}, {dict(keydict)!r}): the creator returned a "
+                f"{type(made).__qualname__} object that this lookup does not find"
+            )
 
     def _fill_allowed(self, flushes: int) -> bool:
         """Whether an in-process layer may be back-filled by a read that began at flush count ``flushes``.
@@ -995,8 +1128,16 @@ class ChainedStore(ChainPolicy, BaseStore):
             call = plan.send(None)
             while True:
                 try:
-                    target = stores[call.index] if call.index != BUS else self.bus
-                    result = getattr(target, call.method)(*call.args)
+                    index = call.index
+                    if index >= 0:
+                        result = getattr(stores[index], call.method)(*call.args)
+                    elif index == BUS:
+                        result = getattr(self.bus, call.method)(*call.args)
+                    elif index == SLEEP:
+                        time.sleep(call.args[0])
+                        result = None
+                    else:  # CREATE
+                        result = call.args[0]()
                 except BaseException as exc:  # noqa: BLE001 - the plan decides what a failure means
                     call = plan.throw(exc)
                 else:
@@ -1119,15 +1260,15 @@ class ChainedStore(ChainPolicy, BaseStore):
         try:
             hash(key)
         except TypeError:
-            return self._run(self._plan_get(start, klass, keydict, timed))
+            return self._run(self._plan_get(start, klass, keydict, timed, policy=policy))
 
         def load() -> T | None:
-            return self._run(self._plan_get(start, klass, keydict, timed))
+            return self._run(self._plan_get(start, klass, keydict, timed, policy=policy))
 
         def waited_too_long() -> T | None:
             return self._after_timeout(policy, start, klass, keydict)
 
-        return self._flights.run(key, load, policy.wait, waited_too_long)
+        return self._flights.run(key, load, self._follower_wait(policy), waited_too_long)
 
     def _after_timeout(self, policy: Stampede, start: int, klass: type[T], keydict: KeyDict) -> T | None:
         if policy.on_timeout == "miss":
@@ -1159,10 +1300,25 @@ class ChainedStore(ChainPolicy, BaseStore):
         :param stampede: the :class:`~stockpyle.Stampede` policy for this call.
         :raises ConfigurationError: when ``creator`` returns an object that ``keydict`` does not find.
         """
+        policy: Stampede | None = self.stampede if stampede is _CHAIN_POLICY else stampede
+        if not self._last_is_cache:
+            return self._create_through(klass, keydict, creator, stampede, policy)
+
+        def load() -> T | None:
+            # every layer is a cache: the creator is the system of record of this read
+            return self._run(self._plan_get(0, klass, keydict, False, policy=policy, creator=creator))
+
+        if policy is None:
+            return load()
+        return self._flights.run(("create", lookup_key(klass, keydict)), load, self._follower_wait(policy), load)
+
+    def _create_through(
+        self, klass: type[T], keydict: KeyDict, creator: Callable[[], T | None], stampede: Any, policy: Stampede | None
+    ) -> T | None:
+        """get_or_create over a system of record: a missing object is created with :meth:`put`."""
         found = self.get(klass, keydict, stampede=stampede)
         if found is not None:
             return found
-        policy: Stampede | None = self.stampede if stampede is _CHAIN_POLICY else stampede
 
         def create() -> T | None:
             again = self.get(klass, keydict, stampede=None)  # another caller may have created it meanwhile
@@ -1171,20 +1327,13 @@ class ChainedStore(ChainPolicy, BaseStore):
             made = creator()
             if made is None:
                 return None
-            if lookup_key(klass, keydict) not in object_keys(made, True):
-                raise ConfigurationError(
-                    f"get_or_create({klass.__qualname__}, {dict(keydict)!r}): the creator returned a "
-                    f"{type(made).__qualname__} object that this lookup does not find"
-                )
-            if self._last_is_cache:
-                self._run(self._plan_fill_all(made))
-            else:
-                self.put(made)
+            self._check_created(klass, keydict, made)
+            self.put(made)
             return made
 
         if policy is None:
             return create()
-        return self._flights.run(("create", lookup_key(klass, keydict)), create, policy.wait, create)
+        return self._flights.run(("create", lookup_key(klass, keydict)), create, self._follower_wait(policy), create)
 
     # -- writes -------------------------------------------------------------
 

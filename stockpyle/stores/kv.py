@@ -89,8 +89,8 @@ from ..exceptions import (
 from ..keys import Key, class_name, encode_key, key_model, lookup_key, object_keys, version_of
 from ..lifetimes import LifetimeCallback, LifetimePolicy, seconds_remaining
 from ..serializers import Codec, HMACSigner, JSONSerializer, Serializer, Signer
-from .base import MISS, AsyncBaseStore, BaseStore, KeyDict, check_storable, check_tombstone_lifetime
-from .drivers import AsyncKVDriver, KVDriver
+from .base import MISS, AsyncBaseStore, BaseStore, KeyDict, Lease, check_storable, check_tombstone_lifetime
+from .drivers import AsyncKVDriver, KVDriver, LeaseStatus, supports_leases
 
 __all__ = [
     "CAS_ATTEMPTS",
@@ -268,6 +268,7 @@ class KeyValueEngine:
     supports_expiry = True
     supports_add = True
     supports_class_invalidation = True
+    supports_leases = True
     is_cache = True
     #: Name used in messages about this store's arguments.
     store_name: ClassVar[str] = "KeyValueStore"
@@ -969,6 +970,87 @@ class KeyValueEngine:
             mkeys.append(cache.get(key) or storage_key(key))
         return mkeys
 
+    # -- leases (one loader of a missing key across processes) ------------
+
+    def _count_lookup(self, found: Lease) -> None:
+        stats = self.stats()  # type: ignore[attr-defined]  # both stores of the engine have stats()
+        if found.status == "hit":
+            stats.hits += 1
+        else:
+            stats.misses += 1
+
+    def _lease_ttl(self, lease: float) -> Hashable:
+        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease < math.inf:
+            raise ValueError(f"a lease lasts a positive number of seconds; got {lease!r}")
+        ttl: Hashable = self._driver.ttl(max(float(lease), self._driver.min_lifetime))
+        return ttl
+
+    def _plan_lease_get(self, klass: type, keydict: KeyDict, lease: float) -> Plan[Lease]:
+        """Read one key; on a miss take its lease in the backend (see :class:`~stockpyle.stores.base.Lease`)."""
+        key = lookup_key(klass, keydict)
+        mkey = self._mkeys.get(key) or self.storage_key(key)
+        rejected: list[str] = []
+        if not supports_leases(self._driver):
+            data = yield ("get", (mkey,), "get")
+            obj = MISS if data is None else self._decode(mkey, data, rejected)
+            if rejected:
+                yield from self._plan_discard(rejected)
+            return Lease("absent") if obj is MISS else Lease("hit", obj)
+        read = yield ("lease_get", (mkey, self._lease_ttl(lease)), "lease_get")
+        value = read.value
+        obj = MISS if value is None else self._decode(mkey, value, rejected)
+        if rejected:
+            yield from self._plan_discard(rejected)
+        if read.status is LeaseStatus.HIT:
+            # a tombstone (or an entry refused) is no lease: the caller loads and back-fills with add
+            return Lease("absent") if obj is MISS else Lease("hit", obj)
+        previous = None if obj is MISS else obj
+        if read.status is LeaseStatus.WON:
+            return Lease("won", previous, (mkey, read.token))
+        return Lease("lost", previous)
+
+    def _plan_lease_fill(self, obj: object, token: Any, action: str) -> Plan[bool]:
+        """Store ``obj`` under the leased key only while the lease holds, then under its other keys with add."""
+        mkey, lease = token
+        items = self._prepare_add([obj])
+        item = items[0]
+        if item.values is None or item.ttl is None or mkey not in item.values:
+            # nothing to store (expired, refused, its class just invalidated) or the
+            # object does not have the leased key (a lookup the database matched loosely)
+            yield from self._plan_lease_release(token, action)
+            if item.values is not None and item.ttl is not None:
+                return bool((yield from self._plan_add(items, action))[0])
+            return False
+        filled = yield ("lease_fill", (mkey, item.values[mkey], lease, item.ttl), action)
+        if not filled:
+            return False  # a writer changed the key after the lease was taken: its value wins
+        others = {k: v for k, v in item.values.items() if k != mkey}
+        if others:
+            done, error = yield ("add_many", (others, item.ttl), action)
+            if len(done) != len(others) or error is not None:
+                yield from self._plan_undo([mkey, *done], action)
+                if error is not None:
+                    mapped = self._mapped(error, action)
+                    if mapped is error:
+                        raise error
+                    raise mapped from error
+                return False
+        self._saw_written(items)
+        return True
+
+    def _plan_lease_release(self, token: Any, action: str) -> Plan[None]:
+        mkey, lease = token
+        try:
+            yield ("lease_release", (mkey, lease), f"{action} (releasing a lease)")
+        except StoreError as exc:
+            log.debug("stockpyle: could not release a %s lease on %s: %s", self._driver.backend, mkey, exc)
+
+    def _plan_discard(self, rejected: list[str]) -> Plan[None]:
+        try:
+            yield ("delete_many", (rejected,), "delete a rejected entry")
+        except StoreError as exc:
+            log.debug("stockpyle: could not delete rejected entries %s: %s", rejected, exc)
+
     def _decode_found(self, mkeys: list[str], found: Mapping[str, Any]) -> tuple[list[Any], list[str]]:
         """Decode a ``get_many`` result in request order; also the keys of rejected entries (to delete).
 
@@ -1061,6 +1143,35 @@ class KeyValueStore(KeyValueEngine, BaseStore):
     def key_for(self, klass: type, keydict: KeyDict) -> str:
         """The backend key ``get(klass, keydict)`` reads."""
         return self.storage_key(lookup_key(klass, keydict))
+
+    def lease_get(self, klass: type, keydict: KeyDict, lease: float) -> Lease:
+        """Read one object; when its key is empty, take the key's lease for ``lease`` seconds.
+
+        Exactly one caller of all processes wins the lease of an empty key;
+        see :class:`~stockpyle.stores.base.Lease` for what each answer means.
+        A backend without leases answers ``"hit"`` or ``"absent"`` only.
+
+        :raises StoreError: when the backend fails.
+        """
+        if time.monotonic() >= self._generations_due:
+            self._check_generations()
+        found = self._run(self._plan_lease_get(klass, keydict, lease), "lease_get")
+        self._count_lookup(found)
+        return found
+
+    def lease_fill(self, obj: object, token: Any) -> bool:
+        """Store ``obj``, loaded under a lease that ``lease_get`` won, unless a writer touched the key since.
+
+        :returns: whether it was stored (``False``: a newer write or delete
+            won, or the object could not be stored).
+        :raises StoreError: when the backend fails.
+        """
+        check_storable(obj)
+        return self._run(self._plan_lease_fill(obj, token, "lease_fill"), "lease_fill")
+
+    def lease_release(self, token: Any) -> None:
+        """Give up a lease ``lease_get`` won (nothing to store); the next reader takes it (best effort)."""
+        self._run(self._plan_lease_release(token, "lease_release"), "lease_release")
 
     def _discard_rejected(self, rejected: list[str]) -> None:
         # if the delete fails the entry stays unusable and is rejected again
@@ -1227,6 +1338,23 @@ class AsyncKeyValueStore(KeyValueEngine, AsyncBaseStore):
         """The backend key ``get(klass, keydict)`` reads."""
         await self._ready([klass])
         return self.storage_key(lookup_key(klass, keydict))
+
+    async def lease_get(self, klass: type, keydict: KeyDict, lease: float) -> Lease:
+        """:meth:`KeyValueStore.lease_get`."""
+        await self._ready([klass])
+        found = await self._run(self._plan_lease_get(klass, keydict, lease), "lease_get")
+        self._count_lookup(found)
+        return found
+
+    async def lease_fill(self, obj: object, token: Any) -> bool:
+        """:meth:`KeyValueStore.lease_fill`."""
+        check_storable(obj)
+        await self._ready(self._key_classes([obj]))
+        return await self._run(self._plan_lease_fill(obj, token, "lease_fill"), "lease_fill")
+
+    async def lease_release(self, token: Any) -> None:
+        """:meth:`KeyValueStore.lease_release`."""
+        await self._run(self._plan_lease_release(token, "lease_release"), "lease_release")
 
     async def _discard_rejected(self, rejected: list[str]) -> None:
         try:

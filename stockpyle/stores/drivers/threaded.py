@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-from . import KVDriver
+from . import KVDriver, LeaseRead, supports_leases
 
 __all__ = ["ThreadedDriver"]
 
@@ -33,6 +33,8 @@ class ThreadedDriver:
         self.can_cas = driver.can_cas
         self.max_item_size = driver.max_item_size
         self.min_lifetime = driver.min_lifetime
+        #: leases are forwarded when the synchronous driver offers them
+        self.can_lease = supports_leases(driver)
 
     def describe(self) -> str:
         return self.sync.describe()
@@ -66,6 +68,20 @@ class ThreadedDriver:
 
     async def touch_many(self, keys: Sequence[str], ttl: Hashable) -> None:
         await asyncio.to_thread(self.sync.touch_many, keys, ttl)
+
+    # -- leases (when the synchronous driver is a LeaseDriver) ---------------
+
+    async def lease_get(self, key: str, lease_ttl: Hashable) -> LeaseRead:
+        return await asyncio.to_thread(self.sync.lease_get, key, lease_ttl)  # type: ignore[attr-defined]
+
+    async def lease_fill(self, key: str, value: bytes, token: Any, ttl: Hashable) -> bool:
+        return await asyncio.to_thread(self.sync.lease_fill, key, value, token, ttl)  # type: ignore[attr-defined]
+
+    async def lease_release(self, key: str, token: Any) -> None:
+        await asyncio.to_thread(self.sync.lease_release, key, token)  # type: ignore[attr-defined]
+
+    async def mark_stale(self, keys: Sequence[str], ttl: Hashable) -> None:
+        await asyncio.to_thread(self.sync.mark_stale, keys, ttl)  # type: ignore[attr-defined]
 
     async def close(self) -> None:
         await asyncio.to_thread(self.sync.close)
