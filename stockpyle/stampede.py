@@ -96,10 +96,10 @@ class Stampede:
             raise ConfigurationError(f"Stampede leases must be True or False; got {self.leases!r}")
 
     def pauses(self) -> Any:
-        """The pauses of a waiting reader: growing from 2 ms to ``max_poll``, each with +-50% jitter."""
+        """A waiting reader's pauses: from 2 ms growing to ``max_poll``, each with +-50% jitter, never above it."""
         pause = min(0.002, self.max_poll)
         while True:
-            yield pause * random.uniform(0.5, 1.5)  # jitter, not cryptography
+            yield min(self.max_poll, pause * random.uniform(0.5, 1.5))  # jitter, not cryptography
             pause = min(self.max_poll, pause * 2)
 
 

@@ -109,6 +109,24 @@ def test_chain_stats_totals_layers_and_latency() -> None:
     assert chain.stats().layers[1].latency.summary().samples == 0
 
 
+def test_chain_reset_stats_zeroes_every_chain_counter() -> None:
+    """reset_stats() left the lease, bus and fill counters running: a warm-up's lease was counted in a herd's."""
+    chain = ChainedStore([ProcessMemoryStore(), BaseDictionaryStore({})], bus=None)
+    totals = chain.stats()
+    counters = [
+        name
+        for name, value in vars(totals).items()
+        if isinstance(value, int) and not isinstance(value, bool) and name not in ("layers",)
+    ]
+    assert {"leases_won", "leases_lost", "lease_waits", "lease_timeouts", "stale_served", "invalidated"} <= set(
+        counters
+    )
+    for name in counters:
+        setattr(totals, name, 7)
+    chain.reset_stats()
+    assert {name: getattr(chain.stats(), name) for name in counters} == dict.fromkeys(counters, 0)
+
+
 def test_store_stats_reset_keeps_windows() -> None:
     stats = StoreStats()
     stats.timer("get").add(0.5)

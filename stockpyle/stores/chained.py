@@ -170,6 +170,12 @@ class ChainStats(StoreStats):
     #: stale values served while another reader refreshed them (``Stampede.serve_stale_for``)
     stale_served: int = 0
 
+    def reset(self) -> None:
+        """Set the chain's own counters back to zero (the layers' are reset by :meth:`ChainedStore.reset_stats`)."""
+        super().reset()
+        self.invalidated = self.flushes = self.fills_refused = 0
+        self.leases_won = self.leases_lost = self.lease_waits = self.lease_timeouts = self.stale_served = 0
+
     def __iter__(self) -> Iterator[LayerStats]:
         return iter(self.layers)
 
