@@ -41,9 +41,7 @@ class LeaseTimeoutError(StockpyleError, TimeoutError):
     """A read waited ``Stampede.wait`` seconds for another reader's load and ``on_timeout="raise"``."""
 
 
-def _seconds(name: str, value: Any, *, positive: bool = True, optional: bool = False) -> float | None:
-    if optional and value is None:
-        return None
+def _seconds(name: str, value: Any, *, positive: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 if positive else value >= 0):
         bound = "> 0" if positive else ">= 0"
         raise ConfigurationError(f"Stampede {name} must be a number of seconds {bound}; got {value!r}")
@@ -62,13 +60,6 @@ class Stampede:
         reads the system of record itself (without filling the caches),
         ``"miss"`` returns ``None``, ``"raise"`` raises
         :class:`LeaseTimeoutError`.
-    :param refresh_ahead: seconds before an entry's expiry at which one reader
-        (and only one) refreshes it while the others are still served it
-        (where the shared layer supports it); ``None``: never.
-    :param serve_stale_for: seconds a reader that finds a lease held may be
-        served the entry's previous (stale, invalidated) value instead of
-        waiting, where the shared layer keeps one (memcached marks stale
-        values); ``0``: never.
     :param max_poll: the longest pause between two looks of a waiting reader
         at the shared layer (pauses start short and grow, with jitter).
     :param leases: use cross-process leases where a shared layer supports
@@ -79,16 +70,12 @@ class Stampede:
     lease: float = 5.0
     wait: float = 2.0
     on_timeout: OnTimeout = "load"
-    refresh_ahead: float | None = None
-    serve_stale_for: float = 0.0
     max_poll: float = 0.05
     leases: bool = True
 
     def __post_init__(self) -> None:
         _seconds("lease", self.lease)
         _seconds("wait", self.wait, positive=False)
-        _seconds("refresh_ahead", self.refresh_ahead, optional=True)
-        _seconds("serve_stale_for", self.serve_stale_for, positive=False)
         _seconds("max_poll", self.max_poll)
         if self.on_timeout not in ("load", "miss", "raise"):
             raise ConfigurationError(f"Stampede on_timeout must be 'load', 'miss' or 'raise'; got {self.on_timeout!r}")

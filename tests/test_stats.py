@@ -118,7 +118,7 @@ def test_chain_reset_stats_zeroes_every_chain_counter() -> None:
         for name, value in vars(totals).items()
         if isinstance(value, int) and not isinstance(value, bool) and name not in ("layers",)
     ]
-    assert {"leases_won", "leases_lost", "lease_waits", "lease_timeouts", "stale_served", "invalidated"} <= set(
+    assert {"leases_won", "leases_lost", "lease_waits", "lease_timeouts", "fills_refused", "invalidated"} <= set(
         counters
     )
     for name in counters:

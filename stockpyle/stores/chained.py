@@ -167,14 +167,12 @@ class ChainStats(StoreStats):
     lease_waits: int = 0
     #: waits that ran out (``Stampede.wait``) before the fill came
     lease_timeouts: int = 0
-    #: stale values served while another reader refreshed them (``Stampede.serve_stale_for``)
-    stale_served: int = 0
 
     def reset(self) -> None:
         """Set the chain's own counters back to zero (the layers' are reset by :meth:`ChainedStore.reset_stats`)."""
         super().reset()
         self.invalidated = self.flushes = self.fills_refused = 0
-        self.leases_won = self.leases_lost = self.lease_waits = self.lease_timeouts = self.stale_served = 0
+        self.leases_won = self.leases_lost = self.lease_waits = self.lease_timeouts = 0
 
     def __iter__(self) -> Iterator[LayerStats]:
         return iter(self.layers)
@@ -662,8 +660,6 @@ class ChainPolicy:
                         if index == last and self._breakers[index].pending:
                             yield from self._replay(index)
                         obj, token, outcome = yield from self._plan_leased_read(index, klass, keydict, policy)
-                        if outcome == "serve":  # a stale value while another reader refreshes it
-                            return obj  # type: ignore[no-any-return]
                         if outcome == "timeout":
                             if policy.on_timeout == "miss":
                                 return None
@@ -740,9 +736,9 @@ class ChainPolicy:
 
         :returns: ``(obj, token, outcome)``: ``outcome`` is ``"read"`` (``obj``
             is the object, ``None`` for a miss -- with ``token`` when this
-            reader won the lease and is to load -- or :data:`_FAILED`),
-            ``"serve"`` (``obj`` is a stale value to return while another
-            reader refreshes it) or ``"timeout"``.
+            reader won the lease and is to load -- or :data:`_FAILED`) or
+            ``"timeout"``.  A reader that loses waits even where the layer
+            holds a stale value: it is served only what a load produced.
         """
         stats = self._totals
         deadline = _monotonic() + policy.wait
@@ -763,9 +759,6 @@ class ChainPolicy:
                 stats.leases_won += 1
                 return None, found.token, "read"
             # lost: another reader is loading it
-            if found.obj is not None and policy.serve_stale_for > 0:
-                stats.stale_served += 1
-                return found.obj, None, "serve"
             if not waited:
                 stats.leases_lost += 1
                 waited = True
