@@ -10,7 +10,7 @@
 
     exchange_rate("USD")                 # computed and stored
     exchange_rate("USD", quote="EUR")    # the same entry: defaults are normalised
-    exchange_rate.invalidate("USD")      # deleted in every layer
+    exchange_rate.invalidate("USD")      # the next call recomputes, in every process
     exchange_rate.refresh("USD")         # recomputed and stored unconditionally
 
 How it works
@@ -53,9 +53,13 @@ The exact rules
   process and, where the shared layer supports leases, once across processes
   (see :class:`~stockpyle.Stampede`).  Over another store: ``get``, then the
   function once per process (single flight), then ``put``.
+* **Expired**: a record past its fresh-until time that a layer still holds
+  is recomputed once per process at a time (without the cross-process lease
+  of a miss) and replaced with ``put``.
 * **None**: a function that returns ``None`` is not cached, unless
-  ``negative_lifetime`` is given: then a marker record keeps the ``None`` for
-  that many seconds.
+  ``negative_lifetime`` is given: then a negative record keeps the ``None``
+  for that many seconds.  (When a recomputation returns an uncached ``None``,
+  the old result is replaced by an invalidation marker, see below.)
 * **stale_on_error=N**: the entry's lifetime in the store is ``lifetime + N``
   seconds, and the record stays fresh for ``lifetime`` seconds.  A call after
   that recomputes (once per process at a time); when the function raises and
@@ -64,13 +68,18 @@ The exact rules
   ``stockpyle.cached`` logger).  Every later call retries the function until
   one succeeds or the ``N`` seconds are over; then the error propagates.  A
   function that raises on a miss (nothing stored) always propagates.
-* ``.invalidate(*args, **kw)`` deletes the entry in every layer of the store.
-  Other processes' in-process layers drop it only through the chain's
-  invalidation bus (see :doc:`/bus`) or when it expires.  Deletes leave short
-  tombstones in layers that keep them, so a computation that raced the
-  invalidation cannot put the old value back: for the layer's
-  ``tombstone_lifetime`` the add-only fills of a chain's misses are refused
-  there (the result is computed, returned, and stored by a later miss).
+* ``.invalidate(*args, **kw)`` replaces the entry, in every layer of the
+  store, by an *invalidation marker*: a record that is never fresh and never
+  served stale.  The next call recomputes (once per process at a time) and
+  stores the new result with ``put``.  It is not a delete on purpose: a
+  delete leaves a tombstone in the layers that keep them, which refuses the
+  chain's add-only fills of a miss for the layer's ``tombstone_lifetime``
+  (5 s by default), so every call in that time would run the function.
+  A miss already computing when the marker is written cannot fill over it
+  (its fill is add-only); a recomputation of an expired or invalidated entry
+  already under way stores what it computed, as any two racing puts.  Other
+  processes' in-process layers drop the old result only through the chain's
+  invalidation bus (see :doc:`/bus`) or when it expires.
 * ``.refresh(*args, **kw)`` calls the function and stores its result with
   ``put`` (replacing any entry and any tombstone), and returns it.  It never
   serves a stale value: errors propagate.
@@ -122,32 +131,39 @@ class CachedResult:
     """One stored function result (the base class of every decorated function's record class).
 
     :ivar key: the digest of the function's name and arguments.
-    :ivar value: the result; ``None`` only in a negative (``None``) record.
+    :ivar value: the result; ``None`` in a negative (``None``) record and in
+        an invalidation marker.
     :ivar fresh_until: unix time after which the record is not served as
         fresh, or ``None`` (fresh until the store drops it).
+    :ivar invalidated: for an invalidation marker (what ``invalidate()``
+        stores), the unix time of the invalidation; ``None`` for a result.
     """
 
     __stockpyle_keys__: ClassVar[tuple[str, ...]] = ("key",)
-    __slots__ = ("fresh_until", "key", "value")
+    __slots__ = ("fresh_until", "invalidated", "key", "value")
     #: the ``module.qualname`` of the function whose results the class holds
     function_name: ClassVar[str] = ""
 
-    def __init__(self, key: str, value: Any, fresh_until: float | None) -> None:
+    def __init__(self, key: str, value: Any, fresh_until: float | None, invalidated: float | None = None) -> None:
         self.key = key
         self.value = value
         self.fresh_until = fresh_until
+        self.invalidated = invalidated
 
     def is_fresh(self, now: float) -> bool:
         """Whether the record may be served without recomputing, at unix time ``now``."""
-        return self.fresh_until is None or now < self.fresh_until
+        return self.invalidated is None and (self.fresh_until is None or now < self.fresh_until)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # the record classes are made at run time: pickle the function name and
         # rebuild the class from it in the reading process
-        return (_restore_record, (self.function_name, self.key, self.value, self.fresh_until))
+        return (_restore_record, (self.function_name, self.key, self.value, self.fresh_until, self.invalidated))
 
     def __repr__(self) -> str:
-        return f"<{type(self).__qualname__} key={self.key!r} fresh_until={self.fresh_until!r}>"
+        state = (
+            f"invalidated={self.invalidated!r}" if self.invalidated is not None else f"fresh_until={self.fresh_until!r}"
+        )
+        return f"<{type(self).__qualname__} key={self.key!r} {state}>"
 
 
 _RECORD_CLASSES: dict[str, type[CachedResult]] = {}
@@ -179,8 +195,10 @@ def record_class(function_name: str) -> type[CachedResult]:
         return klass
 
 
-def _restore_record(function_name: str, key: str, value: Any, fresh_until: float | None) -> CachedResult:
-    return record_class(function_name)(key, value, fresh_until)
+def _restore_record(
+    function_name: str, key: str, value: Any, fresh_until: float | None, invalidated: float | None = None
+) -> CachedResult:
+    return record_class(function_name)(key, value, fresh_until, invalidated)
 
 
 # --------------------------------------------------------------------------
@@ -311,6 +329,10 @@ class _Core:
         text = json.dumps([self.name, parts], separators=(",", ":"), ensure_ascii=True)
         return hashlib.blake2b(text.encode("ascii"), digest_size=20).hexdigest()
 
+    def marker(self, key: str) -> CachedResult:
+        """The invalidation marker of ``key``: a record that is never fresh and never served stale."""
+        return self.record_class(key, None, None, time.time())
+
     def make_record(self, key: str, value: Any, now: float) -> CachedResult | None:
         """The record to store for ``value`` (``None``: a ``None`` result that is not cached)."""
         if value is None:
@@ -321,8 +343,8 @@ class _Core:
 
     def stale_usable(self, record: CachedResult, now: float) -> bool:
         """Whether ``record`` (past its fresh time) may be served because the recomputation failed."""
-        if not self.stale_on_error or record.fresh_until is None:
-            return False
+        if not self.stale_on_error or record.fresh_until is None or record.invalidated is not None:
+            return False  # an invalidated result is never served
         return now < record.fresh_until + self.stale_on_error
 
     def serve_stale(self, record: CachedResult, exc: BaseException) -> Any:
@@ -434,15 +456,17 @@ class CachedFunction(Generic[P, R]):
         core = self._core
         record = core.make_record(key, value, time.time())
         if record is None:
-            core.store.delete(core.record_class(key, None, None))  # the result is now None: drop the old one
+            core.store.put(core.marker(key))  # the result is now None (and not cached): the old one must go
         else:
             core.store.put(record)
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Delete the result of this call in every layer of the store."""
+        """Make the next call with these arguments recompute: replace the result by a marker in every layer.
+
+        (Not a delete: see the module docs, "The exact rules".)
+        """
         core = self._core
-        key = core.key_for(self._bound + args, kwargs)
-        core.store.delete(core.record_class(key, None, None))
+        core.store.put(core.marker(core.key_for(self._bound + args, kwargs)))
 
     def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call the function, store its result unconditionally (``put``) and return it."""
@@ -607,15 +631,14 @@ class AsyncCachedFunction(Generic[P, R]):
         core = self._core
         record = core.make_record(key, value, time.time())
         if record is None:
-            await core.store.delete(core.record_class(key, None, None))
+            await core.store.put(core.marker(key))
         else:
             await core.store.put(record)
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Delete the result of this call in every layer of the store."""
+        """Make the next call with these arguments recompute (see :meth:`CachedFunction.invalidate`)."""
         core = self._core
-        key = core.key_for(self._bound + args, kwargs)
-        await core.store.delete(core.record_class(key, None, None))
+        await core.store.put(core.marker(core.key_for(self._bound + args, kwargs)))
 
     async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Await the function, store its result unconditionally (``put``) and return it."""

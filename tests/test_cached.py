@@ -245,7 +245,7 @@ def test_static_and_class_methods() -> None:
 
 
 @pytest.mark.memcache
-def test_invalidate_deletes_in_every_layer_and_refresh_replaces(chain: ChainedStore, memcache: MemcacheStore) -> None:
+def test_invalidate_reaches_every_layer_and_refresh_replaces(chain: ChainedStore, memcache: MemcacheStore) -> None:
     version = [1]
     calls = Calls()
 
@@ -260,10 +260,16 @@ def test_invalidate_deletes_in_every_layer_and_refresh_replaces(chain: ChainedSt
     assert memcache.get(record, keydict) is not None
     assert chain.stores[0].get(record, keydict) is not None
     page.invalidate("home")
-    assert memcache.get(record, keydict) is None
-    assert chain.stores[0].get(record, keydict) is None
+    for layer in (chain.stores[0], memcache):
+        marker = layer.get(record, keydict)
+        assert marker is not None and marker.invalidated is not None and not marker.is_fresh(time.time())
     version[0] = 2
     assert page("home") == "home v2"
+    assert page("home") == "home v2"  # stored at once: no tombstone refuses the fill
+    assert calls.count == 2
+    # another process's chain (fresh in-process layer) reads the new result from memcached
+    other = ChainedStore([ProcessMemoryStore(), memcache], bus=None)
+    assert cached(other, lifetime=60)(page.__wrapped__)("home") == "home v2"
     assert calls.count == 2
     version[0] = 3
     assert page.refresh("home") == "home v3"  # unconditionally, although the entry is fresh
@@ -272,7 +278,26 @@ def test_invalidate_deletes_in_every_layer_and_refresh_replaces(chain: ChainedSt
     assert calls.count == 3
     found = memcache.get(record, keydict)
     assert isinstance(found, CachedResult) and found.value == "home v3"
-    page.invalidate("never computed")  # deleting a missing entry is fine
+    page.invalidate("never computed")  # invalidating a missing entry is fine
+
+
+@pytest.mark.memcache
+def test_an_invalidated_result_is_never_served_stale(chain: ChainedStore) -> None:
+    fail = [False]
+
+    @cached(chain, lifetime=60, stale_on_error=60)
+    def answer() -> int:
+        if fail[0]:
+            raise LookupError("gone")
+        return 42
+
+    assert answer() == 42
+    answer.invalidate()
+    fail[0] = True
+    with pytest.raises(LookupError):
+        answer()
+    fail[0] = False
+    assert answer() == 42
 
 
 @pytest.mark.memcache
