@@ -294,6 +294,14 @@ class _Core:
                 inspect.Parameter.POSITIONAL_OR_KEYWORD,
             )
         )
+        # the fast binding of the common call (no *args, **kwargs or positional-only
+        # parameters): the same arguments, in the same order, as Signature.bind
+        kinds = {p.kind for p in params}
+        self.simple = kinds <= {inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY}
+        self.names = [p.name for p in params]
+        self.known = frozenset(self.names)
+        self.positional = sum(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+        self.defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
         self.has_get_or_create = callable(getattr(type(store), "get_or_create", None))
         self.stampede_kw: dict[str, Any] = {} if stampede is _STORE_POLICY else {"stampede": stampede}
         policy = getattr(store, "stampede", DEFAULT_STAMPEDE) if stampede is _STORE_POLICY else stampede
@@ -312,12 +320,7 @@ class _Core:
             except UnsupportedKeyValueError as exc:
                 raise _unsupported(self.name, "the value key= returned", exc) from None
         else:
-            try:
-                bound = self.signature.bind(*args, **kwargs)
-            except TypeError as exc:
-                raise TypeError(f"{self.name}(): {exc}") from None
-            bound.apply_defaults()
-            items = list(bound.arguments.items())
+            items = self.arguments(args, kwargs)
             if self.skip_first:
                 items = items[1:]
             parts = []
@@ -326,8 +329,35 @@ class _Core:
                     parts.append([name, _canonical(value)])
                 except UnsupportedKeyValueError as exc:
                     raise _unsupported(self.name, f"argument {name!r}", exc) from None
-        text = json.dumps([self.name, parts], separators=(",", ":"), ensure_ascii=True)
+        # (json's default settings: its cached C encoder, several times faster than custom separators)
+        text = json.dumps([self.name, parts])
         return hashlib.blake2b(text.encode("ascii"), digest_size=20).hexdigest()
+
+    def arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
+        """``(name, value)`` of every parameter, in signature order, defaults applied."""
+        if self.simple and len(args) <= self.positional:
+            values = dict(zip(self.names, args, strict=False))
+            fast = True
+            for name, value in kwargs.items():
+                if name in values or name not in self.known:
+                    fast = False  # given twice, or unknown: Signature.bind says what is wrong
+                    break
+                values[name] = value
+            if fast and len(values) < len(self.names):
+                for name in self.names:
+                    if name not in values:
+                        if name not in self.defaults:
+                            fast = False  # missing
+                            break
+                        values[name] = self.defaults[name]
+            if fast:
+                return [(name, values[name]) for name in self.names]
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}(): {exc}") from None
+        bound.apply_defaults()
+        return list(bound.arguments.items())
 
     def marker(self, key: str) -> CachedResult:
         """The invalidation marker of ``key``: a record that is never fresh and never served stale."""
@@ -405,11 +435,12 @@ class CachedFunction(Generic[P, R]):
         def compute() -> CachedResult | None:
             return core.make_record(key, core.func(*full, **kwargs), time.time())
 
-        if core.has_get_or_create:
-            record: CachedResult | None = store.get_or_create(core.record_class, keydict, compute, **core.stampede_kw)
-        else:
-            record = store.get(core.record_class, keydict)
-            if record is None:
+        # a hit costs one get (the chain's in-process fast path); only a miss pays for get_or_create
+        record: CachedResult | None = store.get(core.record_class, keydict)
+        if record is None:
+            if core.has_get_or_create:
+                record = store.get_or_create(core.record_class, keydict, compute, **core.stampede_kw)
+            else:
                 record = self._single(("miss", key), lambda: self._fill(keydict, compute))
         if record is None:
             return None  # type: ignore[return-value]  # the function returned None, not cached
@@ -498,6 +529,9 @@ class CachedFunction(Generic[P, R]):
 # the asyncio wrapper
 
 
+_FAILED: Final[Any] = object()  # what a failed (or cancelled) leader leaves its followers
+
+
 class _AsyncFlights:
     """Concurrent awaits of one key in one event loop share one load (as :class:`SingleFlight` per process)."""
 
@@ -514,25 +548,20 @@ class _AsyncFlights:
         flight = flights.get(key)
         if flight is None:
             flight = flights[key] = loop.create_future()
+            result = _FAILED
             try:
                 result = await load()
-            except BaseException as exc:
-                if not flight.done():
-                    flight.set_exception(exc)
-                    flight.exception()  # retrieved: followers load for themselves
-                raise
-            else:
-                flight.set_result(result)
                 return result
             finally:
+                # the leader's error (or cancellation) is its own: followers load for themselves
                 if flights.get(key) is flight:
                     del flights[key]
+                flight.set_result(result)
         try:
-            return await asyncio.wait_for(asyncio.shield(flight), wait)
+            result = await asyncio.wait_for(asyncio.shield(flight), wait)
         except asyncio.TimeoutError:
             return await load()
-        except Exception:  # noqa: BLE001 - the leader's error went to its caller
-            return await load()  # the leader failed: try for ourselves
+        return await load() if result is _FAILED else result
 
 
 class AsyncCachedFunction(Generic[P, R]):
@@ -578,13 +607,11 @@ class AsyncCachedFunction(Generic[P, R]):
             value = await core.func(*full, **kwargs)
             return core.make_record(key, value, time.time())
 
-        if core.has_get_or_create:
-            record: CachedResult | None = await store.get_or_create(
-                core.record_class, keydict, compute, **core.stampede_kw
-            )
-        else:
-            record = await store.get(core.record_class, keydict)
-            if record is None:
+        record: CachedResult | None = await store.get(core.record_class, keydict)
+        if record is None:
+            if core.has_get_or_create:
+                record = await store.get_or_create(core.record_class, keydict, compute, **core.stampede_kw)
+            else:
                 record = await self._single(("miss", key), lambda: self._fill(keydict, compute))
         if record is None:
             return None  # type: ignore[return-value]

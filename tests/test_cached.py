@@ -596,6 +596,28 @@ def test_async_functions_over_a_plain_async_store(memcached_server: Any) -> None
         await slow.invalidate(5)
         assert await slow(5) == -5
         assert calls.count == 2
+        # a leader that fails or is cancelled leaves its followers to load for themselves
+        attempts = [0]
+
+        @cached(store, lifetime=60)
+        async def first_fails(x: int) -> int:
+            attempts[0] += 1
+            await asyncio.sleep(0.05)
+            if attempts[0] == 1:
+                raise ValueError("the first attempt fails")
+            return x
+
+        results = await asyncio.gather(*[first_fails(1) for _ in range(5)], return_exceptions=True)
+        assert isinstance(results[0], ValueError)
+        assert results[1:] == [1] * 4
+        leader = asyncio.create_task(slow(6))
+        await asyncio.sleep(0.02)
+        follower = asyncio.create_task(slow(6))
+        await asyncio.sleep(0.02)
+        leader.cancel()
+        assert await follower == -6
+        with pytest.raises(asyncio.CancelledError):
+            await leader
 
     try:
         asyncio.run(scenario())
@@ -647,8 +669,12 @@ def test_wrong_arguments_are_a_type_error_naming_the_function() -> None:
 
     with pytest.raises(TypeError, match=r"test_cached\..*f\(\)"):
         f(1, 2)  # type: ignore[call-arg]
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="missing a required argument"):
         f()  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="multiple values"):
+        f(1, x=1)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        f(1, y=1)  # type: ignore[call-arg]
 
 
 @pytest.mark.memcache
