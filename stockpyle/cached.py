@@ -111,7 +111,7 @@ from .stampede import DEFAULT_STAMPEDE, SingleFlight, Stampede
 if TYPE_CHECKING:  # pragma: no cover
     import asyncio
 
-__all__ = ["AsyncCachedFunction", "CachedDecorator", "CachedFunction", "CachedResult", "cached"]
+__all__ = ["AsyncCachedFunction", "CachedDecorator", "CachedFunction", "CachedResult", "cached", "record_class"]
 
 log = logging.getLogger("stockpyle.cached")
 
@@ -304,6 +304,8 @@ class _Core:
         self.defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
         self.has_get_or_create = callable(getattr(type(store), "get_or_create", None))
         self.stampede_kw: dict[str, Any] = {} if stampede is _STORE_POLICY else {"stampede": stampede}
+        #: a chain's get takes the policy too (its misses may take a lease)
+        self.get_kw = self.stampede_kw if self.has_get_or_create else {}
         policy = getattr(store, "stampede", DEFAULT_STAMPEDE) if stampede is _STORE_POLICY else stampede
         #: the in-process single-flight wait (None: no single flight of our own)
         self.wait: float | None = policy.wait if isinstance(policy, Stampede) else None
@@ -436,7 +438,7 @@ class CachedFunction(Generic[P, R]):
             return core.make_record(key, core.func(*full, **kwargs), time.time())
 
         # a hit costs one get (the chain's in-process fast path); only a miss pays for get_or_create
-        record: CachedResult | None = store.get(core.record_class, keydict)
+        record: CachedResult | None = store.get(core.record_class, keydict, **core.get_kw)
         if record is None:
             if core.has_get_or_create:
                 record = store.get_or_create(core.record_class, keydict, compute, **core.stampede_kw)
@@ -607,7 +609,7 @@ class AsyncCachedFunction(Generic[P, R]):
             value = await core.func(*full, **kwargs)
             return core.make_record(key, value, time.time())
 
-        record: CachedResult | None = await store.get(core.record_class, keydict)
+        record: CachedResult | None = await store.get(core.record_class, keydict, **core.get_kw)
         if record is None:
             if core.has_get_or_create:
                 record = await store.get_or_create(core.record_class, keydict, compute, **core.stampede_kw)
