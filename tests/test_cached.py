@@ -339,7 +339,7 @@ def test_none_is_cached_only_with_a_negative_lifetime(chain: ChainedStore) -> No
 
     found: dict[str, str | None] = {"x": None}
 
-    @cached(chain, lifetime=60, negative_lifetime=0.4)
+    @cached(chain, lifetime=60, negative_lifetime=1.0)
     def lookup_negative(name: str) -> str | None:
         calls(name)
         return found[name]
@@ -350,7 +350,7 @@ def test_none_is_cached_only_with_a_negative_lifetime(chain: ChainedStore) -> No
     assert calls.count == 1  # the None is cached
     found["x"] = "now here"
     assert lookup_negative("x") is None  # still the cached None
-    time.sleep(0.5)
+    time.sleep(1.1)
     assert lookup_negative("x") == "now here"  # the negative entry ran out; a value lives `lifetime`
     assert lookup_negative("x") == "now here"
     assert calls.count == 2
@@ -361,7 +361,7 @@ def test_stale_on_error_serves_the_previous_result(chain: ChainedStore, caplog: 
     state: dict[str, Any] = {"fail": False, "version": 1}
     calls = Calls()
 
-    @cached(chain, lifetime=0.3, stale_on_error=0.6)
+    @cached(chain, lifetime=0.3, stale_on_error=1.2)
     def quote(symbol: str) -> str:
         calls(symbol)
         if state["fail"]:
@@ -380,7 +380,7 @@ def test_stale_on_error_serves_the_previous_result(chain: ChainedStore, caplog: 
     assert quote("ACME") == "ACME@2"  # recovered: stored fresh again
     assert quote("ACME") == "ACME@2"
     assert calls.count == 4
-    time.sleep(1.0)  # past lifetime + stale_on_error
+    time.sleep(1.6)  # past lifetime + stale_on_error
     state["fail"] = True
     with pytest.raises(ConnectionError):
         quote("ACME")
@@ -608,8 +608,9 @@ def test_async_functions_over_a_plain_async_store(memcached_server: Any) -> None
             return x
 
         results = await asyncio.gather(*[first_fails(1) for _ in range(5)], return_exceptions=True)
-        assert isinstance(results[0], ValueError)
-        assert results[1:] == [1] * 4
+        # (whichever call reaches the flight first leads: its get is answered first)
+        assert sum(isinstance(r, ValueError) for r in results) == 1
+        assert [r for r in results if not isinstance(r, ValueError)] == [1] * 4
         leader = asyncio.create_task(slow(6))
         await asyncio.sleep(0.02)
         follower = asyncio.create_task(slow(6))
