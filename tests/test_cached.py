@@ -121,6 +121,22 @@ def test_keys_and_values_are_shared_by_two_processes(memcached_server: Any) -> N
 
 
 @pytest.mark.memcache
+def test_processes_missing_one_key_at_once_run_the_function_once(memcached_server: Any) -> None:
+    # the leases of the shared layer: one process computes, the others wait for its fill
+    namespace, start = fresh_namespace(), time.time() + 4.0
+    command = [sys.executable, str(WORKER), "herd", memcached_server.address, namespace, "plum", str(start)]
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = []
+    for proc in workers:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        outputs.append(json.loads(out))
+    assert not any(o["late"] for o in outputs), "the workers took too long to start: raise the head start"
+    assert [o["computed"] for o in outputs].count(True) == 1
+    assert len({o["value"]["pid"] for o in outputs}) == 1
+
+
+@pytest.mark.memcache
 def test_defaults_are_normalised(chain: ChainedStore) -> None:
     calls = Calls()
 

@@ -9,6 +9,10 @@ it prints one JSON line.  ``OP`` is
     the result of ``price(ITEM, 3)`` through the cache.  With
     ``CACHED_WORKER_MUST_HIT=1`` in the environment the function raises if it
     is called: the value must come from the cache.
+``herd``
+    at unix time ``AT`` (the 5th argument; every worker is given the same),
+    ``slow_price(ITEM)`` through the cache: its result, whether this process
+    ran the function, and whether it was ready only after ``AT``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,13 @@ def price(item: str, qty: int = 1, *, currency: str = "EUR") -> dict[str, Any]:
     return {"item": item, "qty": qty, "currency": currency, "pid": os.getpid()}
 
 
+def slow_price(item: str) -> dict[str, Any]:
+    """A function that takes a while: long enough for other processes to miss the same key meanwhile."""
+    COMPUTED.append((item, 1, "slow"))
+    time.sleep(1.0)
+    return {"item": item, "pid": os.getpid()}
+
+
 def make_store(address: str, namespace: str) -> Any:
     from stockpyle import ChainedStore, MemcacheStore, ProcessMemoryStore
 
@@ -60,6 +72,14 @@ def main(argv: list[str]) -> None:
             print(json.dumps([fn.key_for(*args, **kwargs) for args, kwargs in KEY_CALLS]))
         elif op == "call":
             print(json.dumps(fn(argv[3], 3)))
+        elif op == "herd":
+            from stockpyle import cached
+
+            slow = cached(store, lifetime=60)(slow_price)
+            slow.key_for(argv[3])  # imports and first-use costs before the start line
+            late = time.time() > float(argv[4])
+            time.sleep(max(0.0, float(argv[4]) - time.time()))
+            print(json.dumps({"value": slow(argv[3]), "computed": bool(COMPUTED), "late": late}))
         else:
             raise SystemExit(f"unknown op {op!r}")
     finally:
