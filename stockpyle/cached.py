@@ -10,7 +10,7 @@
 
     exchange_rate("USD")                 # computed and stored
     exchange_rate("USD", quote="EUR")    # the same entry: defaults are normalised
-    exchange_rate.invalidate("USD")      # the next call recomputes, in every process
+    exchange_rate.invalidate("USD")      # a marker in every layer: the next call recomputes
     exchange_rate.refresh("USD")         # recomputed and stored unconditionally
 
 How it works
@@ -32,6 +32,10 @@ How it works
   result depends on the instance, pass ``key=``: a callable that receives the
   function's arguments (``self`` included) and returns the value to key by,
   e.g. ``key=lambda self, day: (self.account_id, day)``.
+* Functions are told apart by ``module.qualname`` alone: two functions with
+  the same name (the inner functions of a factory, a function redefined) share
+  their entries, so give them a ``key=`` that tells them apart.  Lambdas,
+  which all share one name, are refused.
 * Each decorated function has its own record class, named after it (its
   ``__qualname__`` is ``CachedResult[module.qualname]``).  ``lifetime`` is set
   on the store for that class with ``store.configure()`` (every layer of a
@@ -268,6 +272,7 @@ class _Core:
         func: Callable[..., Any],
         store: Any,
         *,
+        name: str,
         lifetime: float | None,
         key: Callable[..., Any] | None,
         stampede: Any,
@@ -280,7 +285,7 @@ class _Core:
         self.key_func = key
         self.negative_lifetime = negative_lifetime
         self.stale_on_error = stale_on_error
-        self.name = f"{func.__module__}.{func.__qualname__}"
+        self.name = name
         self.record_class = record_class(self.name)
         self.signature = inspect.signature(func)
         params = list(self.signature.parameters.values())
@@ -721,8 +726,16 @@ class CachedDecorator:
             )
         if not callable(func):
             raise ConfigurationError(f"@cached decorates a function; got {func!r}")
+        module, qualname = getattr(func, "__module__", None), getattr(func, "__qualname__", None)
+        if not isinstance(qualname, str):
+            raise ConfigurationError(f"@cached needs a function with a name (it makes its keys); got {func!r}")
+        if not isinstance(module, str):
+            module = "__main__"  # code run by exec() without a __name__ (doctests, notebooks)
+        name = f"{module}.{qualname}"
+        if qualname.rpartition(".")[2] == "<lambda>":
+            # every lambda of a scope has the same qualname: two would read each other's results
+            raise ConfigurationError(f"@cached cannot key {name}: lambdas share one name; define the function with def")
         is_async = inspect.iscoroutinefunction(func)
-        name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
         if is_async != _is_async_store(self.store):
             if is_async:
                 raise ConfigurationError(
@@ -733,7 +746,7 @@ class CachedDecorator:
                 f"@cached {name} is a synchronous function but {self.store!r} is an asyncio store: use a "
                 "synchronous store (ChainedStore, MemcacheStore ...) or make the function async"
             )
-        core = _Core(func, self.store, **self._options)
+        core = _Core(func, self.store, name=name, **self._options)
         return AsyncCachedFunction(core) if is_async else CachedFunction(core)
 
 

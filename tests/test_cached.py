@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import functools
 import json
 import logging
 import os
@@ -745,6 +746,10 @@ def test_only_stores_and_functions_are_accepted() -> None:
         decorate(42)  # type: ignore[call-overload]
     with pytest.raises(ConfigurationError, match="above @cached"):
         decorate(staticmethod(len))  # type: ignore[call-overload]
+    with pytest.raises(ConfigurationError, match="lambdas share one name"):
+        decorate(lambda x: x)
+    with pytest.raises(ConfigurationError, match="a function with a name"):
+        decorate(functools.partial(int, base=2))
 
 
 def test_the_wrapper_looks_like_the_function() -> None:
