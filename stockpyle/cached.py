@@ -48,15 +48,17 @@ How it works
 The exact rules
 ---------------
 
+* Every call starts with one ``get`` of the store.
 * **Hit**: a record whose fresh-until time (wall clock, ``time.time()``) lies
   in the future is returned without calling the function.
-* **Miss**: over a store with ``get_or_create`` (a
+* **Miss** (no record): over a store with ``get_or_create`` (a
   :class:`~stockpyle.ChainedStore` or
   :class:`~stockpyle.stores.achained.AsyncChainedStore`) the function runs
   inside ``get_or_create``, so concurrent misses of one key run it once per
   process and, where the shared layer supports leases, once across processes
-  (see :class:`~stockpyle.Stampede`).  Over another store: ``get``, then the
-  function once per process (single flight), then ``put``.
+  (see :class:`~stockpyle.Stampede`); an all-cache chain stores the result
+  with add-only writes.  Over another store: the function runs once per
+  process at a time (single flight), and its result is stored with ``put``.
 * **Expired**: a record past its fresh-until time that a layer still holds
   is recomputed once per process at a time (without the cross-process lease
   of a miss) and replaced with ``put``.
