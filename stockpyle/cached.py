@@ -486,8 +486,10 @@ class CachedFunction(Generic[P, R]):
         try:
             value = core.func(*args, **kwargs)
         except Exception as exc:
-            if core.stale_usable(stale, time.time()):
-                return core.serve_stale(stale, exc)
+            # the latest record seen: an invalidation meanwhile must not be served around
+            latest = stale if again is None else again
+            if core.stale_usable(latest, time.time()):
+                return core.serve_stale(latest, exc)
             raise
         self._store(keydict["key"], value)
         return value
@@ -657,8 +659,10 @@ class AsyncCachedFunction(Generic[P, R]):
         try:
             value = await core.func(*args, **kwargs)
         except Exception as exc:
-            if core.stale_usable(stale, time.time()):
-                return core.serve_stale(stale, exc)
+            # the latest record seen: an invalidation meanwhile must not be served around
+            latest = stale if again is None else again
+            if core.stale_usable(latest, time.time()):
+                return core.serve_stale(latest, exc)
             raise
         await self._store(keydict["key"], value)
         return value
