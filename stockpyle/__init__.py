@@ -20,7 +20,7 @@ has them::
 import typing as _typing
 
 from . import exceptions
-from .cached import cached
+from .caching import cached
 from .exceptions import (
     ConfigurationError,
     NonUniqueKeyError,

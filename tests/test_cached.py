@@ -23,7 +23,7 @@ from support import cached_worker
 from support.memcached import fresh_namespace, remaining_ttl
 
 from stockpyle import ChainedStore, ConfigurationError, MemcacheStore, ProcessMemoryStore, RedisStore, Stampede, cached
-from stockpyle.cached import AsyncCachedFunction, CachedFunction, CachedResult
+from stockpyle.caching import AsyncCachedFunction, CachedFunction, CachedResult
 from stockpyle.exceptions import UnsupportedKeyValueError
 from stockpyle.lifetimes import MEMCACHE_RELATIVE_LIMIT
 from stockpyle.stores.achained import AsyncChainedStore
@@ -388,7 +388,7 @@ def test_stale_on_error_serves_the_previous_result(chain: ChainedStore, caplog: 
     assert quote("ACME") == "ACME@1"
     time.sleep(0.35)
     state["fail"] = True
-    with caplog.at_level(logging.WARNING, logger="stockpyle.cached"):
+    with caplog.at_level(logging.WARNING, logger="stockpyle.caching"):
         assert quote("ACME") == "ACME@1"  # recomputed, failed, served stale
     assert "ConnectionError" in caplog.text and "quote" in caplog.text
     assert quote("ACME") == "ACME@1"  # every call retries while it fails

@@ -71,7 +71,7 @@ The exact rules
   that recomputes (once per process at a time); when the function raises and
   the old record is less than ``N`` seconds past its fresh-until time, the
   old value is returned (and the error logged at WARNING on the
-  ``stockpyle.cached`` logger).  Every later call retries the function until
+  ``stockpyle.caching`` logger).  Every later call retries the function until
   one succeeds or the ``N`` seconds are over; then the error propagates.  A
   function that raises on a miss (nothing stored) always propagates.
 * ``.invalidate(*args, **kw)`` replaces the entry, in every layer of the
@@ -119,7 +119,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["AsyncCachedFunction", "CachedDecorator", "CachedFunction", "CachedResult", "cached", "record_class"]
 
-log = logging.getLogger("stockpyle.cached")
+log = logging.getLogger("stockpyle.caching")
 
 P = ParamSpec("P")
 P2 = ParamSpec("P2")
@@ -179,7 +179,7 @@ _RECORD_LOCK = threading.Lock()
 def record_class(function_name: str) -> type[CachedResult]:
     """The record class of the function named ``function_name`` (``module.qualname``), made once per process.
 
-    Its stable name, ``stockpyle.cached.CachedResult[module.qualname]``, is
+    Its stable name, ``stockpyle.caching.CachedResult[module.qualname]``, is
     what stores key its entries by, so every process that decorates the same
     function reads the same entries.
     """
