@@ -20,6 +20,7 @@ has them::
 import typing as _typing
 
 from . import exceptions
+from .caching import cached
 from .exceptions import (
     ConfigurationError,
     NonUniqueKeyError,
@@ -75,6 +76,7 @@ __all__ = [
     "StoreUnavailableError",
     "ThreadLocalStore",
     "UnknownKeyError",
+    "cached",
     "exceptions",
 ]
 

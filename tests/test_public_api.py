@@ -19,7 +19,7 @@ PUBLIC = {
     "LeaseTimeoutError", "MemcacheEpochBus", "MemcacheStore", "MultiStore", "NonUniqueKeyError", "NotStorableError",
     "PostgresNotifyBus", "ProcessMemoryStore", "RedisStore", "RedisStreamBus", "ShoveStore", "SqlAlchemyStore",
     "Stampede", "StockpyleError", "Storable", "StoreError",
-    "StoreNotBoundError", "StoreUnavailableError", "ThreadLocalStore", "UnknownKeyError", "exceptions",
+    "StoreNotBoundError", "StoreUnavailableError", "ThreadLocalStore", "UnknownKeyError", "cached", "exceptions",
 }  # fmt: skip
 # the errors a newcomer meets first, importable as `from stockpyle import ...`
 TOP_LEVEL_ERRORS = (
