@@ -225,6 +225,30 @@ def test_a_miss_runs_one_select_and_fills_the_cache(
     assert cache.get(Author, {"id": 999}) is None
 
 
+def test_a_miss_inside_an_older_snapshot_is_answered_but_not_cached(
+    db: sa.Engine, cache: Any, ext: StockpyleSessionExtension, maker: Any
+) -> None:
+    """Under REPEATABLE READ (MariaDB) or SERIALIZABLE (SQLite) a transaction under way may read an old row."""
+    with sa_sessionmaker(db)() as plain:
+        plain.add_all([Author(id=1, name="Ann"), Author(id=2, name="Bob")])
+        plain.commit()
+    with maker() as session:
+        session.execute(select(Author.name).where(Author.id == 2)).all()  # the transaction is under way
+        with selects(db) as queries:
+            assert session.get(Author, 1).name == "Ann"  # type: ignore[union-attr]
+        assert queries.count == 1
+    read_committed = db.dialect.name == "postgresql"  # PostgreSQL's default: every statement reads the latest
+    assert (cache.get(Author, {"id": 1}) is not None) is read_committed
+    assert ext.read_misses == 1
+    if db.dialect.name == "sqlite":
+        return  # no READ COMMITTED level in SQLite
+    with maker() as session:  # a transaction under way at READ COMMITTED: filled
+        session.connection(execution_options={"isolation_level": "READ COMMITTED"})
+        session.execute(select(Author.name).where(Author.id == 1)).all()
+        session.get(Author, 2)
+    assert cache.get(Author, {"id": 2}).name == "Bob"
+
+
 def test_a_base_class_lookup_of_a_subclass_row_is_answered_but_not_filled(
     db: sa.Engine, cache: Any, ext: StockpyleSessionExtension, maker: Any
 ) -> None:

@@ -84,6 +84,9 @@ _OPERATIONS = ("batch_put", "batch_delete")
 _GET_OPTIONS: Final = frozenset({"_sa_orm_load_options", "_result_disable_adapt_to_context"})
 _GET_BIND_ARGUMENTS: Final = frozenset({"clause", "mapper"})
 
+# isolation levels under which every statement reads the latest committed rows
+_STATEMENT_SNAPSHOTS: Final = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"})
+
 
 class StockpyleSessionExtension:
     """Apply the inserts, updates and deletes of attached sessions to a cache store.
@@ -216,6 +219,7 @@ class StockpyleSessionExtension:
             return None
         keydict = dict(zip(facts.pk_names, ident, strict=True))
         loaded: dict[str, Any] = {}
+        current = _reads_latest(session, mapper)
 
         def load() -> Any:
             # the cache misses: run the get's own SELECT in the caller's session
@@ -225,7 +229,8 @@ class StockpyleSessionExtension:
                 loaded["error"] = exc
                 raise
             loaded["frozen"] = frozen
-            return _filling_copy(klass, facts, frozen().all())
+            # an older snapshot's row is answered, never cached
+            return _filling_copy(klass, facts, frozen().all()) if current else None
 
         try:
             cached = self._target.get_or_create(klass, keydict, load)
@@ -355,6 +360,22 @@ def _plain_get(state: ORMExecuteState) -> tuple[Mapper[Any], tuple[Any, ...]] | 
     if len(values) != len(primary_key):
         return None
     return mapper, tuple(values[i] for i in range(len(primary_key)))
+
+
+def _reads_latest(session: Session, mapper: Mapper[Any]) -> bool:
+    """Whether a SELECT run now in ``session`` reads the latest committed row (so its row may be cached).
+
+    True when the session has no transaction yet (the SELECT begins one: its
+    snapshot is taken now) or when its connection reads the latest committed
+    rows at every statement (READ COMMITTED and below).  Under REPEATABLE READ
+    or SERIALIZABLE, a transaction already under way may read a row older than
+    the caches hold.
+    """
+    if not session.in_transaction():
+        return True
+    connection = session.connection(bind_arguments={"mapper": mapper})
+    level = connection.get_execution_options().get("isolation_level") or connection.default_isolation_level
+    return level is None or str(level).upper().replace("_", " ") in _STATEMENT_SNAPSHOTS
 
 
 def _filling_copy(klass: type, facts: Any, rows: Sequence[Any]) -> Any:
