@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -472,6 +473,43 @@ def test_an_unreachable_cache_falls_back_to_sql(db: sa.Engine, memcached_factory
     assert queries.count == 1
     assert ext.read_hits == 0
     dead.release()
+
+
+def test_threads_missing_the_same_row_each_get_their_own_instance(
+    db: sa.Engine, cache: Any, ext: StockpyleSessionExtension, maker: Any
+) -> None:
+    if db.dialect.name == "sqlite":
+        pytest.skip("the server databases exercise concurrency")
+    with sa_sessionmaker(db)() as plain:
+        plain.add(Author(id=1, name="Ann"))
+        plain.commit()
+    barrier = threading.Barrier(4)
+    found: list[tuple[int, bool, str]] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with maker() as session:
+                barrier.wait()
+                author = session.get(Author, 1)
+                assert author is not None
+                found.append((id(author), author in session, author.name))
+                barrier.wait()  # every instance is alive until all were compared
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with selects(db) as queries:
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert not errors, errors
+    assert len({ident for ident, _, _ in found}) == 4
+    assert all(in_session and name == "Ann" for _, in_session, name in found)
+    assert 1 <= queries.count <= 4
+    assert ext.read_hits + ext.read_misses == 4
+    assert cache.get(Author, {"id": 1}).name == "Ann"
 
 
 # ---------------------------------------------------------------------------
