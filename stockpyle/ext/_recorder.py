@@ -63,6 +63,7 @@ __all__ = [
     "RelationshipGuard",
     "class_facts",
     "column_copy",
+    "family_of",
     "guard_relationships",
     "mapper_of",
     "partial_copy",
@@ -97,6 +98,19 @@ def require_sqlalchemy() -> None:
         raise ImportError(INSTALL_HINT) from None
     if int(sqlalchemy.__version__.split(".")[0]) < 2:
         raise ImportError(f"{INSTALL_HINT} (found SQLAlchemy {sqlalchemy.__version__})")
+
+
+def family_of(klass: type) -> type:
+    """The root class of ``klass``'s inheritance hierarchy (its base mapper's class); ``klass`` if unmapped.
+
+    A row known only by its primary key may belong to any class of the family,
+    so pending writes are tracked per family.
+    """
+    from sqlalchemy import inspect
+
+    mapper: Any = inspect(klass, raiseerr=False)
+    base = getattr(mapper, "base_mapper", None)
+    return base.class_ if base is not None else klass
 
 
 def mapper_of(klass: type) -> Mapper[Any] | None:
@@ -422,9 +436,12 @@ class FlushOutcome:
     :ivar stored: identity key -> snapshot of the row as the database stored it.
     :ivar removed: snapshots (key attributes at least) of rows whose entries must go.
     :ivar classes: classes whose every cached entry must go.
+    :ivar written: inheritance families (root classes) the transaction wrote
+        rows of, however it wrote them -- also plain INSERT statements, which
+        need no cache change (see :meth:`families`).
     """
 
-    __slots__ = ("classes", "deleted", "old_values", "removed", "stored", "to_refresh")
+    __slots__ = ("classes", "deleted", "old_values", "removed", "stored", "to_refresh", "written")
 
     def __init__(self) -> None:
         self.stored: dict[Any, Snapshot] = {}
@@ -436,6 +453,7 @@ class FlushOutcome:
         self.to_refresh: list[Any] = []
         # state -> key values read from the database just before a flush
         self.old_values: dict[Any, dict[str, Any]] = {}
+        self.written: set[type] = set()
 
     def absorb(self, child: FlushOutcome) -> None:
         """Take over the records of a released SAVEPOINT (later changes win)."""
@@ -446,6 +464,16 @@ class FlushOutcome:
         self.classes |= child.classes
         self._forget_classes(child.classes)
         self.stored.update(child.stored)
+        self.written |= child.written
+
+    def families(self) -> set[type]:
+        """Every inheritance family (root class) this transaction wrote or must invalidate rows of."""
+        found = set(self.written)
+        found.update(family_of(klass) for klass, _values in self.stored.values())
+        found.update(family_of(klass) for klass, _values in self.removed)
+        found.update(family_of(klass) for klass in self.classes)
+        found.update(family_of(identity[0]) for identity in self.deleted)
+        return found
 
     def void(self, identity: Any) -> None:
         """A snapshot taken of ``identity`` so far is out of date."""
@@ -524,6 +552,10 @@ class FlushRecorder:
         connections (``bulk_update_mappings``, ``bulk_save_objects``,
         ``session.connection().execute()``).  This listens to the engines the
         sessions use.
+    :param on_select: called with the ``ORMExecuteState`` of every ORM SELECT
+        the recorded sessions execute; what it returns is the answer of the
+        ``do_orm_execute`` event (``None``: run the statement).  The
+        extension's read-through mode answers ``session.get()`` this way.
     """
 
     def __init__(
@@ -532,8 +564,10 @@ class FlushRecorder:
         *,
         opt_in: bool = False,
         statements: bool = True,
+        on_select: Callable[[ORMExecuteState], Any] | None = None,
     ) -> None:
         self._deliver = deliver
+        self._on_select = on_select
         self._opt_in = opt_in
         self._statements = statements
         self.info_key = ("stockpyle.flush_records", id(self))
@@ -617,6 +651,23 @@ class FlushRecorder:
             records = session.info[self.info_key] = _SessionRecords()
         return records
 
+    def written_families(self, session: Session) -> frozenset[type]:
+        """The inheritance families (root classes) ``session`` wrote in its open transaction.
+
+        Flushed writes and recorded statements of the transaction and of its
+        open or released SAVEPOINTs count; those of a rolled-back SAVEPOINT
+        (undone in the database) no longer do.  Objects that are pending in
+        the session but not yet flushed are not included (see
+        ``session.new``/``dirty``/``deleted``).
+        """
+        records: _SessionRecords | None = session.info.get(self.info_key)
+        if records is None or not records.by_transaction:
+            return frozenset()
+        found: set[type] = set()
+        for outcome in list(records.by_transaction.values()):
+            found |= outcome.families()
+        return frozenset(found)
+
     def _outcome(self, session: Session, records: _SessionRecords) -> FlushOutcome | None:
         owner = session.get_nested_transaction() or session.get_transaction()
         if owner is None:  # pragma: no cover - flushes and statements always run in one
@@ -689,11 +740,13 @@ class FlushRecorder:
         for obj in session.new:
             if class_facts(type(obj)) is not None:
                 outcome.to_refresh.append(instance_state(obj))
+                outcome.written.add(family_of(type(obj)))
         for obj in session.dirty:
             facts = class_facts(type(obj))
             if facts is None or not session.is_modified(obj, include_collections=False):
                 continue
             state = instance_state(obj)
+            outcome.written.add(family_of(type(obj)))
             old = _old_keys(state, facts, outcome.old_values.pop(state, None))
             if old is not None:
                 outcome.removed.append((type(obj), old))
@@ -764,6 +817,12 @@ class FlushRecorder:
         statement: Any = orm_execute_state.statement
         textual = _textual(statement)
         if not (textual or getattr(statement, "is_dml", False)):
+            if (
+                self._on_select is not None
+                and orm_execute_state.is_select
+                and self._records(orm_execute_state.session) is not None
+            ):
+                return self._on_select(orm_execute_state)
             return None
         session = orm_execute_state.session
         records = self._records(session)
@@ -837,11 +896,12 @@ class FlushRecorder:
 
     def _statement_rows(
         self, session: Session, statement: Any, param_sets: list[Mapping[str, Any]], mapper: Any, run: Any
-    ) -> tuple[list[Snapshot], set[type]]:
-        """The rows ``statement`` will write, as key snapshots, and the classes to invalidate instead."""
+    ) -> tuple[list[Snapshot], set[type], set[type]]:
+        """Key snapshots of the rows ``statement`` writes, classes to invalidate instead, families it writes."""
         if _textual(statement):
             mentioned = _mentioned_tables(statement.text)
-            return [], {c for facts in mentioned for c in facts.hierarchy}
+            named = {c for facts in mentioned for c in facts.hierarchy}
+            return [], named, {family_of(c) for c in named}
         table = getattr(statement, "table", None)
         if mapper is not None:
             facts = class_facts(mapper.class_)
@@ -849,9 +909,11 @@ class FlushRecorder:
         else:
             targets = _classes_of_table(table)
         if not targets:
-            return [], set()
+            return [], set(), set()
         snapshots: list[Snapshot] = []
         classes: set[type] = set()
+        # an INSERT needs no cache change, yet the transaction wrote the class
+        families = {family_of(facts.klass) for facts in targets}
         for facts in targets:
             try:
                 rows, whole = _rows_written(session, facts, statement, param_sets, run)
@@ -864,7 +926,7 @@ class FlushRecorder:
                 classes.update(facts.hierarchy)
             if statement.is_delete:
                 classes.update(facts.database_cascades(orm_handles_loaded=False))
-        return snapshots, classes
+        return snapshots, classes, families
 
     # -- transaction end ----------------------------------------------------
 
@@ -964,8 +1026,9 @@ def _read_rows(execute: Any, facts: ClassFacts, idents: Sequence[Any]) -> dict[t
     return found
 
 
-def _record_rows(outcome: FlushOutcome, snapshots: list[Snapshot], classes: set[type]) -> None:
+def _record_rows(outcome: FlushOutcome, snapshots: list[Snapshot], classes: set[type], families: set[type]) -> None:
     """Record rows a statement wrote: their entries go, and snapshots taken earlier are void."""
+    outcome.written |= families
     outcome.removed.extend(snapshots)
     for klass, values in snapshots:
         facts = class_facts(klass)
