@@ -744,17 +744,17 @@ class KeyValueEngine:
 
     # -- plans ----------------------------------------------------------
 
-    def _plan_bury(self, burials: Iterable[tuple[str, bytes | None]], action: str) -> Plan[None]:
+    def _plan_bury(self, burials: Sequence[tuple[str, bytes | None]], action: str) -> Plan[None]:
         """Replace keys by tombstones: ``(key, record or None)`` pairs, see :func:`_owned`.
 
         Without a tombstone lifetime the keys are simply deleted.
         """
+        if not burials:
+            return
         seal = self.codec.seal
         now = time.time()
         head = self._stamp(now, math.ceil(now + max(self.tombstone_lifetime, self._driver.min_lifetime)))
         values = {mkey: seal(mkey, head + _TOMB_PREFIX + (version or b"")) for mkey, version in burials}
-        if not values:
-            return
         if self._tomb_ttl is None:
             yield ("delete_many", (list(values),), action)
         else:
@@ -807,28 +807,41 @@ class KeyValueEngine:
         return stale
 
     def _plan_put(self, items: list[_Prepared], failure: ObjectError | None, action: str) -> Plan[None]:
-        plain = [it for it in items if it.values is not None and it.version is None]
-        versioned = [it for it in items if it.values is not None and it.version is not None]
-        doomed = [it for it in items if it.values is None]
+        plain: list[_Prepared] = []
+        versioned: list[_Prepared] = []
+        doomed: list[_Prepared] = []
+        for it in items:
+            (doomed if it.values is None else plain if it.version is None else versioned).append(it)
         everything = [k for it in items for k in it.mkeys]
         # 1. find keys the objects occupied under old key values (versioned
-        # objects find them while reading their keys for the version check)
-        try:
-            stale = yield from self._plan_stale([it.mkeys for it in plain + doomed], action)
-        except StoreError:
-            # A server could not be read, so old keys may be unknown: don't
-            # write, invalidate what can be reached and report the outage.
-            yield from self._plan_invalidate(everything, action)
-            raise
-        written = {k for it in plain for k in it.mkeys}
-        burials = [(k, None) for k in stale if k not in written]
+        # objects find them while reading their keys for the version check);
+        # an object with one key has no other key to leave behind
+        stale: set[str] = set()
+        if self.cleanup_stale_keys and any(len(it.mkeys) > 1 for it in (*plain, *doomed)):
+            try:
+                stale = yield from self._plan_stale([it.mkeys for it in plain + doomed], action)
+            except StoreError:
+                # A server could not be read, so old keys may be unknown: don't
+                # write, invalidate what can be reached and report the outage.
+                yield from self._plan_invalidate(everything, action)
+                raise
+        burials: list[tuple[str, bytes | None]] = []
+        if stale:
+            written = {k for it in plain for k in it.mkeys}
+            burials.extend((k, None) for k in stale if k not in written)
         burials.extend((k, None) for it in doomed for k in it.mkeys)
         # 2. tombstone stale and doomed entries (a racing back-fill must not
         # put an old copy there), then write
         try:
-            yield from self._plan_bury(burials, action)
-            for ttl, values in _by_ttl(plain).items():
-                yield ("set_many", (values, ttl), action)
+            if burials:
+                yield from self._plan_bury(burials, action)
+            if len(plain) == 1:
+                one = plain[0]
+                if one.ttl is not None and one.values:
+                    yield ("set_many", (one.values, one.ttl), action)
+            else:
+                for ttl, values in _by_ttl(plain).items():
+                    yield ("set_many", (values, ttl), action)
             self._saw_written(plain)
             if versioned:
                 yield from self._plan_put_versioned(versioned, action)
@@ -944,7 +957,7 @@ class KeyValueEngine:
             for mkey in mkeys:
                 burials[mkey] = version
         try:
-            yield from self._plan_bury(burials.items(), action)
+            yield from self._plan_bury(list(burials.items()), action)
         except StoreError as exc:
             if self._tomb_ttl is None or isinstance(exc, StoreUnavailableError):
                 raise  # an unreachable server is not asked again
@@ -1096,10 +1109,18 @@ class KeyValueStore(KeyValueEngine, BaseStore):
         table = self._errors
         try:
             op = next(plan)
+            catches = table.catches
             while True:
                 try:
-                    with table.translating(self, op[2] if len(op) > 2 else action):
-                        result = getattr(driver, op[0])(*op[1])
+                    result = getattr(driver, op[0])(*op[1])
+                except catches as exc:
+                    mapped = table.map(exc, self, op[2] if len(op) > 2 else action)
+                    if mapped is None:
+                        raise
+                    try:
+                        raise mapped from exc
+                    except StockpyleError as error:
+                        op = plan.throw(error)
                 except StockpyleError as exc:
                     op = plan.throw(exc)
                 else:
