@@ -24,8 +24,11 @@ import redis.asyncio.cluster
 
 from stockpyle import AsyncChainedStore, AsyncRedisStore, ProcessMemoryStore, RedisStore, Stampede
 from stockpyle.exceptions import ConfigurationError, StoreUnavailableError
+from stockpyle.stores.drivers import LeaseStatus
 from stockpyle.stores.drivers.aioredis import AsyncRedisDriver
+from stockpyle.stores.drivers.aioredis import build_client as async_client
 from stockpyle.stores.drivers.redis import RedisDriver
+from stockpyle.stores.drivers.redis import build_client as sync_client
 from stockpyle.testing import ConsistencyContract, Item, StoreContract, Versioned, sync_bridge
 
 pytestmark = pytest.mark.redis
@@ -250,6 +253,61 @@ def test_sync_and_async_stores_share_keys_entries_tombstones_and_leases(
     assert sync.get(Versioned, {"alias": "alias"}).body == "version 5"  # type: ignore[union-attr]
     assert sync.lease_get(Item, {"key": "leased"}, 5.0).status != "won"  # the async store holds it
     assert sync.rejected == 0 and store.rejected == 0
+
+
+@pytest.mark.parametrize("where", ["standalone", "cluster"])
+def test_the_drivers_leases_and_compare_and_set_interoperate(
+    where: str, request: pytest.FixtureRequest, redis_client: Any, redis_prefix: str, redis_url: str
+) -> None:
+    """Driver level: a lease, a stale mark or a cas token taken by one kind is honoured by the other."""
+    url, cluster = redis_url, False
+    if where == "cluster":
+        url, cluster = request.getfixturevalue("redis_cluster").url, True
+        request.getfixturevalue("redis_cluster_client")
+    options = {"cluster": cluster, "socket_timeout": 2.0, "connect_timeout": 2.0}
+    sync = RedisDriver(connect=lambda: sync_client(url, **options), cluster=cluster)
+    key, other = f"{redis_prefix}:doc", f"{redis_prefix}:other"
+
+    async def scenario() -> None:
+        driver = AsyncRedisDriver(connect=lambda: async_client(url, **options), cluster=cluster)
+        lease, life = driver.ttl(30), driver.ttl(60)
+        won = await driver.lease_get(key, lease)
+        assert won.status is LeaseStatus.WON
+        assert sync.lease_get(key, lease).status is LeaseStatus.LOST  # the async lease is on the key
+        assert await driver.get(key) == b"" and sync.get(key) == b""  # read as absent by both
+        sync.set_many({key: b"written"}, life)  # a writer in between ends the lease
+        assert await driver.lease_fill(key, b"loaded before the write", won.token, life) is False
+        assert await driver.get_many([key]) == {key: b"written"}
+
+        await driver.mark_stale([key], lease)  # one refresher; the others serve the stale value
+        refresh = await driver.lease_get(key, lease)
+        assert (refresh.status, refresh.value, refresh.stale) == (LeaseStatus.WON, b"written", True)
+        waiting = sync.lease_get(key, lease)
+        assert (waiting.status, waiting.value, waiting.stale) == (LeaseStatus.LOST, b"written", True)
+        assert await driver.lease_fill(key, b"refreshed", refresh.token, life) is True
+        assert sync.get(key) == b"refreshed"
+
+        held = sync.lease_get(other, lease)
+        assert held.status is LeaseStatus.WON
+        assert (await driver.lease_get(other, lease)).status is LeaseStatus.LOST
+        await driver.lease_release(other, held.token)  # a token of the sync driver
+        assert (await driver.lease_get(other, lease)).status is LeaseStatus.WON
+
+        value, token = (await driver.gets_many([key]))[key]
+        assert value == b"refreshed"
+        assert sync.cas(key, b"by the sync driver", token, life) is True
+        assert await driver.cas(key, b"too late", token, life) is False
+        assert await driver.cas(key, b"first", None, life) is False  # None: only while absent
+        with pytest.raises(TypeError, match="RedisLease"):
+            await driver.lease_fill(key, b"x", "not a token", life)
+        with pytest.raises(ValueError, match="positive number of milliseconds"):
+            await driver.lease_get(key, 0)
+        await driver.close()
+
+    try:
+        run(scenario())
+    finally:
+        sync.close()
 
 
 # ---------------------------------------------------------------------------
