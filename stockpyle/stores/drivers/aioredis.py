@@ -123,12 +123,28 @@ class _LoopClient:
         self.closer: Any = None
 
 
-async def _close_at_shutdown(entry: _LoopClient) -> AsyncGenerator[None, None]:
+async def _close(client: Any, cluster: bool) -> None:
+    """Close ``client``'s connections (it reconnects if used again)."""
+    await client.aclose()
+    if cluster:
+        # RedisCluster.aclose() does nothing while the client is marked for
+        # reinitialization, which redis-py does after any connection error:
+        # the connections its nodes still hold are closed here
+        nodes = {node.name: node for node in client.nodes_manager.startup_nodes.values()}
+        nodes.update((node.name, node) for node in client.get_nodes())
+        for node in nodes.values():
+            try:
+                await node.disconnect()
+            except Exception as exc:  # noqa: BLE001 - closing the rest matters more
+                log.debug("stockpyle: closing a Redis Cluster node's connections failed: %r", exc)
+
+
+async def _close_at_shutdown(entry: _LoopClient, cluster: bool) -> AsyncGenerator[None, None]:
     """Suspended for the loop's lifetime; the loop's ``shutdown_asyncgens()`` closes the client."""
     try:
         yield
     finally:
-        await entry.client.aclose()
+        await _close(entry.client, cluster)
 
 
 class AsyncRedisDriver:
@@ -237,7 +253,7 @@ class AsyncRedisDriver:
             self._clients[loop] = entry
         # a suspended async generator: asyncio.run() (any runner) finalizes it at
         # shutdown, and its finally block closes this loop's connections in time
-        closer = _close_at_shutdown(entry)
+        closer = _close_at_shutdown(entry, self.cluster)
         await closer.asend(None)
         entry.closer = closer
         return entry
@@ -484,7 +500,7 @@ class AsyncRedisDriver:
             if first is not None and first() is not loop:
                 return  # never touch a client from a loop it does not belong to
             if self.cluster:
-                await given.client.aclose()
+                await _close(given.client, cluster=True)
             else:
                 await given.client.connection_pool.disconnect()
             return
