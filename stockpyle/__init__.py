@@ -43,7 +43,7 @@ if _typing.TYPE_CHECKING:  # pragma: no cover
     from .bus.redis import RedisStreamBus
     from .stores.achained import AsyncChainedStore
     from .stores.memcache import MemcacheStore
-    from .stores.redis import RedisStore
+    from .stores.redis import AsyncRedisStore, RedisStore
     from .stores.shove import ShoveStore
     from .stores.sqlalchemy import SqlAlchemyStore
 
@@ -52,6 +52,7 @@ __version__ = "1.0.0rc1"
 __all__ = [
     "AsyncBaseStore",
     "AsyncChainedStore",
+    "AsyncRedisStore",
     "BaseDictionaryStore",
     "BaseStore",
     "ChainedStore",
@@ -84,7 +85,7 @@ __all__ = [
 def __getattr__(name: str) -> _typing.Any:
     # backend stores live in modules that import optional drivers, the asyncio
     # chain in one that imports asyncio: load on first use
-    if name in ("AsyncChainedStore", "MemcacheStore", "RedisStore", "ShoveStore", "SqlAlchemyStore"):
+    if name in ("AsyncChainedStore", "AsyncRedisStore", "MemcacheStore", "RedisStore", "ShoveStore", "SqlAlchemyStore"):
         from . import stores
 
         value = getattr(stores, name)

@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .achained import AsyncChainedStore
     from .kv import AsyncKeyValueStore, KeyValueStore
     from .memcache import MemcacheStore
-    from .redis import RedisStore
+    from .redis import AsyncRedisStore, RedisStore
     from .shove import ShoveStore
     from .sqlalchemy import SqlAlchemyStore
 
@@ -21,6 +21,7 @@ __all__ = [
     "AsyncBaseStore",
     "AsyncChainedStore",
     "AsyncKeyValueStore",
+    "AsyncRedisStore",
     "BaseDictionaryStore",
     "BaseStore",
     "ChainedStore",
@@ -38,6 +39,7 @@ __all__ = [
 _LAZY = {
     "AsyncChainedStore": ".achained",
     "AsyncKeyValueStore": ".kv",
+    "AsyncRedisStore": ".redis",
     "KeyValueStore": ".kv",
     "MemcacheStore": ".memcache",
     "RedisStore": ".redis",

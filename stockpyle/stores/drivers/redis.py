@@ -65,8 +65,20 @@ __all__ = [
     "STALE_MARK",
     "TAKE_SCRIPT",
     "build_client",
+    "check_client",
+    "check_fill",
+    "client_where",
     "error_table",
     "import_redis",
+    "lease_holder",
+    "lease_read",
+    "lease_taken",
+    "new_holder",
+    "no_retry",
+    "positive_ms",
+    "refuses_scripts",
+    "set_command",
+    "visible",
 ]
 
 log = logging.getLogger("stockpyle.redis")
@@ -194,7 +206,10 @@ class RedisLease(NamedTuple):
     stale: bool = False
 
 
-def _visible(data: bytes) -> bytes:
+# -- the pure rules shared with the asyncio driver (stockpyle.stores.drivers.aioredis) --
+
+
+def visible(data: bytes) -> bytes:
     """What a plain read returns for a stored value: a lease reads as ``b""``, a stale value as the old value."""
     mark = data[:4]
     if mark == LEASE_MARK:
@@ -204,10 +219,69 @@ def _visible(data: bytes) -> bytes:
     return data
 
 
-def _positive_ms(ttl: Any, what: str) -> int:
+def positive_ms(ttl: Any, what: str) -> int:
+    """``ttl`` checked to be a positive number of milliseconds (a lease or stale lifetime)."""
     if type(ttl) is not int or ttl < 1:
         raise ValueError(f"a Redis {what} must be a positive number of milliseconds (from driver.ttl()); got {ttl!r}")
     return ttl
+
+
+def set_command(key: str, value: bytes, ttl: Hashable, *flags: str) -> tuple[Any, ...]:
+    """The ``SET`` of ``value`` for ``ttl`` milliseconds (:data:`NO_EXPIRY`: none), with ``flags`` (``NX``)."""
+    if ttl == NO_EXPIRY:
+        return ("SET", key, value, *flags)
+    return ("SET", key, value, *flags, "PX", ttl)
+
+
+def new_holder() -> bytes:
+    """A fresh lease holder id (16 ASCII characters)."""
+    return secrets.token_hex(_HOLDER_SIZE // 2).encode("ascii")
+
+
+def lease_read(data: bytes) -> LeaseRead | None:
+    """A stored value as a lease read; ``None`` when the caller should try to take the lease (:data:`TAKE_SCRIPT`)."""
+    if data[:1] != b"\x00":
+        return LeaseRead(LeaseStatus.HIT, data, False, None, data)
+    mark = data[:4]
+    if mark == LEASE_MARK:
+        return _LOST
+    if mark == STALE_MARK:
+        if data[4:_HEAD] == _NO_HOLDER:
+            return None
+        return LeaseRead(LeaseStatus.LOST, data[_HEAD:], True, None, data)
+    return LeaseRead(LeaseStatus.HIT, data, False, None, data)
+
+
+def lease_taken(answer: Sequence[Any], holder: bytes) -> LeaseRead:
+    """The lease read for :data:`TAKE_SCRIPT`'s ``answer`` to ``holder``."""
+    if int(answer[0]) == 1:
+        if len(answer) == 1:
+            return LeaseRead(LeaseStatus.WON, token=RedisLease(holder))
+        old = bytes(answer[1])[_HEAD:]
+        # the token of a stale value for cas is the value as it is stored now
+        raw = STALE_MARK + holder + old
+        return LeaseRead(LeaseStatus.WON, old, True, RedisLease(holder, True), raw)
+    return lease_read(bytes(answer[1])) or _LOST
+
+
+def lease_holder(token: Any) -> bytes:
+    """The holder id of a :class:`RedisLease` token (``TypeError`` for anything else)."""
+    if not isinstance(token, RedisLease):
+        raise TypeError(f"expected the RedisLease token lease_get returned; got {type(token).__name__}")
+    return token.holder
+
+
+def check_fill(value: Any, ttl: Any) -> None:
+    """Refuse a lease fill's arguments that the script would misread."""
+    if type(ttl) is not int or ttl < 0:
+        raise ValueError(f"a Redis lifetime must be a number of milliseconds (from driver.ttl()); got {ttl!r}")
+    if not isinstance(value, bytes):
+        raise TypeError(f"a Redis value must be bytes; got {type(value).__name__}")
+
+
+def refuses_scripts(redis: Any, exc: BaseException) -> bool:
+    """Whether the server error ``exc`` says scripts are refused here (ACL ``NOPERM`` or a renamed ``EVALSHA``)."""
+    return isinstance(exc, redis.exceptions.NoPermissionError) or "unknown command" in str(exc).lower()
 
 
 def import_redis() -> Any:
@@ -272,10 +346,13 @@ def error_table() -> ErrorTable:
     return table
 
 
-def _no_retry(redis: Any) -> Any:
-    # redis-py 6+ retries ten times with back-off by default: a frozen server
-    # would hold a request for seconds.  The driver retries once itself.
-    return redis.retry.Retry(redis.backoff.NoBackoff(), 0)
+def no_retry(retry_class: Any, redis: Any) -> Any:
+    """A ``retry_class`` (redis-py's sync or asyncio ``Retry``) that never retries.
+
+    redis-py 6+ retries ten times with back-off by default: a frozen server
+    would hold a request for seconds.  The drivers retry once themselves.
+    """
+    return retry_class(redis.backoff.NoBackoff(), 0)
 
 
 def build_client(url: str, *, cluster: bool, socket_timeout: float, connect_timeout: float) -> Any:
@@ -290,41 +367,53 @@ def build_client(url: str, *, cluster: bool, socket_timeout: float, connect_time
     options: dict[str, Any] = {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": connect_timeout,
-        "retry": _no_retry(redis),
+        "retry": no_retry(redis.retry.Retry, redis),
     }
     if cluster:
         return redis.cluster.RedisCluster.from_url(url, **options)
     return redis.Redis.from_url(url, **options)
 
 
-def _check_client(redis: Any, client: Any) -> bool:
-    """Whether ``client`` is a cluster client; raises ConfigurationError for one the store cannot use."""
-    cluster = isinstance(client, redis.cluster.RedisCluster)
-    if not cluster and not isinstance(client, redis.Redis):
-        hint = " (a synchronous client, not redis.asyncio)" if type(client).__module__.startswith("redis.") else ""
-        raise ConfigurationError(
-            f"RedisStore(client=...) needs a redis.Redis or redis.cluster.RedisCluster client{hint}; "
-            f"got {type(client).__name__}"
-        )
+def check_client(
+    client: Any, redis_class: type, cluster_class: type, *, store: str, wanted: str, wrong_kind: str
+) -> bool:
+    """Whether ``client`` is a cluster client; raises ConfigurationError for one the store cannot use.
+
+    :param redis_class: the standalone client class the store takes
+        (``redis.Redis`` or ``redis.asyncio.Redis``).
+    :param cluster_class: the cluster client class it takes.
+    :param store: the store's name, for messages.
+    :param wanted: the client classes' names, for messages.
+    :param wrong_kind: the hint for a redis-py client of the other kind
+        (synchronous for an asyncio store and vice versa).
+    """
+    cluster = isinstance(client, cluster_class)
+    if not cluster and not isinstance(client, redis_class):
+        hint = f" ({wrong_kind})" if type(client).__module__.startswith("redis.") else ""
+        raise ConfigurationError(f"{store}(client=...) needs a {wanted} client{hint}; got {type(client).__name__}")
     if client.get_encoder().decode_responses:
         raise ConfigurationError(
-            "RedisStore(client=...) needs a client that returns bytes: create it without decode_responses=True"
+            f"{store}(client=...) needs a client that returns bytes: create it without decode_responses=True"
         )
     if cluster and (client.read_from_replicas or getattr(client, "load_balancing_strategy", None) is not None):
         raise ConfigurationError(
-            "RedisStore reads from primaries only (a replica may lag behind the writes that add-only back-fills "
+            f"{store} reads from primaries only (a replica may lag behind the writes that add-only back-fills "
             "must see): create the RedisCluster without read_from_replicas or load_balancing_strategy"
         )
     if not cluster and getattr(client.connection_pool, "is_master", True) is False:
         raise ConfigurationError(
-            "RedisStore reads from primaries only: pass Sentinel.master_for(...), not slave_for(...)"
+            f"{store} reads from primaries only: pass Sentinel.master_for(...), not slave_for(...)"
         )
     return cluster
 
 
-def _client_where(client: Any, cluster: bool) -> str:
+def client_where(client: Any, cluster: bool) -> str:
+    """Where ``client`` (sync or asyncio) sends its commands, for messages."""
     if cluster:
-        return ", ".join(node.name for node in client.startup_nodes) or "RedisCluster"
+        nodes = getattr(client, "startup_nodes", None)
+        if nodes is None:  # redis.asyncio's RedisCluster keeps them in its nodes manager
+            nodes = client.nodes_manager.startup_nodes.values()
+        return ", ".join(node.name for node in nodes) or "RedisCluster"
     kwargs = client.connection_pool.connection_kwargs
     if kwargs.get("path"):
         return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
@@ -364,8 +453,15 @@ class RedisDriver:
         if (client is None) == (connect is None):
             raise ConfigurationError("RedisDriver needs exactly one of client= and connect=")
         if client is not None:
-            cluster = _check_client(self._redis, client)
-            where = where or _client_where(client, cluster)
+            cluster = check_client(
+                client,
+                self._redis.Redis,
+                self._redis.cluster.RedisCluster,
+                store="RedisStore",
+                wanted="redis.Redis or redis.cluster.RedisCluster",
+                wrong_kind="a synchronous client, not redis.asyncio",
+            )
+            where = where or client_where(client, cluster)
         self.cluster = cluster
         self.where = where or "Redis"
         self.max_item_size: int | None = max_item_size
@@ -523,7 +619,7 @@ class RedisDriver:
         except self._retry:
             data = client.get(key)
         if data is not None and data[:1] == b"\x00":
-            return _visible(data)
+            return visible(data)
         return data
 
     def _get_raw(self, keys: Sequence[str]) -> dict[str, bytes]:
@@ -538,24 +634,18 @@ class RedisDriver:
         found = self._get_raw(keys)
         for key, value in found.items():
             if value[:1] == b"\x00":
-                found[key] = _visible(value)
+                found[key] = visible(value)
         return found
 
-    @staticmethod
-    def _set(key: str, value: bytes, ttl: Hashable, *flags: str) -> tuple[Any, ...]:
-        if ttl == NO_EXPIRY:
-            return ("SET", key, value, *flags)
-        return ("SET", key, value, *flags, "PX", ttl)
-
     def set_many(self, items: Mapping[str, bytes], ttl: Hashable) -> None:
-        results = self._all(list(items), lambda key: self._set(key, items[key], ttl))
+        results = self._all(list(items), lambda key: set_command(key, items[key], ttl))
         refused = [key for key, done in results if not done]
         if refused:
             raise StoreError(f"Redis did not store {len(refused)} of {len(items)} keys")
 
     def add_many(self, items: Mapping[str, bytes], ttl: Hashable) -> tuple[set[str], BaseException | None]:
         # keys on a node that failed, or that it refused (OOM), count as not stored
-        results, first = self._each(list(items), lambda key: self._set(key, items[key], ttl, "NX"))
+        results, first = self._each(list(items), lambda key: set_command(key, items[key], ttl, "NX"))
         return {key for key, done in results if done}, first
 
     def delete_many(self, keys: Sequence[str]) -> None:
@@ -584,12 +674,12 @@ class RedisDriver:
     def gets_many(self, keys: Sequence[str]) -> Mapping[str, tuple[bytes, Any]]:
         # the token of a key is the value itself as stored (a lease or stale
         # value included): cas compares values
-        return {key: (_visible(value), value) for key, value in self._get_raw(keys).items()}
+        return {key: (visible(value), value) for key, value in self._get_raw(keys).items()}
 
     def cas(self, key: str, value: bytes, token: Any, ttl: Hashable) -> bool:
         client = self.client
         if token is None:  # the key was absent: write only if it still is
-            return bool(self._once_more(lambda: client.execute_command(*self._set(key, value, ttl, "NX"))))
+            return bool(self._once_more(lambda: client.execute_command(*set_command(key, value, ttl, "NX"))))
         if self._use_script:
             digest = hashlib.sha1(token).hexdigest()
             try:
@@ -607,8 +697,7 @@ class RedisDriver:
 
     def _refuses_scripts(self, exc: BaseException) -> bool:
         """Whether ``exc`` says this server does not run scripts (then switch to WATCH/MULTI for good)."""
-        text = str(exc).lower()
-        refused = isinstance(exc, self._redis.exceptions.NoPermissionError) or "unknown command" in text
+        refused = refuses_scripts(self._redis, exc)
         if refused and self._use_script:
             self._use_script = False
             log.warning("stockpyle: %s refuses Lua scripts (%s); version-checked writes use WATCH/MULTI instead",
@@ -623,7 +712,7 @@ class RedisDriver:
                 pipe.unwatch()
                 return False
             pipe.multi()
-            pipe.execute_command(*self._set(key, value, ttl))
+            pipe.execute_command(*set_command(key, value, ttl))
             try:
                 pipe.execute()
             except self._redis.exceptions.WatchError:
@@ -643,58 +732,27 @@ class RedisDriver:
         return self._once_more(lambda: script(keys=[key], args=list(args)))
 
     def lease_get(self, key: str, lease_ttl: Hashable) -> LeaseRead:
-        ttl = _positive_ms(lease_ttl, "lease lifetime")
+        ttl = positive_ms(lease_ttl, "lease lifetime")
         # the hit path is one GET; only a miss or a stale value runs the script
         client = self._client or self.client
         data = self._once_more(client.get, key)
         if data is not None:
-            read = self._read_lease(data)
+            read = lease_read(data)
             if read is not None:
                 return read
-        holder = secrets.token_hex(_HOLDER_SIZE // 2).encode("ascii")
-        answer = self._run(TAKE_SCRIPT, key, holder, ttl)
-        if int(answer[0]) == 1:
-            if len(answer) == 1:
-                return LeaseRead(LeaseStatus.WON, token=RedisLease(holder))
-            old = bytes(answer[1])[_HEAD:]
-            # the token of a stale value for cas is the value as it is stored now
-            raw = STALE_MARK + holder + old
-            return LeaseRead(LeaseStatus.WON, old, True, RedisLease(holder, True), raw)
-        return self._read_lease(bytes(answer[1])) or _LOST
-
-    @staticmethod
-    def _read_lease(data: bytes) -> LeaseRead | None:
-        """A stored value as a lease read; ``None`` when the caller should try to take the lease."""
-        if data[:1] != b"\x00":
-            return LeaseRead(LeaseStatus.HIT, data, False, None, data)
-        mark = data[:4]
-        if mark == LEASE_MARK:
-            return _LOST
-        if mark == STALE_MARK:
-            if data[4:_HEAD] == _NO_HOLDER:
-                return None
-            return LeaseRead(LeaseStatus.LOST, data[_HEAD:], True, None, data)
-        return LeaseRead(LeaseStatus.HIT, data, False, None, data)
-
-    @staticmethod
-    def _lease_token(token: Any) -> RedisLease:
-        if not isinstance(token, RedisLease):
-            raise TypeError(f"expected the RedisLease token lease_get returned; got {type(token).__name__}")
-        return token
+        holder = new_holder()
+        return lease_taken(self._run(TAKE_SCRIPT, key, holder, ttl), holder)
 
     def lease_fill(self, key: str, value: bytes, token: Any, ttl: Hashable) -> bool:
-        lease = self._lease_token(token)
-        if type(ttl) is not int or ttl < 0:
-            raise ValueError(f"a Redis lifetime must be a number of milliseconds (from driver.ttl()); got {ttl!r}")
-        if not isinstance(value, bytes):
-            raise TypeError(f"a Redis value must be bytes; got {type(value).__name__}")
-        return bool(self._run(FILL_SCRIPT, key, lease.holder, value, ttl))
+        holder = lease_holder(token)
+        check_fill(value, ttl)
+        return bool(self._run(FILL_SCRIPT, key, holder, value, ttl))
 
     def lease_release(self, key: str, token: Any) -> None:
-        self._run(RELEASE_SCRIPT, key, self._lease_token(token).holder)
+        self._run(RELEASE_SCRIPT, key, lease_holder(token))
 
     def mark_stale(self, keys: Sequence[str], ttl: Hashable) -> None:
-        ms = _positive_ms(ttl, "stale lifetime")
+        ms = positive_ms(ttl, "stale lifetime")
         if keys:
             # EVAL with the source: a pipeline per node needs no NOSCRIPT handling, and this path is rare
             self._all(keys, lambda key: ("EVAL", MARK_STALE_SCRIPT, 1, key, ms))
