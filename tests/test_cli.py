@@ -102,6 +102,10 @@ def test_demo_with_redis_layer(redis_server_factory: Any, tmp_path: Path) -> Non
     row = next(line for line in result.stdout.splitlines() if "3. RedisStore" in line)
     hits, backfills = (int(cell.strip().replace(",", "")) for cell in (row.split("│")[2], row.split("│")[5]))
     assert hits > 0 and backfills > 0  # the layer was filled from the database and answered lookups
+    bus_line = next(line for line in result.stdout.splitlines() if line.startswith("Invalidation bus"))
+    assert "RedisStreamBus" in bus_line and " 0 gaps" in bus_line, bus_line
+    published = int(bus_line.split(" messages published")[0].rsplit(" ", 1)[1].replace(",", ""))
+    assert published > 0  # the demo's writes were published for the other processes' in-process layers
     import redis
 
     client = redis.Redis.from_url(server.url)

@@ -145,8 +145,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--redis",
         default=None,
         metavar="URL",
-        help="add a RedisStore layer on this Redis, e.g. redis://127.0.0.1:6379/0 (needs stockpyle[redis]; its "
-        "entries, in a fresh namespace, expire after 5 minutes)",
+        help="add a RedisStore layer on this Redis, e.g. redis://127.0.0.1:6379/0, and an invalidation bus on a "
+        "Redis stream there (needs stockpyle[redis]; its entries, in a fresh namespace, expire after 5 minutes)",
     )
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     parser.set_defaults(handler=run)
@@ -520,6 +520,31 @@ def _report(
     console.print(f"Writes sent {counters.other_statements:,} SQL statements (every write goes to the database).")
 
 
+def _redis_bus(layer: Any) -> Any:
+    """A RedisStreamBus on the Redis layer's server, on a stream of this run only."""
+    from ..bus.redis import RedisStreamBus
+
+    return RedisStreamBus(client=layer.client, stream=f"sp:demo-{uuid.uuid4().hex[:12]}:invalidations")
+
+
+def _report_bus(console: Console, bus: Any) -> None:
+    """What the invalidation bus did; then its stream is removed (the demo's keys all expire)."""
+    stats = bus.stats()
+    lag = stats.lag.summary()
+    lag_text = (
+        f"delivery lag median {lag.median * 1000:.1f} ms, p99 {lag.p99 * 1000:.1f} ms"
+        if lag.samples
+        else "no lag sampled"
+    )
+    console.print(
+        f"Invalidation bus ({type(bus).__name__}, max_staleness {bus.max_staleness * 1000:.0f} ms): "
+        f"{stats.published:,} messages published, {stats.messages:,} heard, {stats.gaps:,} gaps, "
+        f"trusted {stats.trusted_share:.1%} of the time; {lag_text}."
+    )
+    bus.release()
+    bus.client.delete(bus.stream)
+
+
 # ---------------------------------------------------------------------------
 # the command
 
@@ -601,7 +626,11 @@ def run(args: argparse.Namespace) -> int:
                 redis_layer.configure(classes=[DemoUser], lifetime=300)
                 layers.append(redis_layer)
             layers.append(SqlAlchemyStore(engine=engine))
-            chain = ChainedStore(layers, bus=None)  # one process: nothing to keep coherent
+            bus = _redis_bus(redis_layer) if redis_layer is not None else None
+            # with Redis, the in-process layers follow writes through a Redis stream, as
+            # they would across the processes of a deployment; otherwise one process has
+            # nothing to keep coherent
+            chain = ChainedStore(layers, bus=bus)
 
             console.print(
                 f"[bold]stockpyle demo[/bold]: {args.users:,} users in {where}; "
@@ -618,6 +647,8 @@ def run(args: argparse.Namespace) -> int:
             _report(console, chain, counters, elapsed, args)
             checked, problems = _verify(chain, engine, world, rng)
             chain.release()
+            if bus is not None:
+                _report_bus(console, bus)
         finally:
             if engine.dialect.name != "sqlite" or args.dir is None:
                 DemoBase.metadata.drop_all(engine)
