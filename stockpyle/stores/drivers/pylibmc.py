@@ -26,7 +26,9 @@ Failures
     libmemcached answers a read that timed out as a miss, and only the calls
     after it raise (the server is then "disabled until timed retry").  A read
     that comes back short after at least the response timeout is therefore
-    raised here as the failure it was.  A server stays marked failed for one
+    raised here as the failure it was.  (The first read on a pooled
+    connection that a stopped server closed can still come back as a miss, at
+    once; writes, and reads after it, raise.)  A server stays marked failed for one
     second (``retry_timeout``) after a failure, and its keys fail meanwhile;
     they never move to another server.
 
@@ -313,9 +315,26 @@ class PylibmcDriver:
     # -- KVDriver --------------------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
-        server = self._server(key)
+        # the hot path: _call inlined (one lookup, one pooled client, one C call)
+        ring = self._ring
+        server = self._servers[0] if ring is None else self._servers[ring.index(key)]
+        if ring is not None and not server.placement_checked:
+            self._check_placement(server)
+        try:
+            client = server.idle.pop()
+        except IndexError:
+            client = server.template.clone()
         started = time.monotonic()
-        value: bytes | None = self._call(server, _get, key)
+        try:
+            try:
+                value: bytes | None = client.get(key)
+            except self._retry:
+                value = client.get(key)
+        except BaseException:
+            client.disconnect_all()
+            server.release(client)
+            raise
+        server.release(client)
         if value is None:
             self._timed_out(server, started)
         return value
@@ -415,10 +434,6 @@ class PylibmcDriver:
 
 
 # the client calls, as plain functions: _call lends them a pooled client
-
-
-def _get(client: Any, key: str) -> Any:
-    return client.get(key)
 
 
 def _get_multi(client: Any, keys: list[str]) -> Any:
