@@ -249,8 +249,11 @@ def test_a_stopped_server_is_unavailable_not_a_miss(memcached_factory: Any) -> N
             store.put(Item("k2", 1, 2, "v"))
         # libmemcached may report the first read on a connection the server closed as a
         # miss (documented); from then on the server is marked failed and reads raise
+        try:
+            assert store.get(Item, {"key": "k1"}) is None
+        except StoreUnavailableError:
+            pass
         with pytest.raises(StoreUnavailableError):
-            store.get(Item, {"key": "k1"})
             store.get(Item, {"key": "k1"})
     finally:
         store.release()
