@@ -269,7 +269,11 @@ def test_a_fleet_used_by_one_driver_is_refused_by_the_other(memcached_factory: A
     plain = MemcacheStore(addresses, namespace=namespace)
     fast = MemcacheStore(addresses, driver="pylibmc", namespace=namespace)
     try:
-        plain.put(Item("k1", 1, 2, "v"))
+        plain.put(Item("k1", 1, 2, "v"))  # marks both servers, whichever its keys went to
+        for address in addresses:
+            raw = Client(address, default_noreply=False)
+            assert raw.get(PLACEMENT_KEY) == b"pymemcache/rendezvous-murmur3/1"
+            raw.close()
         with pytest.raises(ConfigurationError, match="never mix memcached drivers"):
             fast.get(Item, {"key": "k1"})
     finally:

@@ -279,21 +279,27 @@ class PylibmcDriver:
         return result
 
     def _check_placement(self, server: _Server) -> None:
-        """Mark ``server`` with this driver's scheme, or refuse it when it carries another one.
+        """Mark every server of the fleet with this driver's scheme, or refuse one that carries another.
 
-        A server that does not answer is checked again at its next use (the
-        operation itself then fails as it would have).
+        Called at the first use of ``server``; all servers are checked at
+        once, so that a fleet another driver marked on one server only is
+        refused whichever server this store touches first.  A server that
+        does not answer is checked again at its next use (the operation
+        itself then fails as it would have).
         """
-        client = server.acquire()
-        try:
-            client.add(PLACEMENT_KEY, self.placement_scheme, time=PLACEMENT_TTL)
-            found = client.get(PLACEMENT_KEY)
-        except Exception:  # noqa: BLE001 - the operation on this server reports the failure
-            return
-        finally:
-            server.release(client)
-        check_placement(found, self.placement_scheme, server.address)
-        server.placement_checked = True
+        for other in self._servers:
+            if other.placement_checked:
+                continue
+            client = other.acquire()
+            try:
+                client.add(PLACEMENT_KEY, self.placement_scheme, time=PLACEMENT_TTL)
+                found = client.get(PLACEMENT_KEY)
+            except Exception:  # noqa: BLE001 - the operation on this server reports the failure
+                continue
+            finally:
+                other.release(client)
+            check_placement(found, self.placement_scheme, other.address)
+            other.placement_checked = True
 
     def _timed_out(self, server: _Server, started: float) -> None:
         if time.monotonic() - started >= self._slow:

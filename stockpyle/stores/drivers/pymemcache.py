@@ -407,18 +407,24 @@ class PymemcacheDriver:
         return node
 
     def _check_placement(self, node: Any) -> None:
-        """Mark ``node`` with this driver's placement scheme, or refuse it when it carries another one.
+        """Mark every server of the fleet with this driver's placement scheme, or refuse one that carries another.
 
-        A server that does not answer is checked again at its next use (the
-        operation itself then fails as it would have).
+        Called at the first use of ``node``; all servers are checked at once,
+        so that a fleet another driver marked on one server only is refused
+        whichever server this store touches first.  A server that does not
+        answer is checked again at its next use (the operation itself then
+        fails as it would have).
         """
-        try:
-            node.add(PLACEMENT_KEY, PLACEMENT_SCHEME, expire=PLACEMENT_TTL, noreply=False)
-            found = node.get(PLACEMENT_KEY)
-        except Exception:  # noqa: BLE001 - the operation on this server reports the failure
-            return
-        check_placement(found, PLACEMENT_SCHEME, _server_name(node))
-        self._unplaced.discard(id(node))
+        for other in self._nodes:
+            if id(other) not in self._unplaced:
+                continue
+            try:
+                other.add(PLACEMENT_KEY, PLACEMENT_SCHEME, expire=PLACEMENT_TTL, noreply=False)
+                found = other.get(PLACEMENT_KEY)
+            except Exception:  # noqa: BLE001 - the operation on this server reports the failure
+                continue
+            check_placement(found, PLACEMENT_SCHEME, _server_name(other))
+            self._unplaced.discard(id(other))
 
     def _route(self, keys: Iterable[str]) -> list[tuple[Any, list[str]]]:
         if self._hasher is None:
