@@ -2,8 +2,9 @@
 
 Run: ``python benchmarks/bench_leases.py [--quick]``.  Starts its own
 memcached and redis-server on free loopback ports and stops them by PID.
-Following the benchmarking notes, the servers are pinned to CPU 1 with
-``taskset`` and this process to the same CPU while it measures.  Rows are
+Following the benchmarking notes, the servers are pinned with ``taskset``
+and this process to the same CPU while it measures (``--pin split|off``
+changes that, see "Pinning" in ``_timing.py``).  Rows are
 interleaved (see ``_timing.py``) and reported as medians and medians of
 per-round ratios.
 
@@ -37,9 +38,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import MemcachedMissing, Suite, interleaved, standalone
+from _timing import MemcachedMissing, Suite, interleaved, pinned_client, server_command, standalone
 
-CPU = 1
 VALUE = bytes(range(200))
 
 PLAIN_GET = "PymemcacheDriver.get (classic get)"
@@ -51,25 +51,15 @@ REDIS_GET = "RedisDriver.get"
 REDIS_LEASE_GET = "RedisDriver.lease_get, hit"
 
 
-def _can_pin(cpu: int) -> bool:
-    return hasattr(os, "sched_setaffinity") and cpu < (os.cpu_count() or 1)
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _pinned_command(cmd: list[str]) -> list[str]:
-    if shutil.which("taskset") and _can_pin(CPU):
-        return ["taskset", "-c", str(CPU), *cmd]
-    return cmd
-
-
 @contextlib.contextmanager
 def _server(cmd: list[str], port: int) -> Iterator[None]:
-    process = subprocess.Popen(_pinned_command(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(server_command(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 5
         while True:
@@ -89,7 +79,7 @@ def _server(cmd: list[str], port: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def pinned_memcached() -> Iterator[str]:
-    """A private memcached on a free loopback port, pinned to :data:`CPU`; yields ``host:port``."""
+    """A private memcached on a free loopback port, pinned as chosen (``--pin``); yields ``host:port``."""
     binary = shutil.which("memcached") or ("/usr/bin/memcached" if os.path.exists("/usr/bin/memcached") else None)
     if binary is None:
         raise MemcachedMissing("memcached binary not found (apt-get install memcached)")
@@ -103,7 +93,7 @@ def pinned_memcached() -> Iterator[str]:
 
 @contextlib.contextmanager
 def pinned_redis() -> Iterator[str | None]:
-    """A private redis-server pinned to :data:`CPU`; yields its URL (``None`` without the binary)."""
+    """A private redis-server pinned as chosen (``--pin``); yields its URL (``None`` without the binary)."""
     binary = shutil.which("redis-server")
     if binary is None:
         yield None
@@ -113,32 +103,16 @@ def pinned_redis() -> Iterator[str | None]:
         yield f"redis://127.0.0.1:{port}/0"
 
 
-@contextlib.contextmanager
-def pinned() -> Iterator[None]:
-    """Run this process on :data:`CPU` only, then restore its affinity."""
-    if not _can_pin(CPU):
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {CPU})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
-
-
 def run(*, quick: bool = False) -> Suite:
     """Start pinned servers and measure; without pymemcache or the binaries, a note and no rows."""
     suite = Suite("leases")
-    if not _can_pin(CPU):
-        suite.notes.append(f"cannot pin to CPU {CPU}: unpinned figures")
     try:
         import pymemcache  # noqa: F401
     except ImportError:
         suite.notes.append("pymemcache not installed: memcached rows skipped (pip install stockpyle[memcache])")
         return suite
     try:
-        with pinned_memcached() as address, pinned_redis() as redis_url, pinned():
+        with pinned_memcached() as address, pinned_redis() as redis_url, pinned_client():
             _measure_memcached(suite, address, quick)
             if redis_url is None:
                 suite.notes.append("redis-server not found: Redis rows skipped")

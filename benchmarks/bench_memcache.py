@@ -1,10 +1,14 @@
-"""MemcacheStore against raw pymemcache and dogpile.cache, measured in one run on one server.
+"""MemcacheStore against raw pymemcache, raw pylibmc and dogpile.cache, measured in one run on one server.
 
-Run: ``python benchmarks/bench_memcache.py [--quick]``.  Starts its own
-memcached on a free loopback port (needs the ``memcached`` binary) and stops
-it by PID at the end.  Rows are interleaved (see ``_timing.py``) and each is
-reported as stockpyle's median and its ratio to the peer.  The raw baseline
-is what hand-written code does: ``pickle.loads(client.get(key))``.
+Run: ``python benchmarks/bench_memcache.py [--quick] [--pin same|split|off]``.
+Starts its own memcached on a free loopback port (needs the ``memcached``
+binary), pinned with this process to one CPU by default (see "Pinning" in
+``_timing.py``), and stops it by PID at the end.  Rows are interleaved (see
+``_timing.py``) and each is reported as stockpyle's median and its ratio to
+the peer.  The raw baseline is what hand-written code does:
+``pickle.loads(client.get(key))``.  The pylibmc rows (when pylibmc is
+installed) compare ``MemcacheStore(driver="pylibmc")`` with raw pylibmc and
+with dogpile.cache's pylibmc backend.
 """
 
 from __future__ import annotations
@@ -46,6 +50,14 @@ RAW_MANY_PLAIN = f"raw Client.get_many({SIZE}) + unpickle"
 DOGPILE_MANY = f"dogpile.cache pymemcache region.get_multi({SIZE})"
 PUT = "MemcacheStore.put (2 keys)"
 RAW_SET = "raw PooledClient.set x2 + pickle.dumps"
+LIB_GET = 'MemcacheStore(driver="pylibmc").get'
+LIB_RAW = "raw pylibmc Client.get + pickle.loads"
+LIB_DOGPILE = "dogpile.cache pylibmc region.get"
+LIB_BATCH = f'MemcacheStore(driver="pylibmc").batch_get({SIZE})'
+LIB_RAW_MANY = f"raw pylibmc Client.get_multi({SIZE}) + unpickle"
+LIB_DOGPILE_MANY = f"dogpile.cache pylibmc region.get_multi({SIZE})"
+LIB_PUT = 'MemcacheStore(driver="pylibmc").put (2 keys)'
+LIB_RAW_SET = "raw pylibmc Client.set_multi x2 + pickle.dumps"
 
 
 def run(*, quick: bool = False) -> Suite:
@@ -119,6 +131,8 @@ def _measure(suite: Suite, address: str, quick: bool) -> None:
         singles.append((DOGPILE, lambda: region.get(dogpile_keys[0])))
         batches.append((DOGPILE_MANY, lambda: region.get_multi(dogpile_keys)))
 
+    lib = _pylibmc_rows(suite, address=address, objs=objs, keydicts=keydicts, singles=singles, batches=batches)
+
     rounds = 7 if quick else 21
     one = interleaved(singles, number=100 if quick else 300, rounds=rounds)
     many = interleaved(batches, number=10 if quick else 30, rounds=rounds)
@@ -131,10 +145,81 @@ def _measure(suite: Suite, address: str, quick: bool) -> None:
     suite.compare(many, BATCH, RAW_MANY_PLAIN)
     suite.compare(many, BATCH, DOGPILE_MANY, note="raw pymemcache is itself only ~2.3x faster than dogpile here")
     suite.compare(many, BATCH_SIGNED, RAW_MANY)
+    if lib is not None:
+        suite.compare(one, LIB_GET, LIB_RAW, target="<= 1.10")
+        suite.compare(one, LIB_GET, LIB_DOGPILE)
+        suite.compare(one, LIB_GET, GET, note="the pymemcache driver's get")
+        suite.compare(one, LIB_PUT, LIB_RAW_SET, note="stockpyle reads the old key list first (stale-key cleanup)")
+        suite.compare(
+            many,
+            LIB_BATCH,
+            LIB_DOGPILE_MANY,
+            target="<= 1/3",
+            note="like for like: dogpile on pylibmc too; raw pylibmc + unpickle is itself ~0.65x of it",
+        )
+        suite.compare(many, LIB_BATCH, DOGPILE_MANY, note="dogpile on pymemcache (the memcache rows' peer)")
+        suite.compare(many, LIB_BATCH, LIB_RAW_MANY)
+        suite.compare(many, LIB_BATCH, BATCH, note="the pymemcache driver's batch_get")
+        lib.release()
     store.release()
     signed.release()
     pooled.close()
     plain.close()
+
+
+def _pylibmc_rows(
+    suite: Suite,
+    *,
+    address: str,
+    objs: list[Item],
+    keydicts: list[dict[str, str]],
+    singles: list[tuple[str, Callable[[], object]]],
+    batches: list[tuple[str, Callable[[], object]]],
+) -> Any:
+    """Add the pylibmc rows to ``singles``/``batches``; returns the store (None without pylibmc)."""
+    try:
+        import pylibmc
+    except ImportError:
+        suite.notes.append("pylibmc not installed: its rows are skipped (pip install 'stockpyle[pylibmc]')")
+        return None
+    from stockpyle.stores.memcache import MemcacheStore
+
+    store = MemcacheStore([address], namespace="bench-pylibmc", driver="pylibmc")
+    store.batch_put(objs)
+    raw = pylibmc.Client([address], behaviors={"tcp_nodelay": True})
+    raw_keys = [f"rawlib:{o.key}" for o in objs]
+    raw.set_multi({k: pickle.dumps(o, pickle.HIGHEST_PROTOCOL) for k, o in zip(raw_keys, objs, strict=True)})
+    rk0, k0 = raw_keys[0], keydicts[0]
+    assert store.get(Item, k0).key == "key-0"  # type: ignore[union-attr]
+    assert all(o is not None for o in store.batch_get(Item, keydicts))
+    assert pickle.loads(raw.get(rk0)).key == "key-0"
+    two = ("rawlib:a", "rawlib:b")
+    singles += [
+        (LIB_GET, lambda: store.get(Item, k0)),
+        (LIB_RAW, lambda: pickle.loads(raw.get(rk0))),
+        (LIB_PUT, lambda: store.put(objs[1])),
+        (LIB_RAW_SET, lambda: raw.set_multi(dict.fromkeys(two, pickle.dumps(objs[1], pickle.HIGHEST_PROTOCOL)))),
+    ]
+    batches += [
+        (LIB_BATCH, lambda: store.batch_get(Item, keydicts)),
+        (LIB_RAW_MANY, lambda: [pickle.loads(v) for v in raw.get_multi(raw_keys).values()]),
+    ]
+    try:
+        from dogpile.cache import make_region
+    except ImportError:
+        suite.notes.append("dogpile.cache not installed: its pylibmc rows are skipped")
+        return store
+    region = make_region().configure(
+        "dogpile.cache.pylibmc",
+        arguments={"url": [address], "memcached_expire_time": 0, "behaviors": {"tcp_nodelay": True}},
+    )
+    dogpile_keys = [f"dplib:{o.key}" for o in objs]
+    region.set_multi(dict(zip(dogpile_keys, objs, strict=True)))
+    assert region.get(dogpile_keys[0]).key == "key-0"
+    assert all(o.key == f"key-{i}" for i, o in enumerate(region.get_multi(dogpile_keys)))
+    singles.append((LIB_DOGPILE, lambda: region.get(dogpile_keys[0])))
+    batches.append((LIB_DOGPILE_MANY, lambda: region.get_multi(dogpile_keys)))
+    return store
 
 
 if __name__ == "__main__":

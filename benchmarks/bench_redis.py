@@ -4,8 +4,9 @@ Run: ``python benchmarks/bench_redis.py [--quick]``.  Starts its own
 ``redis-server`` on a free loopback port (needs the binary) and stops it by
 PID at the end.  Following the benchmarking notes (a loopback round trip
 between two vCPUs is dominated by waking the idle one), the server is pinned
-to CPU 1 with ``taskset`` and this process to the same CPU while it measures
-(its previous affinity is restored afterwards).
+with ``taskset`` and this process to the same CPU while it measures (its
+previous affinity is restored afterwards); ``--pin split|off`` changes that
+(see "Pinning" in ``_timing.py``).
 
 The raw baselines are what hand-written code does -- ``pickle.loads(r.get(key))``,
 ``[pickle.loads(v) for v in r.mget(keys)]``, a pipeline of ``SET ... PX`` --
@@ -31,10 +32,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import Suite, interleaved, standalone
+from _timing import Suite, interleaved, pinned_client, server_command, standalone
 
 SIZE = 100
-CPU = 1
 
 
 class Item:
@@ -83,13 +83,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def can_pin(cpu: int) -> bool:
-    return hasattr(os, "sched_setaffinity") and cpu < (os.cpu_count() or 1)
-
-
 @contextlib.contextmanager
-def pinned_redis(cpu: int = CPU) -> Iterator[str]:
-    """A private redis-server (no persistence) on a free loopback port, pinned to ``cpu``; yields its URL."""
+def pinned_redis() -> Iterator[str]:
+    """A private redis-server (no persistence) on a free loopback port, pinned as chosen; yields its URL."""
     binary = shutil.which("redis-server") or (
         "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
     )
@@ -97,9 +93,7 @@ def pinned_redis(cpu: int = CPU) -> Iterator[str]:
         raise RedisMissing("redis-server binary not found (apt-get install redis-server)")
     port = free_port()
     cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    if shutil.which("taskset") and can_pin(cpu):
-        cmd = ["taskset", "-c", str(cpu), *cmd]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(server_command(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import redis
 
@@ -121,20 +115,6 @@ def pinned_redis(cpu: int = CPU) -> Iterator[str]:
         process.wait(10)
 
 
-@contextlib.contextmanager
-def pinned(cpu: int = CPU) -> Iterator[None]:
-    """Run this process on ``cpu`` only (where the server runs), then restore its affinity."""
-    if not can_pin(cpu):
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
-
-
 def run(*, quick: bool = False) -> Suite:
     """Start a private, pinned redis-server and measure; without redis-py or the binary, a note and no rows."""
     suite = Suite("redis")
@@ -144,7 +124,7 @@ def run(*, quick: bool = False) -> Suite:
         suite.notes.append("redis-py not installed: redis rows skipped (pip install stockpyle[redis])")
         return suite
     try:
-        with pinned_redis() as url, pinned():
+        with pinned_redis() as url, pinned_client():
             _measure(suite, url, quick)
     except RedisMissing as exc:
         suite.notes.append(f"{exc}: redis rows skipped")
@@ -221,7 +201,7 @@ def _measure(suite: Suite, url: str, quick: bool) -> None:
     suite.compare(many, BATCH, RAW_MGET, target="<= 1.20")
     suite.compare(many, BATCH, DOGPILE_MANY)
     suite.compare(many, BATCH_SIGNED, RAW_MGET)
-    suite.notes.append(f"server and benchmark pinned to CPU {CPU}; redis-py {_redis_version()}, RESP3")
+    suite.notes.append(f"redis-py {_redis_version()}, RESP3")
     store.release()
     signed.release()
     one_key_store.release()

@@ -51,7 +51,7 @@ def test_help_lists_the_commands_and_demo_options() -> None:
     for option in ("--operations", "--users", "--seed", "--dir", "--database-url", "--memcache", "--redis", "--skew"):
         assert option in demo.stdout
     bench = stockpyle("bench", "--help")
-    for option in ("--quick", "--only", "--json", "--plot"):
+    for option in ("--quick", "--only", "--json", "--plot", "--pin"):
         assert option in bench.stdout
 
 
@@ -188,6 +188,82 @@ def test_bench_redis_rows_compare_with_raw_redis_py(redis_server_factory: Any, t
         assert row["median"] > 0 and row["baseline_median"] > 0
         assert 0.5 < row["ratio"] < 20
     assert pairs[("RedisStore.get", "raw Redis.get + pickle.loads")]["target"] == "<= 1.20"
+
+
+@pytest.mark.parametrize(("pin", "said"), [("off", "not pinned"), ("split", "--pin split"), ("same", "--pin same")])
+def test_bench_pin_is_applied_and_reported(tmp_path: Path, pin: str, said: str) -> None:
+    if pin != "off" and not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no sched_setaffinity on this platform")
+    if pin == "split" and len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("split pinning needs two CPUs")
+    target = tmp_path / "bench.json"
+    result = stockpyle("bench", "--quick", "--only", "memory", "--pin", pin, "--json", str(target))
+    assert result.returncode == 0, result.stderr
+    document = json.loads(target.read_text(encoding="utf-8"))
+    assert document["pin"] == pin
+    assert ("--pin " + pin in document["command"]) == (pin != "same")
+    assert any(said in note for note in document["notes"]), document["notes"]
+    judged = [row for row in document["rows"] if row["target"]]
+    assert judged, "the memory suite has rows with targets"
+    for row in document["rows"]:
+        if not row["target"]:
+            assert row["met"] is None
+    met = sum(bool(row["met"]) for row in judged)
+    assert document["targets"].startswith(f"targets met: {met} of {len(judged)}")
+    assert f"targets met: {met} of {len(judged)}" in result.stdout
+    for row in judged:
+        assert isinstance(row["met"], bool)
+
+
+def test_bench_pinning_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no sched_setaffinity on this platform")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _timing
+
+    before = os.sched_getaffinity(0)
+    monkeypatch.setattr(_timing.shutil, "which", lambda name: f"/usr/bin/{name}")
+    try:
+        _timing.set_pin("same")
+        client, server = _timing.pin_cpus()
+        assert client == server and client in before
+        assert _timing.server_command(["memcached"]) == ["taskset", "-c", str(client), "memcached"]
+        with _timing.pinned_client():
+            assert os.sched_getaffinity(0) == {client}
+        assert os.sched_getaffinity(0) == before
+        _timing.set_pin("off")
+        assert _timing.pin_cpus() == (None, None)
+        assert _timing.server_command(["memcached"]) == ["memcached"]
+        with _timing.pinned_client():
+            assert os.sched_getaffinity(0) == before
+        if len(before) > 1:
+            _timing.set_pin("split")
+            client, server = _timing.pin_cpus()
+            assert client != server
+            assert _timing.server_command(["redis-server"]) == ["taskset", "-c", str(server), "redis-server"]
+        with pytest.raises(ValueError, match="--pin must be one of"):
+            _timing.set_pin("both")
+    finally:
+        _timing.set_pin("same")
+
+
+def test_bench_targets_are_judged() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _timing
+
+    assert _timing.target_met(0.33, "<= 1/3") is True
+    assert _timing.target_met(0.34, "<= 1/3") is False
+    assert _timing.target_met(1.25, "<= 1.25x") is True
+    assert _timing.target_met(1.21, "<= 1.20") is False
+    assert _timing.target_met(5.0, "") is None
+    with pytest.raises(ValueError, match="a target reads"):
+        _timing.target_met(1.0, "< 1.2")
+    row = _timing.Row("memcache", "a", 2.0, "b", 1.0, 2.0, "<= 1.10")
+    assert row.met is False
+    assert _timing.verdict(row) == "MISSED"
+    assert _timing.target_summary([row, _timing.Row("memcache", "c", 1.0, "d", 1.0, 1.0)]) == (
+        "targets met: 0 of 1 (missed: a)"
+    )
 
 
 def test_bench_plot_writes_a_png(tmp_path: Path) -> None:
@@ -375,6 +451,9 @@ def test_bench_table_fits_the_terminal(columns: int) -> None:
         for value in (row["name"], row["baseline"], f"{row['ratio']:.2f}x"):
             assert all(word in words for word in value.split()), value
     assert "note: memory: a note" in text
+    # the row with a target says whether it met it, and the summary counts
+    assert "met" in words
+    assert "targets met: 1 of 1" in text
 
 
 def test_plot_keeps_title_labels_and_legend_inside_the_image() -> None:

@@ -39,6 +39,9 @@ SUITES: dict[str, str] = {
 
 PLOT_HINT = 'pip install "stockpyle[bench]"'
 
+#: the ``--pin`` choices (benchmarks/_timing.py checks the same names)
+PIN_MODES = ("same", "split", "off")
+
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``bench`` and its options."""
@@ -63,6 +66,14 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         choices=list(SUITES),
         metavar="SUITE",
         help=f"run only this suite (repeatable): {', '.join(SUITES)}",
+    )
+    parser.add_argument(
+        "--pin",
+        choices=PIN_MODES,
+        default="same",
+        help="same (default): run the benchmark on one CPU and pin the servers it starts (memcached, "
+        "redis-server) to that CPU with taskset; split: servers on another CPU than the benchmark; off: no pinning "
+        "(loopback round trips then mix the same-CPU and cross-CPU regimes)",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the rows and notes as JSON to PATH")
     parser.add_argument(
@@ -116,16 +127,21 @@ def _check_plotting() -> None:
         raise CLIError(f"--plot needs matplotlib: {PLOT_HINT}") from None
 
 
-def _run_suites(directory: Path, names: Sequence[str], quick: bool) -> tuple[list[dict[str, Any]], list[str]]:
+def _run_suites(
+    directory: Path, names: Sequence[str], quick: bool, pin: str = "same"
+) -> tuple[list[dict[str, Any]], list[str]]:
     if str(directory) not in sys.path:
         sys.path.insert(0, str(directory))
+    timing: Any = importlib.import_module("_timing")
+    timing.set_pin(pin)
     rows: list[dict[str, Any]] = []
-    notes: list[str] = []
+    notes: list[str] = [f"pinning: {timing.pin_note()}"]
     for name in names:
         print(f"running {name}: {SUITES[name]} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         module: Any = importlib.import_module(f"bench_{name}")
-        suite = module.run(quick=quick)
+        with timing.pinned_client():
+            suite = module.run(quick=quick)
         rows += [row.as_dict() for row in suite.rows]
         notes += [f"{name}: {note}" for note in suite.notes]
         print(f"  {len(suite.rows)} rows in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
@@ -136,6 +152,31 @@ def _quantity(value: float, unit: str) -> str:
     # the benchmarks' own formatter (benchmarks/ is on sys.path once suites ran)
     timing: Any = importlib.import_module("_timing")
     return str(timing.format_quantity(value, unit))
+
+
+def _met(row: dict[str, Any]) -> bool | None:
+    """Whether the row met its target (None without one); rows without ``met`` are judged here."""
+    met = row.get("met")
+    if met is None and row.get("target"):
+        timing: Any = importlib.import_module("_timing")
+        met = timing.target_met(row["ratio"], row["target"])
+    return None if met is None else bool(met)
+
+
+def _target_cell(row: dict[str, Any]) -> str:
+    """The target and whether the ratio met it: ``"<= 1.20 met"``, ``"<= 1/3 MISSED"``, ``""``."""
+    met = _met(row)
+    if met is None:
+        return str(row.get("target") or "")
+    return f"{row['target']} {'met' if met else 'MISSED'}"
+
+
+def _target_summary(rows: list[dict[str, Any]]) -> str:
+    """How many rows with a target met it, naming those that did not."""
+    judged = [row for row in rows if _met(row) is not None]
+    missed = [f"{row['suite']}: {row['name']} vs {row['baseline']}" for row in judged if not _met(row)]
+    text = f"targets met: {len(judged) - len(missed)} of {len(judged)}"
+    return text + (f" (missed: {'; '.join(missed)})" if missed else "")
 
 
 HEADERS = ("suite", "operation", "stockpyle", "baseline", "baseline median", "ratio", "target", "note")
@@ -155,11 +196,12 @@ def _print_table(rows: list[dict[str, Any]], notes: list[str], console: Any = No
             row["baseline"],
             _quantity(row["baseline_median"], row["unit"]),
             f"{row['ratio']:.2f}x",
-            row["target"],
+            _target_cell(row),
             row["note"],
         )
         for row in rows
     ]
+    notes = [*notes, _target_summary(rows)]
     try:
         from rich.console import Console
     except ImportError:
@@ -275,6 +317,8 @@ def _command_line(args: argparse.Namespace) -> str:
     parts = ["python", "-m", "stockpyle", "bench"]
     if args.quick:
         parts.append("--quick")
+    if getattr(args, "pin", "same") != "same":
+        parts += ["--pin", args.pin]
     for name in args.only or ():
         parts += ["--only", name]
     if args.json is not None:
@@ -294,7 +338,8 @@ def run(args: argparse.Namespace) -> int:
     names = [name for name in SUITES if not args.only or name in args.only]
     command = _command_line(args)
     started = time.perf_counter()
-    rows, notes = _run_suites(directory, names, args.quick)
+    pin = getattr(args, "pin", "same")
+    rows, notes = _run_suites(directory, names, args.quick, pin)
     elapsed = time.perf_counter() - started
     _print_table(rows, notes)
     if args.json is not None:
@@ -302,6 +347,8 @@ def run(args: argparse.Namespace) -> int:
             "command": command.strip(),
             "quick": bool(args.quick),
             "suites": names,
+            "pin": pin,
+            "targets": _target_summary(rows),
             "seconds": round(elapsed, 1),
             "python": platform.python_version(),
             "platform": platform.platform(),

@@ -22,6 +22,7 @@ from typing import Any
 from ..exceptions import ConfigurationError
 from ..lifetimes import MEMCACHE_RELATIVE_LIMIT, LifetimeCallback
 from ..serializers import Serializer, Signer
+from .drivers.pylibmc import PylibmcDriver
 from .drivers.pymemcache import (
     DEFAULT_MAX_ITEM_SIZE,
     INSTALL_HINT,
@@ -31,7 +32,29 @@ from .drivers.pymemcache import (
 )
 from .kv import CAS_ATTEMPTS, DEFAULT_GENERATION_CHECK, DEFAULT_MAX_LIFETIME, ITEM_OVERHEAD, KeyValueStore
 
-__all__ = ["CAS_ATTEMPTS", "DEFAULT_MAX_ITEM_SIZE", "DEFAULT_MAX_LIFETIME", "INSTALL_HINT", "MemcacheStore"]
+__all__ = ["CAS_ATTEMPTS", "DEFAULT_MAX_ITEM_SIZE", "DEFAULT_MAX_LIFETIME", "DRIVERS", "INSTALL_HINT", "MemcacheStore"]
+
+#: the values of ``MemcacheStore(driver=...)``
+DRIVERS = ("pymemcache", "pylibmc")
+
+
+def _server_names(servers: Sequence[str | tuple[str, int]] | str) -> list[str]:
+    """``host:port`` names for the pylibmc driver (which needs no pymemcache to parse them)."""
+    if isinstance(servers, str):
+        servers = [servers]
+    names = []
+    for server in servers:
+        if isinstance(server, tuple) and len(server) == 2 and isinstance(server[0], str) and isinstance(server[1], int):
+            names.append(f"{server[0]}:{server[1]}")
+        elif isinstance(server, str) and server.rpartition(":")[2].isdigit() and server.rpartition(":")[0]:
+            names.append(server)
+        else:
+            raise ConfigurationError(
+                f"MemcacheStore servers must be 'host:port' strings or (host, port) tuples; got {server!r}"
+            )
+    if not names:
+        raise ConfigurationError("MemcacheStore(servers=...) needs at least one 'host:port'")
+    return names
 
 
 class MemcacheStore(KeyValueStore):
@@ -87,9 +110,14 @@ class MemcacheStore(KeyValueStore):
     :param generation_check: seconds between two checks of the generations of
         the classes this store uses (see :meth:`invalidate_class`): how long
         another process's class-wide invalidation can take to reach this one.
+    :param driver: the client library for ``servers=``: ``"pymemcache"`` (the
+        default) or ``"pylibmc"`` (:mod:`stockpyle.stores.drivers.pylibmc`;
+        C, faster, no leases; never mix the two drivers in one fleet of
+        several servers, which the drivers check).
     :raises ConfigurationError: for none or both of ``servers``/``client``, both
         ``secret``/``signer``, or other invalid arguments.
-    :raises ImportError: for ``servers=`` without pymemcache installed.
+    :raises ImportError: for ``servers=`` without pymemcache installed (or
+        pylibmc, with ``driver="pylibmc"``).
 
     :ivar rejected: number of entries that failed verification or could not
         be decoded; each was treated as a miss and deleted.
@@ -116,6 +144,7 @@ class MemcacheStore(KeyValueStore):
         timeout: float = 0.5,
         max_pool_size: int | None = None,
         max_item_size: int = DEFAULT_MAX_ITEM_SIZE,
+        driver: str = "pymemcache",
         cleanup_stale_keys: bool = True,
         tombstone_lifetime: float = 5.0,
         max_lifetime: Any = DEFAULT_MAX_LIFETIME,
@@ -131,16 +160,39 @@ class MemcacheStore(KeyValueStore):
         if isinstance(max_item_size, bool) or not isinstance(max_item_size, int) or max_item_size <= ITEM_OVERHEAD:
             raise ConfigurationError(f"max_item_size must be a number of bytes; got {max_item_size!r}")
         self.max_item_size = max_item_size
+        if driver not in DRIVERS:
+            choices = ", ".join(map(repr, DRIVERS))
+            raise ConfigurationError(f"MemcacheStore driver must be one of {choices}; got {driver!r}")
+        if driver == "pylibmc" and client is not None:
+            raise ConfigurationError(
+                "MemcacheStore(driver='pylibmc') builds its own clients: pass servers=, not client="
+            )
         #: the ``host:port`` names (``None`` for a client passed in)
         self.servers: list[str] | None = None
-        if servers is not None:
-            specs = normalize_servers(servers)
-            self.servers = [s if isinstance(s, str) else f"{s[0]}:{s[1]}" for s in specs]
-            client = build_client(specs, connect_timeout=connect_timeout, timeout=timeout, max_pool_size=max_pool_size)
-        #: the memcached client
+        #: the driver's name: ``"pymemcache"`` or ``"pylibmc"``
+        self.driver_name = driver
+        kv_driver: PymemcacheDriver | PylibmcDriver
+        if driver == "pylibmc":
+            self.servers = _server_names(servers)  # type: ignore[arg-type]
+            kv_driver = PylibmcDriver(
+                self.servers,
+                connect_timeout=connect_timeout,
+                timeout=timeout,
+                max_pool_size=max_pool_size,
+                max_item_size=max_item_size,
+            )
+        else:
+            if servers is not None:
+                specs = normalize_servers(servers)
+                self.servers = [s if isinstance(s, str) else f"{s[0]}:{s[1]}" for s in specs]
+                client = build_client(
+                    specs, connect_timeout=connect_timeout, timeout=timeout, max_pool_size=max_pool_size
+                )
+            kv_driver = PymemcacheDriver(client, servers=self.servers, max_item_size=max_item_size)
+        #: the memcached client (pymemcache; ``None`` with the pylibmc driver, which pools its own per server)
         self.client = client
         super().__init__(
-            PymemcacheDriver(client, servers=self.servers, max_item_size=max_item_size),
+            kv_driver,
             polymorphic=polymorphic,
             lifetime_cb=lifetime_cb,
             prefix=prefix,

@@ -22,8 +22,9 @@ Rules every driver follows:
 * The constructor never connects.
 
 The drivers shipped: :mod:`stockpyle.stores.drivers.pymemcache` (memcached
-through pymemcache, and python-memcached-style clients) and
-:mod:`stockpyle.stores.drivers.redis` (Redis and Redis Cluster through redis-py).
+through pymemcache, and python-memcached-style clients),
+:mod:`stockpyle.stores.drivers.pylibmc` (memcached through pylibmc, no leases)
+and :mod:`stockpyle.stores.drivers.redis` (Redis and Redis Cluster through redis-py).
 
 Leases (optional)
     A driver may also offer *leases*, the cross-process half of stampede

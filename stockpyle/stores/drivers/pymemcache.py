@@ -52,9 +52,12 @@ __all__ = [
     "DEFAULT_MAX_ITEM_SIZE",
     "INSTALL_HINT",
     "MemcacheLease",
+    "PLACEMENT_KEY",
+    "PLACEMENT_SCHEME",
     "PinnedRendezvousHash",
     "PymemcacheDriver",
     "build_client",
+    "check_placement",
     "error_table",
     "import_pymemcache",
 ]
@@ -65,6 +68,34 @@ INSTALL_HINT: Final = "MemcacheStore requires pymemcache: pip install stockpyle[
 DEFAULT_MAX_ITEM_SIZE: Final = 1024 * 1024
 
 log = logging.getLogger("stockpyle.memcache")
+
+#: the key under which every server of a fleet of two or more records the placement scheme it is used with
+PLACEMENT_KEY: Final = "stockpyle:placement"
+#: this driver's placement scheme for the fleets :func:`build_client` makes (the value under :data:`PLACEMENT_KEY`)
+PLACEMENT_SCHEME: Final = b"pymemcache/rendezvous-murmur3/1"
+#: how long a placement marker lives; every process renews it at first use of the server
+PLACEMENT_TTL: Final = 30 * 24 * 3600
+
+
+def check_placement(found: bytes | None, scheme: bytes, server: str) -> None:
+    """Refuse a server that carries another driver's placement scheme.
+
+    Drivers place keys over several servers differently (pymemcache:
+    rendezvous hashing, pylibmc: a hash ring): a fleet used through both
+    would have each look for the same key on a different server and serve
+    stale entries.  Each driver records its scheme on every server of a
+    fleet of two or more at first use and checks what it finds with this.
+
+    :param found: the value under :data:`PLACEMENT_KEY` on ``server`` (``None``: unmarked).
+    :raises ConfigurationError: when ``found`` is another scheme.
+    """
+    if found is not None and found != scheme:
+        raise ConfigurationError(
+            f"memcached at {server} is used by a fleet placed with {found.decode('ascii', 'replace')!r}, this store"
+            f" places keys with {scheme.decode('ascii')!r}: never mix memcached drivers (pymemcache, pylibmc) in one"
+            f" fleet of several servers, each would look for the same key on a different server"
+        )
+
 
 # bytes asked of the socket per read (more when a value's remaining size is known)
 _RECV_SIZE: Final = 65536
@@ -311,10 +342,14 @@ class PymemcacheDriver:
         self.errors = error_table()
         self._retry = self.errors.retry
         self._legacy = False
+        # nodes whose placement marker is still to be checked (fleets of several servers from servers= only)
+        self._unplaced: set[int] = set()
         if _is_hash_client(client):
             self._nodes = list(client.clients.values())
             self._hasher = client.hasher
             self._by_name = client.clients
+            if servers is not None and len(servers) > 1 and isinstance(client.hasher, PinnedRendezvousHash):
+                self._unplaced = {id(node) for node in self._nodes}
         elif _is_pymemcache_like(client):
             self._nodes = [client]
             self._hasher = None
@@ -366,7 +401,30 @@ class PymemcacheDriver:
         name = self._hasher.get_node(key)
         if name is None:
             raise StoreUnavailableError("no memcached servers configured in the HashClient")
-        return self._by_name[name]
+        node = self._by_name[name]
+        if self._unplaced and id(node) in self._unplaced:
+            self._check_placement(node)
+        return node
+
+    def _check_placement(self, node: Any) -> None:
+        """Mark every server of the fleet with this driver's placement scheme, or refuse one that carries another.
+
+        Called at the first use of ``node``; all servers are checked at once,
+        so that a fleet another driver marked on one server only is refused
+        whichever server this store touches first.  A server that does not
+        answer is checked again at its next use (the operation itself then
+        fails as it would have).
+        """
+        for other in self._nodes:
+            if id(other) not in self._unplaced:
+                continue
+            try:
+                other.add(PLACEMENT_KEY, PLACEMENT_SCHEME, expire=PLACEMENT_TTL, noreply=False)
+                found = other.get(PLACEMENT_KEY)
+            except Exception:  # noqa: BLE001 - the operation on this server reports the failure
+                continue
+            check_placement(found, PLACEMENT_SCHEME, _server_name(other))
+            self._unplaced.discard(id(other))
 
     def _route(self, keys: Iterable[str]) -> list[tuple[Any, list[str]]]:
         if self._hasher is None:
@@ -378,7 +436,12 @@ class PymemcacheDriver:
             if name is None:
                 raise StoreUnavailableError("no memcached servers configured in the HashClient")
             groups.setdefault(name, []).append(key)
-        return [(self._by_name[name], group) for name, group in groups.items()]
+        routed = [(self._by_name[name], group) for name, group in groups.items()]
+        if self._unplaced:
+            for node, _group in routed:
+                if id(node) in self._unplaced:
+                    self._check_placement(node)
+        return routed
 
     def _once_more(self, fn: Callable[..., Any], *args: Any) -> Any:
         # A pooled connection to a server that restarted fails on first use;
