@@ -35,6 +35,10 @@ SUITES: dict[str, str] = {
     "one CPU with the benchmark)",
     "sqlalchemy": "SqlAlchemyStore get/batch_get(100) vs hand-written SQLAlchemy; the chain at each depth vs "
     "hand-written cache-aside (SQLite, and PostgreSQL when reachable)",
+    "leases": "lease reads on a hit vs the plain get (memcached meta commands, Redis); the meta codec vs "
+    "meta-memcache when installed",
+    "bus": "invalidation buses: staleness window per bus (Redis stream, PostgreSQL NOTIFY, memcached epochs) and "
+    "the chain's L1 hit with a bus vs without",
 }
 
 PLOT_HINT = 'pip install "stockpyle[bench]"'
