@@ -159,3 +159,35 @@ def test_writes_reach_the_live_servers_when_one_is_down(memcached_factory: Any) 
     cluster[1].start()
     assert store.batch_get(Item, [{"key": it.key} for it in stored]) == [None] * 30
     store.release()
+
+
+@pytest.mark.memcache
+def test_a_full_pool_is_an_unavailable_layer_not_a_runtime_error(memcached_factory: Any) -> None:
+    """pymemcache's pool raises RuntimeError past max_pool_size instead of waiting: the store says unavailable."""
+    import threading
+
+    (server,) = memcached_factory.start(1)
+    store = MemcacheStore([server.address], namespace="pool" + uuid.uuid4().hex[:8], max_pool_size=1, timeout=1)
+    store.put(Item("p1", 1, 1, "v"))
+    server.pause()
+    try:
+        errors: list[BaseException] = []
+
+        def hold() -> None:
+            try:
+                store.get(Item, {"key": "p1"})
+            except StoreUnavailableError as exc:
+                errors.append(exc)
+
+        holder = threading.Thread(target=hold)
+        holder.start()  # takes the only connection and waits on the frozen server
+        time.sleep(0.2)
+        with pytest.raises(StoreUnavailableError, match="max_pool_size"):
+            store.get(Item, {"key": "p1"})
+    finally:
+        server.resume()
+        holder.join()
+    assert not holder.is_alive()  # the holder got its answer (or its timeout) once the server thawed
+    assert store.get(Item, {"key": "p1"}).payload == "v"  # type: ignore[union-attr]
+    chain = ChainedStore([ProcessMemoryStore(), store, BaseDictionaryStore({})], bus=None)
+    assert chain.get(Item, {"key": "p1"}) is not None

@@ -133,6 +133,10 @@ def _too_large(exc: BaseException) -> bool:
 _TABLES: dict[bool, ErrorTable] = {}
 
 
+def _pool_exhausted(exc: BaseException) -> bool:
+    return "Too many objects" in str(exc)  # pymemcache.pool.ObjectPool's message (4.0)
+
+
 def error_table() -> ErrorTable:
     """How pymemcache and socket errors map into the stockpyle tree (pymemcache installed or not)."""
     installed = True
@@ -159,6 +163,13 @@ def error_table() -> ErrorTable:
             ),
             ErrorRule(exceptions.MemcacheError, StoreError),
             garbled,
+            # pymemcache's pool does not wait for a connection: past max_pool_size it raises
+            ErrorRule(
+                RuntimeError,
+                StoreUnavailableError,
+                when=_pool_exhausted,
+                message="every pooled connection (max_pool_size) is in use",
+            ),
         ]
     table = _TABLES[installed] = ErrorTable("memcached", rules, retry=closed)
     return table
