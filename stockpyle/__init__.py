@@ -42,7 +42,7 @@ if _typing.TYPE_CHECKING:  # pragma: no cover
     from .bus.postgres import PostgresNotifyBus
     from .bus.redis import RedisStreamBus
     from .stores.achained import AsyncChainedStore
-    from .stores.memcache import MemcacheStore
+    from .stores.memcache import AsyncMemcacheStore, MemcacheStore
     from .stores.redis import AsyncRedisStore, RedisStore
     from .stores.shove import ShoveStore
     from .stores.sqlalchemy import SqlAlchemyStore
@@ -52,6 +52,7 @@ __version__ = "1.0.0rc1"
 __all__ = [
     "AsyncBaseStore",
     "AsyncChainedStore",
+    "AsyncMemcacheStore",
     "AsyncRedisStore",
     "BaseDictionaryStore",
     "BaseStore",
@@ -85,7 +86,15 @@ __all__ = [
 def __getattr__(name: str) -> _typing.Any:
     # backend stores live in modules that import optional drivers, the asyncio
     # chain in one that imports asyncio: load on first use
-    if name in ("AsyncChainedStore", "AsyncRedisStore", "MemcacheStore", "RedisStore", "ShoveStore", "SqlAlchemyStore"):
+    if name in (
+        "AsyncChainedStore",
+        "AsyncMemcacheStore",
+        "AsyncRedisStore",
+        "MemcacheStore",
+        "RedisStore",
+        "ShoveStore",
+        "SqlAlchemyStore",
+    ):
         from . import stores
 
         value = getattr(stores, name)

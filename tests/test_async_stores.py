@@ -18,22 +18,16 @@ from support.databases import QueryCounter, create_tables, drop_tables, table_na
 
 from stockpyle import ChainedStore, ProcessMemoryStore
 from stockpyle.exceptions import StoreUnavailableError
-from stockpyle.lifetimes import MEMCACHE_RELATIVE_LIMIT
 from stockpyle.stores.achained import AsyncChainedStore
-from stockpyle.stores.drivers.pymemcache import PymemcacheDriver, build_client, normalize_servers
-from stockpyle.stores.drivers.threaded import ThreadedDriver
-from stockpyle.stores.kv import AsyncKeyValueStore
+from stockpyle.stores.memcache import AsyncMemcacheStore
 from stockpyle.stores.sqlalchemy import SqlAlchemyStore
 from stockpyle.testing import ConsistencyContract, Item, StoreContract, sync_bridge
 
 
-def async_memcache(address: str, **options: Any) -> AsyncKeyValueStore:
-    """An AsyncKeyValueStore on the pymemcache driver, its calls run in threads."""
-    client = build_client(normalize_servers([address]), connect_timeout=0.25, timeout=0.5, max_pool_size=None)
+def async_memcache(address: str, **options: Any) -> AsyncMemcacheStore:
+    """An AsyncMemcacheStore: the key-value engine driven with await, the pymemcache driver's calls in threads."""
     options.setdefault("namespace", "a" + uuid.uuid4().hex[:12])
-    return AsyncKeyValueStore(
-        ThreadedDriver(PymemcacheDriver(client, servers=[address])), tombstone_limit=MEMCACHE_RELATIVE_LIMIT, **options
-    )
+    return AsyncMemcacheStore([address], connect_timeout=0.25, timeout=0.5, **options)
 
 
 @pytest.mark.memcache

@@ -12,7 +12,7 @@ from .memory import ProcessMemoryStore, ThreadLocalStore
 if TYPE_CHECKING:  # pragma: no cover
     from .achained import AsyncChainedStore
     from .kv import AsyncKeyValueStore, KeyValueStore
-    from .memcache import MemcacheStore
+    from .memcache import AsyncMemcacheStore, MemcacheStore
     from .redis import AsyncRedisStore, RedisStore
     from .shove import ShoveStore
     from .sqlalchemy import SqlAlchemyStore
@@ -21,6 +21,7 @@ __all__ = [
     "AsyncBaseStore",
     "AsyncChainedStore",
     "AsyncKeyValueStore",
+    "AsyncMemcacheStore",
     "AsyncRedisStore",
     "BaseDictionaryStore",
     "BaseStore",
@@ -39,6 +40,7 @@ __all__ = [
 _LAZY = {
     "AsyncChainedStore": ".achained",
     "AsyncKeyValueStore": ".kv",
+    "AsyncMemcacheStore": ".memcache",
     "AsyncRedisStore": ".redis",
     "KeyValueStore": ".kv",
     "MemcacheStore": ".memcache",

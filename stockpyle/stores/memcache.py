@@ -17,7 +17,7 @@ before anything is sent.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from ..exceptions import ConfigurationError
 from ..lifetimes import MEMCACHE_RELATIVE_LIMIT, LifetimeCallback
@@ -30,9 +30,25 @@ from .drivers.pymemcache import (
     build_client,
     normalize_servers,
 )
-from .kv import CAS_ATTEMPTS, DEFAULT_GENERATION_CHECK, DEFAULT_MAX_LIFETIME, ITEM_OVERHEAD, KeyValueStore
+from .kv import (
+    CAS_ATTEMPTS,
+    DEFAULT_GENERATION_CHECK,
+    DEFAULT_MAX_LIFETIME,
+    ITEM_OVERHEAD,
+    AsyncKeyValueStore,
+    KeyValueEngine,
+    KeyValueStore,
+)
 
-__all__ = ["CAS_ATTEMPTS", "DEFAULT_MAX_ITEM_SIZE", "DEFAULT_MAX_LIFETIME", "DRIVERS", "INSTALL_HINT", "MemcacheStore"]
+__all__ = [
+    "CAS_ATTEMPTS",
+    "DEFAULT_MAX_ITEM_SIZE",
+    "DEFAULT_MAX_LIFETIME",
+    "DRIVERS",
+    "INSTALL_HINT",
+    "AsyncMemcacheStore",
+    "MemcacheStore",
+]
 
 #: the values of ``MemcacheStore(driver=...)``
 DRIVERS = ("pymemcache", "pylibmc")
@@ -57,7 +73,103 @@ def _server_names(servers: Sequence[str | tuple[str, int]] | str) -> list[str]:
     return names
 
 
-class MemcacheStore(KeyValueStore):
+class _MemcacheOptions(KeyValueEngine):
+    """The constructor :class:`MemcacheStore` and :class:`AsyncMemcacheStore` share (options checked once, here)."""
+
+    store_name = "MemcacheStore"
+    #: run the driver's calls in threads, for asyncio
+    _asyncio: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        servers: Sequence[str | tuple[str, int]] | str | None = None,
+        *,
+        client: Any = None,
+        polymorphic: bool = False,
+        lifetime_cb: LifetimeCallback | None = None,
+        prefix: str = "sp",
+        namespace: str = "",
+        serializer: Serializer | None = None,
+        secret: bytes | str | Mapping[int, bytes | str] | None = None,
+        signer: Signer | None = None,
+        connect_timeout: float = 0.25,
+        timeout: float = 0.5,
+        max_pool_size: int | None = None,
+        max_item_size: int = DEFAULT_MAX_ITEM_SIZE,
+        driver: str = "pymemcache",
+        cleanup_stale_keys: bool = True,
+        tombstone_lifetime: float = 5.0,
+        max_lifetime: Any = DEFAULT_MAX_LIFETIME,
+        generation_check: float = DEFAULT_GENERATION_CHECK,
+    ) -> None:
+        if (servers is None) == (client is None):
+            raise ConfigurationError(
+                "MemcacheStore needs exactly one of servers=['host:port', ...] or client=<memcached client>"
+            )
+        for name, value in (("connect_timeout", connect_timeout), ("timeout", timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigurationError(f"MemcacheStore {name} must be a positive number of seconds; got {value!r}")
+        if isinstance(max_item_size, bool) or not isinstance(max_item_size, int) or max_item_size <= ITEM_OVERHEAD:
+            raise ConfigurationError(f"max_item_size must be a number of bytes; got {max_item_size!r}")
+        self.max_item_size = max_item_size
+        if driver not in DRIVERS:
+            choices = ", ".join(map(repr, DRIVERS))
+            raise ConfigurationError(f"MemcacheStore driver must be one of {choices}; got {driver!r}")
+        if driver == "pylibmc" and client is not None:
+            raise ConfigurationError(
+                "MemcacheStore(driver='pylibmc') builds its own clients: pass servers=, not client="
+            )
+        #: the ``host:port`` names (``None`` for a client passed in)
+        self.servers: list[str] | None = None
+        #: the driver's name: ``"pymemcache"`` or ``"pylibmc"``
+        self.driver_name = driver
+        kv_driver: PymemcacheDriver | PylibmcDriver
+        if driver == "pylibmc":
+            self.servers = _server_names(servers)  # type: ignore[arg-type]
+            kv_driver = PylibmcDriver(
+                self.servers,
+                connect_timeout=connect_timeout,
+                timeout=timeout,
+                max_pool_size=max_pool_size,
+                max_item_size=max_item_size,
+            )
+        else:
+            if servers is not None:
+                specs = normalize_servers(servers)
+                self.servers = [s if isinstance(s, str) else f"{s[0]}:{s[1]}" for s in specs]
+                client = build_client(
+                    specs, connect_timeout=connect_timeout, timeout=timeout, max_pool_size=max_pool_size
+                )
+            kv_driver = PymemcacheDriver(client, servers=self.servers, max_item_size=max_item_size)
+        #: the memcached client (pymemcache; ``None`` with the pylibmc driver, which pools its own per server)
+        self.client = client
+        engine_driver: Any = kv_driver
+        if self._asyncio:
+            from .drivers.threaded import ThreadedDriver  # asyncio is imported only by asyncio stores
+
+            engine_driver = ThreadedDriver(kv_driver)
+        super().__init__(
+            engine_driver,
+            polymorphic=polymorphic,
+            lifetime_cb=lifetime_cb,
+            prefix=prefix,
+            namespace=namespace,
+            serializer=serializer,
+            secret=secret,
+            signer=signer,
+            cleanup_stale_keys=cleanup_stale_keys,
+            tombstone_lifetime=tombstone_lifetime,
+            max_lifetime=max_lifetime,
+            generation_check=generation_check,
+            tombstone_limit=MEMCACHE_RELATIVE_LIMIT,
+        )
+
+    def memcache_key(self, key: Any) -> str:
+        """The memcached key of one stockpyle key (see :mod:`stockpyle.stores.kv` for its form)."""
+        return self.storage_key(key)
+
+
+class MemcacheStore(_MemcacheOptions, KeyValueStore):
     """A store in memcached, usually a cache layer of a :class:`~stockpyle.ChainedStore`.
 
     ``MemcacheStore(servers=["127.0.0.1:11211"])`` creates a thread-safe
@@ -128,92 +240,38 @@ class MemcacheStore(KeyValueStore):
 
     store_name = "MemcacheStore"
 
-    def __init__(
-        self,
-        servers: Sequence[str | tuple[str, int]] | str | None = None,
-        *,
-        client: Any = None,
-        polymorphic: bool = False,
-        lifetime_cb: LifetimeCallback | None = None,
-        prefix: str = "sp",
-        namespace: str = "",
-        serializer: Serializer | None = None,
-        secret: bytes | str | Mapping[int, bytes | str] | None = None,
-        signer: Signer | None = None,
-        connect_timeout: float = 0.25,
-        timeout: float = 0.5,
-        max_pool_size: int | None = None,
-        max_item_size: int = DEFAULT_MAX_ITEM_SIZE,
-        driver: str = "pymemcache",
-        cleanup_stale_keys: bool = True,
-        tombstone_lifetime: float = 5.0,
-        max_lifetime: Any = DEFAULT_MAX_LIFETIME,
-        generation_check: float = DEFAULT_GENERATION_CHECK,
-    ) -> None:
-        if (servers is None) == (client is None):
-            raise ConfigurationError(
-                "MemcacheStore needs exactly one of servers=['host:port', ...] or client=<memcached client>"
-            )
-        for name, value in (("connect_timeout", connect_timeout), ("timeout", timeout)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigurationError(f"MemcacheStore {name} must be a positive number of seconds; got {value!r}")
-        if isinstance(max_item_size, bool) or not isinstance(max_item_size, int) or max_item_size <= ITEM_OVERHEAD:
-            raise ConfigurationError(f"max_item_size must be a number of bytes; got {max_item_size!r}")
-        self.max_item_size = max_item_size
-        if driver not in DRIVERS:
-            choices = ", ".join(map(repr, DRIVERS))
-            raise ConfigurationError(f"MemcacheStore driver must be one of {choices}; got {driver!r}")
-        if driver == "pylibmc" and client is not None:
-            raise ConfigurationError(
-                "MemcacheStore(driver='pylibmc') builds its own clients: pass servers=, not client="
-            )
-        #: the ``host:port`` names (``None`` for a client passed in)
-        self.servers: list[str] | None = None
-        #: the driver's name: ``"pymemcache"`` or ``"pylibmc"``
-        self.driver_name = driver
-        kv_driver: PymemcacheDriver | PylibmcDriver
-        if driver == "pylibmc":
-            self.servers = _server_names(servers)  # type: ignore[arg-type]
-            kv_driver = PylibmcDriver(
-                self.servers,
-                connect_timeout=connect_timeout,
-                timeout=timeout,
-                max_pool_size=max_pool_size,
-                max_item_size=max_item_size,
-            )
-        else:
-            if servers is not None:
-                specs = normalize_servers(servers)
-                self.servers = [s if isinstance(s, str) else f"{s[0]}:{s[1]}" for s in specs]
-                client = build_client(
-                    specs, connect_timeout=connect_timeout, timeout=timeout, max_pool_size=max_pool_size
-                )
-            kv_driver = PymemcacheDriver(client, servers=self.servers, max_item_size=max_item_size)
-        #: the memcached client (pymemcache; ``None`` with the pylibmc driver, which pools its own per server)
-        self.client = client
-        super().__init__(
-            kv_driver,
-            polymorphic=polymorphic,
-            lifetime_cb=lifetime_cb,
-            prefix=prefix,
-            namespace=namespace,
-            serializer=serializer,
-            secret=secret,
-            signer=signer,
-            cleanup_stale_keys=cleanup_stale_keys,
-            tombstone_lifetime=tombstone_lifetime,
-            max_lifetime=max_lifetime,
-            generation_check=generation_check,
-            tombstone_limit=MEMCACHE_RELATIVE_LIMIT,
-        )
-
-    def memcache_key(self, key: Any) -> str:
-        """The memcached key of one stockpyle key (see :mod:`stockpyle.stores.kv` for its form)."""
-        return self.storage_key(key)
-
     def release(self) -> None:
         """Close the client's connections (also a client passed in with ``client=``).
 
         The store stays usable: pymemcache reconnects on the next operation.
         """
         super().release()
+
+
+class AsyncMemcacheStore(_MemcacheOptions, AsyncKeyValueStore):
+    """:class:`MemcacheStore` for asyncio: every operation is a coroutine.
+
+    The constructor is :class:`MemcacheStore`'s, with the same options and
+    checks (``driver="pymemcache"`` or ``"pylibmc"``), and so are the keys,
+    the entries, the placement of keys on the servers and the leases: a
+    :class:`MemcacheStore` and an :class:`AsyncMemcacheStore` with the same
+    servers, ``prefix``, ``namespace`` and ``secret`` share one cache.
+
+    The driver is the synchronous one, its calls run in worker threads
+    (:class:`~stockpyle.stores.drivers.threaded.ThreadedDriver`): the event
+    loop never waits for memcached, at the cost of a thread hand-off per call
+    (tens of microseconds), and the driver's own timeouts bound every call.
+    No asyncio memcached client was chosen instead: aiomcache 0.8 has no
+    socket timeouts (a frozen server hangs a call for ever), fetches tokens one
+    key at a time, and returns a cancelled call's connection to its pool with
+    the reply still unread, so the next call on it reads the wrong answer.
+    Here a cancelled call stops waiting at once; its thread finishes the
+    call, so the connection goes back to the pool clean.  A lease the
+    cancelled task held is released by
+    :class:`~stockpyle.stores.achained.AsyncChainedStore`.
+
+    .. versionadded:: 1.0
+    """
+
+    store_name = "AsyncMemcacheStore"
+    _asyncio = True
