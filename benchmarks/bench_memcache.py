@@ -6,7 +6,8 @@ binary), pinned with this process to one CPU by default (see "Pinning" in
 ``_timing.py``), and stops it by PID at the end.  Rows are interleaved (see
 ``_timing.py``) and each is reported as stockpyle's median and its ratio to
 the peer.  The raw baseline is what hand-written code does:
-``pickle.loads(client.get(key))``.  The pylibmc rows (when pylibmc is
+``pickle.loads(client.get(key))``, on a pool with the store's timeouts and
+with keys as long as the store's.  The pylibmc rows (when pylibmc is
 installed) compare ``MemcacheStore(driver="pylibmc")`` with raw pylibmc and
 with dogpile.cache's pylibmc backend.
 """
@@ -38,6 +39,16 @@ class Item:
         self.payload = payload
 
 
+class Single:
+    """An object with one key (no alternate keys to clean up)."""
+
+    __stockpyle_keys__ = ["key"]  # noqa: RUF012
+
+    def __init__(self, key: str, payload: Any = None) -> None:
+        self.key = key
+        self.payload = payload
+
+
 GET = "MemcacheStore.get"
 GET_SIGNED = "MemcacheStore(secret=...).get"
 RAW_POOLED = "raw PooledClient.get + pickle.loads"
@@ -50,6 +61,8 @@ RAW_MANY_PLAIN = f"raw Client.get_many({SIZE}) + unpickle"
 DOGPILE_MANY = f"dogpile.cache pymemcache region.get_multi({SIZE})"
 PUT = "MemcacheStore.put (2 keys)"
 RAW_SET = "raw PooledClient.set x2 + pickle.dumps"
+PUT_ONE = "MemcacheStore.put (1 key)"
+RAW_SET_ONE = "raw PooledClient.set + pickle.dumps"
 LIB_GET = 'MemcacheStore(driver="pylibmc").get'
 LIB_RAW = "raw pylibmc Client.get + pickle.loads"
 LIB_DOGPILE = "dogpile.cache pylibmc region.get"
@@ -88,10 +101,15 @@ def _measure(suite: Suite, address: str, quick: bool) -> None:
     signed = MemcacheStore([address], namespace="bench-signed", secret=b"benchmark secret")
     signed.batch_put(objs)
 
+    single = Single("single-0", {"name": "object 0", "values": list(range(10))})
+    store.put(single)
+
     host, port = address.split(":")
-    pooled = PooledClient((host, int(port)), no_delay=True, default_noreply=False)
+    # the hand-written side: a pool with the store's timeouts, and keys as long as the store's
+    pooled = PooledClient((host, int(port)), no_delay=True, default_noreply=False, connect_timeout=0.25, timeout=0.5)
     plain = Client((host, int(port)), no_delay=True, default_noreply=False)
-    raw_keys = [f"raw:{o.key}" for o in objs]
+    raw_keys = ["rw" + store.key_for(Item, {"key": o.key})[2:] for o in objs]
+    raw_single = "rw" + store.key_for(Single, {"key": single.key})[2:]
     pooled.set_many({k: pickle.dumps(o, pickle.HIGHEST_PROTOCOL) for k, o in zip(raw_keys, objs, strict=True)})
 
     k0, rk0 = keydicts[0], raw_keys[0]
@@ -107,8 +125,10 @@ def _measure(suite: Suite, address: str, quick: bool) -> None:
         (PUT, lambda: store.put(objs[1])),
         (
             RAW_SET,
-            lambda: pooled.set_many(dict.fromkeys(("raw:a", "raw:b"), pickle.dumps(objs[1], pickle.HIGHEST_PROTOCOL))),
+            lambda: pooled.set_many(dict.fromkeys(raw_keys[1:3], pickle.dumps(objs[1], pickle.HIGHEST_PROTOCOL))),
         ),
+        (PUT_ONE, lambda: store.put(single)),
+        (RAW_SET_ONE, lambda: pooled.set(raw_single, pickle.dumps(single, pickle.HIGHEST_PROTOCOL))),
     ]
     batches: list[tuple[str, Callable[[], object]]] = [
         (BATCH, lambda: store.batch_get(Item, keydicts)),
@@ -140,6 +160,7 @@ def _measure(suite: Suite, address: str, quick: bool) -> None:
     suite.compare(one, GET, RAW_PLAIN)
     suite.compare(one, GET, DOGPILE)
     suite.compare(one, GET_SIGNED, RAW_POOLED, note="HMAC-SHA256 verified before unpickling")
+    suite.compare(one, PUT_ONE, RAW_SET_ONE, target="<= 1.20")
     suite.compare(one, PUT, RAW_SET, note="stockpyle reads the old key list first (stale-key cleanup)")
     suite.compare(many, BATCH, RAW_MANY, target="<= 1.20")
     suite.compare(many, BATCH, RAW_MANY_PLAIN)
@@ -187,13 +208,13 @@ def _pylibmc_rows(
     store = MemcacheStore([address], namespace="bench-pylibmc", driver="pylibmc")
     store.batch_put(objs)
     raw = pylibmc.Client([address], behaviors={"tcp_nodelay": True})
-    raw_keys = [f"rawlib:{o.key}" for o in objs]
+    raw_keys = ["rl" + store.key_for(Item, {"key": o.key})[2:] for o in objs]  # keys as long as the store's
     raw.set_multi({k: pickle.dumps(o, pickle.HIGHEST_PROTOCOL) for k, o in zip(raw_keys, objs, strict=True)})
     rk0, k0 = raw_keys[0], keydicts[0]
     assert store.get(Item, k0).key == "key-0"  # type: ignore[union-attr]
     assert all(o is not None for o in store.batch_get(Item, keydicts))
     assert pickle.loads(raw.get(rk0)).key == "key-0"
-    two = ("rawlib:a", "rawlib:b")
+    two = tuple(raw_keys[1:3])
     singles += [
         (LIB_GET, lambda: store.get(Item, k0)),
         (LIB_RAW, lambda: pickle.loads(raw.get(rk0))),
