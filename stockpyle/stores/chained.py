@@ -1191,7 +1191,7 @@ class ChainedStore(ChainPolicy, BaseStore):
         if self._countdown <= 0:  # one call in SAMPLE_EVERY is timed, layer by layer
             self._countdown = SAMPLE_EVERY
             began = perf_counter()
-            found = self._miss(0, klass, keydict, stampede, timed=True)
+            found = self._get(klass, keydict, stampede, timed=True)
             self._totals.timer("get").add(perf_counter() - began)  # what the caller waited, end to end
             return found
         index = self._fast_index
@@ -1222,29 +1222,41 @@ class ChainedStore(ChainPolicy, BaseStore):
                     canonical_value(value)
                     self._first_stats.misses += 1
                     return self._miss(1, klass, keydict, stampede)
+        return self._get(klass, keydict, stampede)
+
+    def _get(self, klass: type[T], keydict: KeyDict, stampede: Any, timed: bool = False) -> T | None:
+        """:meth:`get` without the index probe: an in-process top layer is asked outside the flight.
+
+        An object the top layer has is returned without joining a flight
+        (single flight is for reads of the layers below); ``timed`` samples
+        every layer's latency.
+        """
         if (
             not self._first_in_process
             or not self._trust()
             or self._first_breaker.open_until
             or self._first_breaker.failures
         ):
-            return self._miss(0, klass, keydict, stampede)
+            return self._miss(0, klass, keydict, stampede, timed)
+        began = perf_counter() if timed else 0.0
         try:
             obj = self.stores[0].get(klass, keydict)
         except UnknownKeyError:
             if self._single:
                 raise
-            return self._miss(1, klass, keydict, stampede)
+            return self._miss(1, klass, keydict, stampede, timed)
         except StoreError as exc:
             self._failed(0, "get", exc)
-            return self._miss(1, klass, keydict, stampede)
+            return self._miss(1, klass, keydict, stampede, timed)
+        if timed:
+            self._first_stats.latency.add(perf_counter() - began)
         if obj is not None:
             self._l1_hits += 1
             return obj  # type: ignore[no-any-return]
         self._first_stats.misses += 1
         if self._single:
             return None
-        return self._miss(1, klass, keydict, stampede)
+        return self._miss(1, klass, keydict, stampede, timed)
 
     def _miss(self, start: int, klass: type[T], keydict: KeyDict, stampede: Any, timed: bool = False) -> T | None:
         """Read the layers from ``start``, once for all threads of this process missing the same key."""
