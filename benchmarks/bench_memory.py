@@ -65,7 +65,7 @@ def run(*, quick: bool = False) -> Suite:
     assert local.get(User, keydict) is probe
     rows.append((TL, lambda: local.get(User, keydict)))
 
-    chain = ChainedStore([ProcessMemoryStore(), ProcessMemoryStore()])
+    chain = ChainedStore([ProcessMemoryStore(), ProcessMemoryStore()], bus=None)
     chain.batch_put(users)
     assert chain.get(User, keydict) is probe
     rows.append((CHAIN, lambda: chain.get(User, keydict)))

@@ -251,7 +251,7 @@ def _chain(
 
     memory = ProcessMemoryStore()
     cache = MemcacheStore([address], namespace=f"bench-{os.getpid()}-{label}")
-    chain = ChainedStore([memory, cache, store])
+    chain = ChainedStore([memory, cache, store], bus=None)  # one process: no bus
     host, port = address.split(":")
     # The hand-written code gets the client configuration a service needs and
     # MemcacheStore uses: thread-safe (pooled), with timeouts. A pooled client
