@@ -45,7 +45,7 @@ if _typing.TYPE_CHECKING:  # pragma: no cover
     from .stores.memcache import MemcacheStore
     from .stores.redis import AsyncRedisStore, RedisStore
     from .stores.shove import ShoveStore
-    from .stores.sqlalchemy import SqlAlchemyStore
+    from .stores.sqlalchemy import AsyncSqlAlchemyStore, SqlAlchemyStore
 
 __version__ = "1.0.0rc1"
 
@@ -53,6 +53,7 @@ __all__ = [
     "AsyncBaseStore",
     "AsyncChainedStore",
     "AsyncRedisStore",
+    "AsyncSqlAlchemyStore",
     "BaseDictionaryStore",
     "BaseStore",
     "ChainedStore",
@@ -85,7 +86,15 @@ __all__ = [
 def __getattr__(name: str) -> _typing.Any:
     # backend stores live in modules that import optional drivers, the asyncio
     # chain in one that imports asyncio: load on first use
-    if name in ("AsyncChainedStore", "AsyncRedisStore", "MemcacheStore", "RedisStore", "ShoveStore", "SqlAlchemyStore"):
+    if name in (
+        "AsyncChainedStore",
+        "AsyncRedisStore",
+        "AsyncSqlAlchemyStore",
+        "MemcacheStore",
+        "RedisStore",
+        "ShoveStore",
+        "SqlAlchemyStore",
+    ):
         from . import stores
 
         value = getattr(stores, name)

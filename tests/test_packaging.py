@@ -83,7 +83,10 @@ def test_the_wheel_holds_the_package_and_honest_metadata(built: dict[str, Path])
     assert metadata["Requires-Python"] == ">=3.10"  # type: ignore[index]
     # development requirements are dependency groups, not published extras
     extras = set(metadata.get_all("Provides-Extra"))  # type: ignore[attr-defined]
-    assert extras == {"all", "bench", "cli", "memcache", "postgres", "redis", "redis-asyncio", "shove", "sqlalchemy"}
+    assert extras == {
+        "all", "bench", "cli", "memcache", "postgres", "redis", "redis-asyncio", "shove", "sqlalchemy",
+        "sqlalchemy-asyncio",
+    }  # fmt: skip
     assert not any("pytest" in requirement for requirement in metadata.get_all("Requires-Dist"))  # type: ignore[attr-defined]
 
 

@@ -15,8 +15,8 @@ from stockpyle import exceptions
 from stockpyle.exceptions import NonUniqueKeyError, StockpyleError
 
 PUBLIC = {
-    "AsyncBaseStore", "AsyncChainedStore", "AsyncRedisStore", "BaseDictionaryStore", "BaseStore", "ChainedStore",
-    "ConfigurationError",
+    "AsyncBaseStore", "AsyncChainedStore", "AsyncRedisStore", "AsyncSqlAlchemyStore", "BaseDictionaryStore",
+    "BaseStore", "ChainedStore", "ConfigurationError",
     "LeaseTimeoutError", "MemcacheEpochBus", "MemcacheStore", "MultiStore", "NonUniqueKeyError", "NotStorableError",
     "PostgresNotifyBus", "ProcessMemoryStore", "RedisStore", "RedisStreamBus", "ShoveStore", "SqlAlchemyStore",
     "Stampede", "StockpyleError", "Storable", "StoreError",
@@ -32,8 +32,8 @@ BUS_PUBLIC = {
     "class_digest", "key_digest",
 }  # fmt: skip
 STORES_PUBLIC = {
-    "AsyncBaseStore", "AsyncChainedStore", "AsyncKeyValueStore", "AsyncRedisStore", "BaseDictionaryStore", "BaseStore",
-    "ChainedStore",
+    "AsyncBaseStore", "AsyncChainedStore", "AsyncKeyValueStore", "AsyncRedisStore", "AsyncSqlAlchemyStore",
+    "BaseDictionaryStore", "BaseStore", "ChainedStore",
     "KeyValueStore", "LayerStats", "MemcacheStore", "MultiStore", "ProcessMemoryStore", "RedisStore", "ShoveStore",
     "SqlAlchemyStore", "ThreadLocalStore",
 }  # fmt: skip

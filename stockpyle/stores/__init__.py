@@ -15,13 +15,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .memcache import MemcacheStore
     from .redis import AsyncRedisStore, RedisStore
     from .shove import ShoveStore
-    from .sqlalchemy import SqlAlchemyStore
+    from .sqlalchemy import AsyncSqlAlchemyStore, SqlAlchemyStore
 
 __all__ = [
     "AsyncBaseStore",
     "AsyncChainedStore",
     "AsyncKeyValueStore",
     "AsyncRedisStore",
+    "AsyncSqlAlchemyStore",
     "BaseDictionaryStore",
     "BaseStore",
     "ChainedStore",
@@ -40,6 +41,7 @@ _LAZY = {
     "AsyncChainedStore": ".achained",
     "AsyncKeyValueStore": ".kv",
     "AsyncRedisStore": ".redis",
+    "AsyncSqlAlchemyStore": ".sqlalchemy",
     "KeyValueStore": ".kv",
     "MemcacheStore": ".memcache",
     "RedisStore": ".redis",
