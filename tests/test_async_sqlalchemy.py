@@ -401,3 +401,85 @@ def test_missing_greenlet_or_driver_names_the_extra(missing: str) -> None:
     assert ASYNC_INSTALL_HINT in result.stdout
     assert "pip install 'stockpyle[sqlalchemy-asyncio]'" in result.stdout
     assert missing in result.stdout
+
+
+# ---------------------------------------------------------------------------
+# the session extension on AsyncSession
+
+
+def test_the_extension_follows_async_sessions_of_an_async_sessionmaker(orm_engine: sa.Engine) -> None:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from stockpyle.ext.sqlalchemy import StockpyleSessionExtension
+
+    memory = ProcessMemoryStore()
+    ext = StockpyleSessionExtension(store=memory)
+    engine = create_async_engine(async_url(orm_engine.url))
+    maker = ext.attach(async_sessionmaker(engine, expire_on_commit=False))
+    ext.attach(maker)  # twice: harmless
+    other = async_sessionmaker(engine)  # not attached
+
+    async def scenario() -> None:
+        async with maker() as session:
+            session.add(Author(id=1, email="ada@x", name="ada", books=[Book(id=10, title="one")]))
+            await session.commit()
+        cached = memory.get(Book, {"id": 10})
+        assert cached is not None and cached.title == "one"
+        assert memory.get(Author, {"email": "ada@x"}) is not None
+        async with maker() as session:  # a rollback changes nothing
+            author = await session.get(Author, 1)
+            assert author is not None
+            author.name = "changed"
+            await session.flush()
+            await session.rollback()
+        assert memory.get(Author, {"id": 1}).name == "ada"  # type: ignore[union-attr]
+        async with other() as session:  # another maker's sessions are not followed
+            session.add(Author(id=2, email="bob@x"))
+            await session.commit()
+        assert memory.get(Author, {"id": 2}) is None
+        async with AsyncSession(engine) as session:  # one session attached by itself
+            ext.attach(session)
+            author = await session.get(Author, 1)
+            assert author is not None
+            await session.delete(author)  # cascades to the books
+            await session.commit()
+        assert memory.get(Author, {"id": 1}) is None and memory.get(Book, {"id": 10}) is None
+        ext.detach(maker)
+        async with maker() as session:
+            session.add(Author(id=3, email="cy@x"))
+            await session.commit()
+        assert memory.get(Author, {"id": 3}) is None
+        await engine.dispose()
+
+    asyncio.run(scenario())
+    assert ext.errors == 0
+
+
+def test_the_extension_refuses_an_asyncio_store() -> None:
+    from stockpyle.ext.sqlalchemy import StockpyleSessionExtension
+
+    with pytest.raises(
+        ConfigurationError, match="is an asyncio store; the extension writes to the cache inside commit"
+    ):
+        StockpyleSessionExtension(store=AsyncChainedStore([ProcessMemoryStore()]))
+
+
+def test_read_through_answers_an_async_session_get_from_the_cache(orm_engine: sa.Engine) -> None:
+    from stockpyle.ext.sqlalchemy import StockpyleSessionExtension
+
+    memory = ProcessMemoryStore()
+    ext = StockpyleSessionExtension(store=memory, read_through=True)
+    engine = create_async_engine(async_url(orm_engine.url))
+    maker = ext.attach(async_sessionmaker(engine))
+
+    async def scenario() -> None:
+        async with maker() as session:
+            session.add(Author(id=4, email="dee@x", name="dee"))
+            await session.commit()
+        async with maker() as session:
+            found = await session.get(Author, 4)
+            assert found is not None and found.name == "dee"
+        await engine.dispose()
+
+    asyncio.run(scenario())
+    assert (ext.read_hits, ext.read_misses, ext.errors) == (1, 0, 0)
