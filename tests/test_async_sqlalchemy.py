@@ -2,8 +2,9 @@
 
 The store contract runs through :func:`stockpyle.testing.sync_bridge`, on the
 store alone and under an :class:`~stockpyle.AsyncChainedStore`; then write
-effects through the asyncio chain, cancellation while a query waits, and the
-errors for synchronous engines and URLs.
+effects through the asyncio chain, cancellation while a query waits, the
+errors for synchronous engines and URLs, and the session extension attached to
+AsyncSessions.
 """
 
 from __future__ import annotations
@@ -282,7 +283,7 @@ def test_cancelling_an_operation_while_its_query_waits_returns_the_connection(
         holder = _locked(engine, lock)
         began = time.monotonic()
         try:
-            with pytest.raises(TimeoutError):
+            with pytest.raises(asyncio.TimeoutError):  # TimeoutError from Python 3.11
                 await asyncio.wait_for(call(), 0.5)
             waited = time.monotonic() - began
             checked_out = pool.checkedout()

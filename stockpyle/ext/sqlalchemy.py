@@ -8,6 +8,7 @@ events instead.  Attach it to the sessions whose writes the cache must follow::
     ext = StockpyleSessionExtension(store=cache)
     Session = sessionmaker(extension=ext, bind=engine)   # drop-in for the 0.1 API
     # or: ext.attach(existing_sessionmaker / scoped_session / Session subclass / session)
+    # asyncio: ext.attach(async_sessionmaker / async_scoped_session / AsyncSession subclass / session)
 
 What it does, per session and per transaction (no state is shared between
 sessions or threads):
@@ -108,7 +109,10 @@ class StockpyleSessionExtension:
         docs/sqlalchemy.rst, "Read-through").  Every layer of ``store`` must
         be a cache (``is_cache``), never the database store.
     :raises ConfigurationError: when ``store`` is missing or is not a store,
-        or ``read_through`` is asked of a store with a layer that is not a cache.
+        is an asyncio store (the cache writes are made inside ``commit()``,
+        synchronously, also for an ``AsyncSession``: give it synchronous stores
+        on the same caches), or ``read_through`` is asked of a store with a
+        layer that is not a cache.
     :raises ImportError: when SQLAlchemy 2 is not installed.
 
     :ivar errors: how many cache operations failed after a commit, or could
