@@ -45,7 +45,7 @@ if _typing.TYPE_CHECKING:  # pragma: no cover
     from .stores.memcache import AsyncMemcacheStore, MemcacheStore
     from .stores.redis import AsyncRedisStore, RedisStore
     from .stores.shove import ShoveStore
-    from .stores.sqlalchemy import SqlAlchemyStore
+    from .stores.sqlalchemy import AsyncSqlAlchemyStore, SqlAlchemyStore
 
 __version__ = "1.0.0rc1"
 
@@ -54,6 +54,7 @@ __all__ = [
     "AsyncChainedStore",
     "AsyncMemcacheStore",
     "AsyncRedisStore",
+    "AsyncSqlAlchemyStore",
     "BaseDictionaryStore",
     "BaseStore",
     "ChainedStore",
@@ -90,6 +91,7 @@ def __getattr__(name: str) -> _typing.Any:
         "AsyncChainedStore",
         "AsyncMemcacheStore",
         "AsyncRedisStore",
+        "AsyncSqlAlchemyStore",
         "MemcacheStore",
         "RedisStore",
         "ShoveStore",

@@ -84,7 +84,8 @@ def test_the_wheel_holds_the_package_and_honest_metadata(built: dict[str, Path])
     # development requirements are dependency groups, not published extras
     extras = set(metadata.get_all("Provides-Extra"))  # type: ignore[attr-defined]
     assert extras == {
-        "all", "bench", "cli", "memcache", "postgres", "pylibmc", "redis", "redis-asyncio", "shove", "sqlalchemy"
+        "all", "bench", "cli", "memcache", "postgres", "pylibmc", "redis", "redis-asyncio", "shove", "sqlalchemy",
+        "sqlalchemy-asyncio",
     }  # fmt: skip
     assert not any("pytest" in requirement for requirement in metadata.get_all("Requires-Dist"))  # type: ignore[attr-defined]
 

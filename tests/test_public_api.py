@@ -15,7 +15,8 @@ from stockpyle import exceptions
 from stockpyle.exceptions import NonUniqueKeyError, StockpyleError
 
 PUBLIC = {
-    "AsyncBaseStore", "AsyncChainedStore", "AsyncMemcacheStore", "AsyncRedisStore", "BaseDictionaryStore",
+    "AsyncBaseStore", "AsyncChainedStore", "AsyncMemcacheStore", "AsyncRedisStore", "AsyncSqlAlchemyStore",
+    "BaseDictionaryStore",
     "BaseStore", "ChainedStore", "ConfigurationError",
     "LeaseTimeoutError", "MemcacheEpochBus", "MemcacheStore", "MultiStore", "NonUniqueKeyError", "NotStorableError",
     "PostgresNotifyBus", "ProcessMemoryStore", "RedisStore", "RedisStreamBus", "ShoveStore", "SqlAlchemyStore",
@@ -33,6 +34,7 @@ BUS_PUBLIC = {
 }  # fmt: skip
 STORES_PUBLIC = {
     "AsyncBaseStore", "AsyncChainedStore", "AsyncKeyValueStore", "AsyncMemcacheStore", "AsyncRedisStore",
+    "AsyncSqlAlchemyStore",
     "BaseDictionaryStore", "BaseStore", "ChainedStore",
     "KeyValueStore", "LayerStats", "MemcacheStore", "MultiStore", "ProcessMemoryStore", "RedisStore", "ShoveStore",
     "SqlAlchemyStore", "ThreadLocalStore",

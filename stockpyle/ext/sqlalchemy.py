@@ -8,6 +8,7 @@ events instead.  Attach it to the sessions whose writes the cache must follow::
     ext = StockpyleSessionExtension(store=cache)
     Session = sessionmaker(extension=ext, bind=engine)   # drop-in for the 0.1 API
     # or: ext.attach(existing_sessionmaker / scoped_session / Session subclass / session)
+    # asyncio: ext.attach(async_sessionmaker / async_scoped_session / AsyncSession subclass / session)
 
 What it does, per session and per transaction (no state is shared between
 sessions or threads):
@@ -55,6 +56,7 @@ whose inheritance family the session has pending or uncommitted writes of
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -107,7 +109,10 @@ class StockpyleSessionExtension:
         docs/sqlalchemy.rst, "Read-through").  Every layer of ``store`` must
         be a cache (``is_cache``), never the database store.
     :raises ConfigurationError: when ``store`` is missing or is not a store,
-        or ``read_through`` is asked of a store with a layer that is not a cache.
+        is an asyncio store (the cache writes are made inside ``commit()``,
+        synchronously, also for an ``AsyncSession``: give it synchronous stores
+        on the same caches), or ``read_through`` is asked of a store with a
+        layer that is not a cache.
     :raises ImportError: when SQLAlchemy 2 is not installed.
 
     :ivar errors: how many cache operations failed after a commit, or could
@@ -129,6 +134,13 @@ class StockpyleSessionExtension:
         missing = [op for op in _OPERATIONS if not callable(getattr(store, op, None))]
         if missing:
             raise ConfigurationError(f"{store!r} is not a store: it lacks {', '.join(missing)}")
+        if any(inspect.iscoroutinefunction(getattr(type(store), op, None)) for op in _OPERATIONS):
+            raise ConfigurationError(
+                f"{store!r} is an asyncio store; the extension writes to the cache inside commit(), which "
+                "SQLAlchemy runs as synchronous code (also for an AsyncSession): give it synchronous stores on "
+                "the same caches, e.g. ChainedStore([the ProcessMemoryStore of your AsyncChainedStore, "
+                "RedisStore(url, namespace=...)])"
+            )
         self.store = store
         # what the commits are applied to: a chain remembers and repairs what a layer missed
         self._target: Any = store
@@ -171,11 +183,22 @@ class StockpyleSessionExtension:
         to the ``Session`` base class itself would capture every session in
         the process, which is refused: use a subclass or a sessionmaker.
 
+        asyncio: ``target`` may also be an ``async_sessionmaker`` (its
+        sessions only: it is given a ``sync_session_class`` of its own, a
+        subclass of the one it had, through ``async_sessionmaker.configure``),
+        an ``async_scoped_session`` (its factory), an ``AsyncSession``
+        subclass (its ``sync_session_class``) or one ``AsyncSession`` (its
+        ``sync_session``).  The cache writes after a commit are then made
+        from inside ``await session.commit()``, synchronously: the event loop
+        waits for the cache round trip (nothing for process memory).
+
         :raises ConfigurationError: for anything else.
         """
         from sqlalchemy.orm import Session, scoped_session
         from sqlalchemy.orm import sessionmaker as sa_sessionmaker
 
+        given = target
+        target = _sync_target(target, create=True)
         if target is Session:
             raise ConfigurationError(
                 "attaching to sqlalchemy.orm.Session would affect every session in the process; "
@@ -189,11 +212,11 @@ class StockpyleSessionExtension:
                 f"cannot attach to {target!r}: expected a sessionmaker, scoped_session, Session subclass or session"
             )
         self._recorder.attach(target)
-        return target
+        return given
 
     def detach(self, target: Any) -> None:
         """Stop listening to ``target`` (the object given to :meth:`attach`)."""
-        self._recorder.detach(target)
+        self._recorder.detach(_sync_target(target, create=False))
 
     # -- after the commit ---------------------------------------------------
 
@@ -310,6 +333,30 @@ class StockpyleSessionExtension:
                 target.batch_put(list(effects.stored))
             except Exception as exc:  # noqa: BLE001 - never break commit() for the cache
                 self._failed(f"put {len(effects.stored)} object(s)", exc)
+
+
+def _sync_target(target: Any, *, create: bool) -> Any:
+    """What to listen to for an asyncio ``target`` (see :meth:`StockpyleSessionExtension.attach`); others as given."""
+    try:
+        from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
+    except ImportError:  # pragma: no cover - part of SQLAlchemy 2
+        return target
+    if isinstance(target, AsyncSession):
+        return target.sync_session
+    if isinstance(target, type) and issubclass(target, AsyncSession):
+        return target.sync_session_class
+    if isinstance(target, async_scoped_session):
+        target = target.session_factory
+    if not isinstance(target, async_sessionmaker):
+        return target
+    current = target.kw.get("sync_session_class") or target.class_.sync_session_class
+    if getattr(current, "_stockpyle_session_of", None) is target or not create:
+        return current
+    # the maker's own session class, as sessionmaker makes one for its sessions:
+    # listening to it reaches this maker's sessions only
+    own = type(current.__name__, (current,), {"__module__": current.__module__, "_stockpyle_session_of": target})
+    target.configure(sync_session_class=own)
+    return own
 
 
 def _plain_get(state: ORMExecuteState) -> tuple[Mapper[Any], tuple[Any, ...]] | None:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .memcache import AsyncMemcacheStore, MemcacheStore
     from .redis import AsyncRedisStore, RedisStore
     from .shove import ShoveStore
-    from .sqlalchemy import SqlAlchemyStore
+    from .sqlalchemy import AsyncSqlAlchemyStore, SqlAlchemyStore
 
 __all__ = [
     "AsyncBaseStore",
@@ -23,6 +23,7 @@ __all__ = [
     "AsyncKeyValueStore",
     "AsyncMemcacheStore",
     "AsyncRedisStore",
+    "AsyncSqlAlchemyStore",
     "BaseDictionaryStore",
     "BaseStore",
     "ChainedStore",
@@ -42,6 +43,7 @@ _LAZY = {
     "AsyncKeyValueStore": ".kv",
     "AsyncMemcacheStore": ".memcache",
     "AsyncRedisStore": ".redis",
+    "AsyncSqlAlchemyStore": ".sqlalchemy",
     "KeyValueStore": ".kv",
     "MemcacheStore": ".memcache",
     "RedisStore": ".redis",
