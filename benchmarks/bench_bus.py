@@ -154,11 +154,14 @@ def hit_path(suite: Suite, make_bus: Callable[[], Any], quick: bool) -> None:
         shared = ProcessMemoryStore()  # the shared layer is never reached by a hit
         plain = ChainedStore([ProcessMemoryStore(), shared])
         with_bus = ChainedStore([ProcessMemoryStore(), shared], bus=bus)  # type: ignore[call-arg]
-        for chain in (plain, with_bus):
-            chain.put(Item(1))
         deadline = time.monotonic() + 10
         while bus.trusted_until <= time.monotonic() and time.monotonic() < deadline:
             time.sleep(0.01)
+        # only now: a bus flushes the in-process layers when it starts listening (it cannot know what it
+        # missed before), and the "shared" layer here is in-process too, so an earlier put would be gone
+        flushes = with_bus.stats().flushes
+        for chain in (plain, with_bus):
+            chain.put(Item(1))
         key = {"id": 1}
         results = interleaved(
             [("get, chain without a bus", lambda: plain.get(Item, key)),
@@ -166,6 +169,8 @@ def hit_path(suite: Suite, make_bus: Callable[[], Any], quick: bool) -> None:
             number=2_000 if quick else 20_000, rounds=5 if quick else 15,
         )  # fmt: skip
         refused = with_bus.stats().fills_refused
+        if with_bus.stats().flushes != flushes or not with_bus.stats()[0].hits:
+            suite.notes.append("L1 hit with a bus: the bus flushed process memory during the run: not a hit path")
         suite.compare(results, "get, chain with a bus", "get, chain without a bus", label="L1 hit with a bus",
                       target="<= 1.05")  # fmt: skip
         if refused:
