@@ -549,7 +549,7 @@ def test_async_functions_over_an_async_chain(memcached_server: Any) -> None:
     calls = Calls()
     state = {"fail": False}
 
-    @cached(chain, lifetime=0.3, stale_on_error=5)
+    @cached(chain, lifetime=2, stale_on_error=5)
     async def fetch(name: str, page: int = 1) -> str:
         calls(name, page)
         await asyncio.sleep(0.1)
@@ -573,13 +573,13 @@ def test_async_functions_over_an_async_chain(memcached_server: Any) -> None:
         assert calls.count == 2
         # the shared layer holds it: a fresh chain over it hits
         other = AsyncChainedStore([ProcessMemoryStore(), shared], bus=None)
-        assert await cached(other, lifetime=0.3, stale_on_error=5)(fetch.__wrapped__)("a") == first
+        assert await cached(other, lifetime=2, stale_on_error=5)(fetch.__wrapped__)("a") == first
         assert calls.count == 2
         await fetch.invalidate("a")
         assert await fetch("a") == "a:1:3"
         assert await fetch.refresh("a") == "a:1:4"
         assert await fetch("a") == "a:1:4"
-        await asyncio.sleep(0.35)
+        await asyncio.sleep(2.1)  # past the lifetime (2 s: a loaded machine must not cross it earlier)
         state["fail"] = True
         assert await fetch("a") == "a:1:4"  # stale on error
         with pytest.raises(OSError, match="upstream down"):
