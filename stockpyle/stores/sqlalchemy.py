@@ -328,6 +328,20 @@ def _map_error(exc: BaseException, action: str, store: SqlAlchemyStore) -> Store
 # the store
 
 
+def _check_sources(owner: str, uri: Any, engine: Any, sessionmaker: Any, engine_options: Any) -> None:
+    """Exactly one of ``uri``/``engine``/``sessionmaker``; ``engine_options`` only with ``uri``."""
+    given = [
+        name for name, value in (("uri", uri), ("engine", engine), ("sessionmaker", sessionmaker)) if value is not None
+    ]
+    if len(given) != 1:
+        raise ConfigurationError(
+            f"{owner} takes exactly one of uri=, engine= or sessionmaker=; "
+            + (f"got {' and '.join(given)}" if given else "got none")
+        )
+    if engine_options is not None and uri is None:
+        raise ConfigurationError("engine_options= only applies with uri=; configure your engine yourself")
+
+
 class SqlAlchemyStore(BaseStore):
     """A relational database, through the SQLAlchemy 2 ORM, as a stockpyle store.
 
@@ -415,18 +429,7 @@ class SqlAlchemyStore(BaseStore):
         from sqlalchemy import orm
 
         super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb)
-        given = [
-            name
-            for name, value in (("uri", uri), ("engine", engine), ("sessionmaker", sessionmaker))
-            if value is not None
-        ]
-        if len(given) != 1:
-            raise ConfigurationError(
-                "SqlAlchemyStore takes exactly one of uri=, engine= or sessionmaker=; "
-                + (f"got {' and '.join(given)}" if given else "got none")
-            )
-        if engine_options is not None and uri is None:
-            raise ConfigurationError("engine_options= only applies with uri=; configure your engine yourself")
+        _check_sources("SqlAlchemyStore", uri, engine, sessionmaker, engine_options)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ConfigurationError(f"chunk_size must be a positive int; got {chunk_size!r}")
         self.chunk_size = chunk_size
@@ -1208,18 +1211,7 @@ class AsyncSqlAlchemyStore(AsyncBaseStore):
         from sqlalchemy.ext import asyncio as sa_asyncio
 
         super().__init__(polymorphic=polymorphic, lifetime_cb=lifetime_cb)
-        given = [
-            name
-            for name, value in (("uri", uri), ("engine", engine), ("sessionmaker", sessionmaker))
-            if value is not None
-        ]
-        if len(given) != 1:
-            raise ConfigurationError(
-                "AsyncSqlAlchemyStore takes exactly one of uri=, engine= or sessionmaker=; "
-                + (f"got {' and '.join(given)}" if given else "got none")
-            )
-        if engine_options is not None and uri is None:
-            raise ConfigurationError("engine_options= only applies with uri=; configure your engine yourself")
+        _check_sources("AsyncSqlAlchemyStore", uri, engine, sessionmaker, engine_options)
         self._owns_engine = False
         sync_maker: Callable[..., Session] | None = None
         if uri is not None:
