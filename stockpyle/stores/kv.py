@@ -1113,6 +1113,8 @@ class KeyValueStore(KeyValueEngine, BaseStore):
             while True:
                 try:
                     result = getattr(driver, op[0])(*op[1])
+                except StockpyleError as exc:  # first: a driver's own stockpyle error is never re-mapped
+                    op = plan.throw(exc)
                 except catches as exc:
                     mapped = table.map(exc, self, op[2] if len(op) > 2 else action)
                     if mapped is None:
@@ -1121,8 +1123,6 @@ class KeyValueStore(KeyValueEngine, BaseStore):
                         raise mapped from exc
                     except StockpyleError as error:
                         op = plan.throw(error)
-                except StockpyleError as exc:
-                    op = plan.throw(exc)
                 else:
                     op = plan.send(result)
         except StopIteration as stop:
