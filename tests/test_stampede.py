@@ -214,3 +214,13 @@ def test_stampede_settings_are_validated() -> None:
             Stampede(**bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="stampede="):
         ChainedStore([ProcessMemoryStore()], stampede=5.0)  # type: ignore[arg-type]
+
+
+def test_a_waiting_reader_never_pauses_longer_than_max_poll() -> None:
+    """The jitter (+-50%) used to stretch a pause to 1.5 x max_poll once the pauses had grown to it."""
+    policy = Stampede(max_poll=0.05)
+    pauses = policy.pauses()
+    seen = [next(pauses) for _ in range(2000)]
+    assert max(seen) <= policy.max_poll
+    assert min(seen) >= 0.001  # the first pause, 2 ms, less half of it
+    assert max(seen) > 0.04  # they do grow to the cap
