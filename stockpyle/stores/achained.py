@@ -33,8 +33,8 @@ from ..exceptions import ConfigurationError, StoreError, UnknownKeyError
 from ..keys import canonical_value, lookup_key
 from ..stampede import DEFAULT_STAMPEDE, LeaseTimeoutError, Stampede
 from ..stats import SAMPLE_EVERY
-from .base import DirectIndex, KeyDict
-from .chained import BUS, CREATE, NO_BUS, SLEEP, ChainPolicy, ChainStats, Plan, check_layers, log
+from .base import KeyDict
+from .chained import BUS, CREATE, NO_BUS, SLEEP, ChainPolicy, Plan, check_layers, log
 
 __all__ = ["AsyncChainedStore"]
 
@@ -90,24 +90,11 @@ class AsyncChainedStore(ChainPolicy):
         layers = check_layers(stores if stores is not None else [], "AsyncChainedStore")
         self.stampede = stampede
         self.polymorphic = False
-        self._fast_index: Any = None
         self._setup_policy(layers, failure_threshold, cooldown, max_pending_invalidations, retry_interval, bus=bus)
         # networked layers that are synchronous stores: run in worker threads
         self._threaded = [not self._in_process[i] and not _is_async_layer(layer) for i, layer in enumerate(layers)]
         self._bus_is_async = self.bus is not None and inspect.iscoroutinefunction(type(self.bus).publish)
-        self._first_in_process = self._in_process[0]
-        self._first_stats = self._layer_stats[0]
-        self._first_breaker = self._breakers[0]
-        self._single = len(layers) == 1
-        self._l1_hits = 0
-        self._fast_hits = 0
-        self._fast_hits_seen = 0
-        if self._first_in_process and callable(getattr(type(layers[0]), "direct_index", None)):
-            direct: DirectIndex | None = layers[0].direct_index()
-            if direct is not None:
-                direct.count_with(self._fast_hit_count)
-                self._fast_index = direct.index
-        self._countdown = SAMPLE_EVERY
+        self._setup_hit_path(layers)
         # per event loop: the futures of reads in flight, and the repair task
         self._flights: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Hashable, asyncio.Future[Any]]] = (
             weakref.WeakKeyDictionary()
@@ -155,32 +142,6 @@ class AsyncChainedStore(ChainPolicy):
                     call = plan.send(result)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
-
-    # -- statistics ---------------------------------------------------------
-
-    def stats(self) -> ChainStats:
-        """The chain's totals and per-layer counters, as :meth:`ChainedStore.stats`."""
-        hits, self._l1_hits = self._l1_hits, 0
-        fast = self._fast_hits
-        hits += fast - self._fast_hits_seen
-        self._fast_hits_seen = fast
-        self._first_stats.hits += hits
-        totals = self._refresh_totals()
-        totals.trusted = self._trust()
-        if self.bus is not None:
-            totals.bus = self.bus.stats()
-        return totals
-
-    def _fast_hit_count(self) -> int:
-        return self._fast_hits
-
-    def reset_stats(self) -> None:
-        """Set the chain's and every layer's counters back to zero."""
-        self._l1_hits = 0
-        self._fast_hits_seen = self._fast_hits
-        self._totals.reset()
-        for stats in self._layer_stats:
-            stats.reset()
 
     # -- reads --------------------------------------------------------------
 

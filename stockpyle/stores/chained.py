@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from time import perf_counter
 from typing import Any, Final, TypeVar
@@ -29,7 +29,7 @@ from ..keys import Key, canonical_value, lookup_key, object_keys
 from ..stampede import DEFAULT_STAMPEDE, LeaseTimeoutError, SingleFlight, Stampede
 from ..stats import SAMPLE_EVERY, Latency, StoreStats
 from ._repair import repairs
-from .base import BaseStore, DirectIndex, KeyDict
+from .base import BaseStore, DirectIndex, KeyDict, MemoryEntry
 
 __all__ = ["BUS", "Call", "ChainPolicy", "ChainStats", "ChainedStore", "LayerStats", "MultiStore"]
 
@@ -989,6 +989,54 @@ class ChainPolicy:
 
     # -- statistics ---------------------------------------------------------
 
+    def _setup_hit_path(self, layers: Sequence[Any]) -> None:
+        """The state both executors' ``get`` reads first: the top layer, its breaker, its index."""
+        self._first_stats = self._layer_stats[0]
+        self._first_breaker = self._breakers[0]
+        self._first_in_process = self._in_process[0]
+        self._single = len(layers) == 1
+        # hits the top layer served through its get(), and from its index (a
+        # total the top layer counts as its own, see DirectIndex.count_with)
+        self._l1_hits = 0
+        self._fast_hits = 0
+        self._fast_hits_seen = 0
+        # the top layer's index, probed directly on the hit path when it offers (and the bus trusts) it
+        self._fast_index: Mapping[Key, MemoryEntry] | None = None
+        if self._first_in_process and callable(getattr(type(layers[0]), "direct_index", None)):
+            direct: DirectIndex | None = layers[0].direct_index()
+            if direct is not None:
+                direct.count_with(self._fast_hit_count)
+                self._fast_index = direct.index
+        self._countdown = SAMPLE_EVERY
+
+    def stats(self) -> ChainStats:
+        """The chain's totals and per-layer counters (brought up to date by each call).
+
+        ``chain.stats()[i]`` (or ``.layers[i]``) is the :class:`LayerStats` of layer ``i``.
+        """
+        hits, self._l1_hits = self._l1_hits, 0
+        fast = self._fast_hits
+        hits += fast - self._fast_hits_seen
+        self._fast_hits_seen = fast
+        self._first_stats.hits += hits
+        totals = self._refresh_totals()
+        totals.trusted = self._trust()
+        if self.bus is not None:
+            totals.bus = self.bus.stats()
+        return totals
+
+    def _fast_hit_count(self) -> int:
+        """Hits served from the top layer's index since the chain was built (never reset)."""
+        return self._fast_hits
+
+    def reset_stats(self) -> None:
+        """Set the chain's and every layer's counters back to zero."""
+        self._l1_hits = 0
+        self._fast_hits_seen = self._fast_hits
+        self._totals.reset()
+        for stats in self._layer_stats:
+            stats.reset()
+
     def _refresh_totals(self) -> ChainStats:
         for layer, breaker in zip(self._layer_stats, self._breakers, strict=True):
             layer.pending_invalidations = len(breaker.pending) + breaker.replaying
@@ -1099,24 +1147,8 @@ class ChainedStore(ChainPolicy, BaseStore):
         self.stampede = stampede
         self._flights = SingleFlight()
         layers = check_layers(stores if stores is not None else [], "ChainedStore")
-        # the top layer's index, probed directly on the hit path when it offers (and the bus trusts) it
-        self._fast_index = None
         self._setup_policy(layers, failure_threshold, cooldown, max_pending_invalidations, retry_interval, bus=bus)
-        self._first_stats = self._layer_stats[0]
-        self._first_breaker = self._breakers[0]
-        self._first_in_process = self._in_process[0]
-        self._single = len(layers) == 1
-        # hits the top layer served through its get(), and from its index (a
-        # total the top layer counts as its own, see DirectIndex.count_with)
-        self._l1_hits = 0
-        self._fast_hits = 0
-        self._fast_hits_seen = 0
-        if self._first_in_process and callable(getattr(type(layers[0]), "direct_index", None)):
-            direct: DirectIndex | None = layers[0].direct_index()
-            if direct is not None:
-                direct.count_with(self._fast_hit_count)
-                self._fast_index = direct.index
-        self._countdown = SAMPLE_EVERY
+        self._setup_hit_path(layers)
 
     # -- the executor -------------------------------------------------------
 
@@ -1145,34 +1177,6 @@ class ChainedStore(ChainPolicy, BaseStore):
             return stop.value  # type: ignore[no-any-return]
 
     # -- statistics ---------------------------------------------------------
-
-    def stats(self) -> ChainStats:
-        """The chain's totals and per-layer counters (brought up to date by each call).
-
-        ``chain.stats()[i]`` (or ``.layers[i]``) is the :class:`LayerStats` of layer ``i``.
-        """
-        hits, self._l1_hits = self._l1_hits, 0
-        fast = self._fast_hits
-        hits += fast - self._fast_hits_seen
-        self._fast_hits_seen = fast
-        self._first_stats.hits += hits
-        totals = self._refresh_totals()
-        totals.trusted = self._trust()
-        if self.bus is not None:
-            totals.bus = self.bus.stats()
-        return totals
-
-    def _fast_hit_count(self) -> int:
-        """Hits served from the top layer's index since the chain was built (never reset)."""
-        return self._fast_hits
-
-    def reset_stats(self) -> None:
-        """Set the chain's and every layer's counters back to zero."""
-        self._l1_hits = 0
-        self._fast_hits_seen = self._fast_hits
-        self._totals.reset()
-        for stats in self._layer_stats:
-            stats.reset()
 
     # -- reads --------------------------------------------------------------
 
