@@ -53,6 +53,7 @@ __all__ = [
     "encode_value",
     "key_model",
     "lookup_key",
+    "lookup_keys",
     "object_keys",
     "register_key_resolver",
     "register_version_resolver",
@@ -497,6 +498,32 @@ def lookup_key(klass: type, keydict: Mapping[str, Any]) -> Key:
             raise
         # a sequence of the key's names, e.g. get(Foo, ["id"])
         raise TypeError(_not_a_lookup(model, keydict)) from None
+
+
+def lookup_keys(klass: type, keydicts: Iterable[Mapping[str, Any]]) -> list[Key]:
+    """:func:`lookup_key` for many lookups of one class, as batch reads need them.
+
+    The class's model is found once and the common lookup (one attribute
+    holding an ASCII string or an int) is resolved inline; every other
+    lookup goes through :func:`lookup_key`, errors included.
+    """
+    model = _MODELS.get(klass) or key_model(klass)
+    by_names = model._by_names
+    keys: list[Key] = []
+    append = keys.append
+    for keydict in keydicts:
+        try:
+            key_id = by_names[tuple(keydict)]
+            if type(key_id) is str:
+                value = keydict[key_id]
+                kind = type(value)
+                if (kind is str and value.isascii()) or kind is int:
+                    append((klass, key_id, value))
+                    continue
+        except (KeyError, TypeError):
+            pass
+        append(lookup_key(klass, keydict))
+    return keys
 
 
 def _not_a_lookup(model: KeyModel, keydict: object) -> str:

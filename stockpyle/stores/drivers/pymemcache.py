@@ -490,19 +490,24 @@ class PymemcacheDriver:
     def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]:
         if not keys:
             return {}
+        if self._hasher is None:  # one server: no routing, its answer as it is
+            return self._once_more(self._get_group, self.client, list(keys))  # type: ignore[no-any-return]
         found: dict[str, bytes] = {}
         for _group, result in self._each(keys, self._get_group):
             found.update(result)
         return found
 
     def set_many(self, items: Mapping[str, bytes], ttl: Hashable) -> None:
-        def write(node: Any, group: list[str]) -> list[str]:
-            values = {k: items[k] for k in group}
+        def write(node: Any, group: list[str] | None) -> list[str]:
+            values = items if group is None else {k: items[k] for k in group}
             if self._legacy:
                 return list(node.set_multi(values, ttl) or ())
             return node.set_many(values, expire=ttl, noreply=False)  # type: ignore[no-any-return]
 
-        failed = [key for _group, result in self._each(items, write) for key in result]
+        if self._hasher is None:  # one server: every item goes to it, unrouted
+            failed = self._once_more(write, self.client, None)
+        else:
+            failed = [key for _group, result in self._each(items, write) for key in result]
         if failed:
             raise StoreError(f"memcached did not store {len(failed)} of {len(items)} keys")
 
