@@ -119,11 +119,16 @@ class _MemcacheOptions(KeyValueEngine):
             raise ConfigurationError(
                 "MemcacheStore(driver='pylibmc') builds its own clients: pass servers=, not client="
             )
+        if max_pool_size is not None and (
+            isinstance(max_pool_size, bool) or not isinstance(max_pool_size, int) or max_pool_size < 1
+        ):
+            raise ConfigurationError(f"max_pool_size must be a positive number of connections; got {max_pool_size!r}")
         #: the ``host:port`` names (``None`` for a client passed in)
         self.servers: list[str] | None = None
         #: the driver's name: ``"pymemcache"`` or ``"pylibmc"``
         self.driver_name = driver
         kv_driver: PymemcacheDriver | PylibmcDriver
+        engine_driver: Any = None
         if driver == "pylibmc":
             self.servers = _server_names(servers)  # type: ignore[arg-type]
             kv_driver = PylibmcDriver(
@@ -137,17 +142,32 @@ class _MemcacheOptions(KeyValueEngine):
             if servers is not None:
                 specs = normalize_servers(servers)
                 self.servers = [s if isinstance(s, str) else f"{s[0]}:{s[1]}" for s in specs]
-                client = build_client(
-                    specs, connect_timeout=connect_timeout, timeout=timeout, max_pool_size=max_pool_size
-                )
-            kv_driver = PymemcacheDriver(client, servers=self.servers, max_item_size=max_item_size)
-        #: the memcached client (pymemcache; ``None`` with the pylibmc driver, which pools its own per server)
-        self.client = client
-        engine_driver: Any = kv_driver
-        if self._asyncio:
-            from .drivers.threaded import ThreadedDriver  # asyncio is imported only by asyncio stores
+                if self._asyncio:
+                    # the native asyncio client (asyncio is imported only by asyncio stores)
+                    from .drivers.aiomemcache import AsyncMemcacheDriver
 
-            engine_driver = ThreadedDriver(kv_driver)
+                    engine_driver = AsyncMemcacheDriver(
+                        specs,
+                        connect_timeout=connect_timeout,
+                        timeout=timeout,
+                        max_pool_size=max_pool_size,
+                        max_item_size=max_item_size,
+                    )
+                else:
+                    client = build_client(
+                        specs, connect_timeout=connect_timeout, timeout=timeout, max_pool_size=max_pool_size
+                    )
+            if engine_driver is None:
+                kv_driver = PymemcacheDriver(client, servers=self.servers, max_item_size=max_item_size)
+        #: the memcached client (pymemcache; ``None`` with the pylibmc driver, which pools its own per server, and
+        #: with :class:`AsyncMemcacheStore`'s own asyncio driver)
+        self.client = client
+        if engine_driver is None:
+            engine_driver = kv_driver
+            if self._asyncio:  # pylibmc, or a synchronous client passed in: its calls run in threads
+                from .drivers.threaded import ThreadedDriver  # asyncio is imported only by asyncio stores
+
+                engine_driver = ThreadedDriver(kv_driver)
         super().__init__(
             engine_driver,
             polymorphic=polymorphic,
