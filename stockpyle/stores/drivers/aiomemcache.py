@@ -396,12 +396,17 @@ class _LoopState:
             pool.close()
 
 
-async def _close_at_shutdown(state: _LoopState) -> AsyncGenerator[None, None]:
-    """Suspended for the loop's lifetime; the loop's ``shutdown_asyncgens()`` closes its connections."""
+async def _close_at_shutdown(driver: AsyncMemcacheDriver, state: _LoopState) -> AsyncGenerator[None, None]:
+    """Suspended for the loop's lifetime; the loop's ``shutdown_asyncgens()`` closes its connections.
+
+    The state is also forgotten then: its pools refer to the loop, which would
+    otherwise keep the loop (the weak key) alive for as long as the driver.
+    """
     try:
         yield
     finally:
         state.close()
+        driver._forget(state)
 
 
 Exchange = Callable[[_Connection], Awaitable[Any]]
@@ -490,10 +495,15 @@ class AsyncMemcacheDriver:
                     del self._states[other]  # a loop closed without shutting its async generators down
                 self._states[loop] = state
             # a suspended async generator: asyncio.run() (any runner) finalizes it at shutdown
-            closer = _close_at_shutdown(state)
+            closer = _close_at_shutdown(self, state)
             await closer.asend(None)
             state.closer = closer
         return state
+
+    def _forget(self, state: _LoopState) -> None:
+        with self._lock:
+            for loop in [loop for loop, known in self._states.items() if known is state]:
+                del self._states[loop]
 
     async def _pool(self, server: str) -> _Pool:
         state = await self._state()
@@ -582,6 +592,10 @@ class AsyncMemcacheDriver:
         return result
 
     # -- routing ---------------------------------------------------------
+
+    def server_for(self, key: str) -> str:
+        """The server (``host:port``) that holds ``key``: the synchronous driver's pinned rendezvous choice."""
+        return self._server(key)
 
     def _server(self, key: str) -> str:
         if self._hasher is None:
