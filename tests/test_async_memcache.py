@@ -67,7 +67,9 @@ def test_sync_and_async_stores_place_every_key_on_the_same_server(memcached_fact
     servers = memcached_factory.start(3)
     addresses = [server.address for server in servers]
     namespace = "place" + uuid.uuid4().hex[:8]
-    sync_store = MemcacheStore(addresses, namespace=namespace, driver="pylibmc" if driver == "pylibmc" else "pymemcache")
+    sync_store = MemcacheStore(
+        addresses, namespace=namespace, driver="pylibmc" if driver == "pylibmc" else "pymemcache"
+    )
     store = async_store(addresses, driver, namespace=namespace)
 
     async def write_and_read(objs: list[Item], wanted: list[str]) -> list[Any]:

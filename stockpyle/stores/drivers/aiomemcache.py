@@ -75,7 +75,16 @@ from typing import Any, Final
 from ...errors import ErrorRule, ErrorTable
 from ...exceptions import ConfigurationError, StoreError, StoreUnavailableError, ValueTooLargeError
 from . import LeaseRead, LeaseStatus
-from .memcache_meta import MetaParser, MetaProtocolError, MetaResponse, check_key, meta_delete, meta_get, meta_noop, meta_set
+from .memcache_meta import (
+    MetaParser,
+    MetaProtocolError,
+    MetaResponse,
+    check_key,
+    meta_delete,
+    meta_get,
+    meta_noop,
+    meta_set,
+)
 from .pymemcache import (
     DEFAULT_MAX_ITEM_SIZE,
     PLACEMENT_KEY,
@@ -557,9 +566,12 @@ class AsyncMemcacheDriver:
         if state.placing is None:
             state.placing = asyncio.Lock()
         async with state.placing:
-            marker = (
-                b"add %s 0 %d %d\r\n%s\r\nget %s\r\n"
-                % (PLACEMENT_KEY.encode(), PLACEMENT_TTL, len(PLACEMENT_SCHEME), PLACEMENT_SCHEME, PLACEMENT_KEY.encode())
+            marker = b"add %s 0 %d %d\r\n%s\r\nget %s\r\n" % (
+                PLACEMENT_KEY.encode(),
+                PLACEMENT_TTL,
+                len(PLACEMENT_SCHEME),
+                PLACEMENT_SCHEME,
+                PLACEMENT_KEY.encode(),
             )
 
             async def mark(conn: _Connection) -> bytes | None:
@@ -721,7 +733,9 @@ class AsyncMemcacheDriver:
         if not items:
             return set(), None
         results, first = await self._each(items, self._storing(b"add", items, ttl))
-        stored = {key for group, replies in results for key, reply in zip(group, replies, strict=True) if reply == b"STORED"}
+        stored = {
+            key for group, replies in results for key, reply in zip(group, replies, strict=True) if reply == b"STORED"
+        }
         return stored, first
 
     @staticmethod
