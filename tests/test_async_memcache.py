@@ -130,7 +130,13 @@ def test_a_call_cancelled_on_a_frozen_server_leaves_the_connections_clean(memcac
 
 
 def test_the_constructor_checks_what_memcache_store_checks() -> None:
-    for bad in ({"timeout": 0}, {"connect_timeout": -1}, {"driver": "libmc"}, {"max_item_size": 10}):
+    for bad in (
+        {"timeout": 0},
+        {"connect_timeout": -1},
+        {"driver": "libmc"},
+        {"max_item_size": 10},
+        {"max_pool_size": 0},
+    ):
         with pytest.raises(ConfigurationError) as sync_error:
             MemcacheStore(["127.0.0.1:11211"], **bad)
         with pytest.raises(ConfigurationError) as async_error:
