@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
-import re
 import time
 import uuid
 import warnings
@@ -22,6 +20,7 @@ import pytest
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+from support.asyncio_debug import slow_callbacks
 
 from stockpyle import AsyncChainedStore, AsyncRedisStore, ProcessMemoryStore, RedisStore, Stampede
 from stockpyle.exceptions import ConfigurationError, StoreUnavailableError
@@ -594,41 +593,6 @@ def test_a_frozen_server_raises_within_the_timeout_and_the_loop_keeps_ticking(re
 
 # ---------------------------------------------------------------------------
 # no blocking calls on the event loop
-
-
-class SlowCallbacks(logging.Handler):
-    """Collects asyncio debug mode's "Executing ... took N seconds" warnings."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.found: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if re.search(r"took \d+(\.\d+)? seconds", message):
-            self.found.append(message)
-
-
-def slow_callbacks(workload: Callable[[], Any]) -> list[str]:
-    """The slow-callback warnings of asyncio debug mode while ``workload()`` runs in a new loop.
-
-    The loop starts with a threshold of 10 s; the workload lowers it once it is warm.
-    """
-    handler = SlowCallbacks()
-    logging.getLogger("asyncio").addHandler(handler)
-    loop = asyncio.new_event_loop()
-    loop.set_debug(True)
-    loop.slow_callback_duration = 10.0
-    gc.collect()
-    gc.disable()  # a collection could stall any callback
-    try:
-        loop.run_until_complete(workload())
-        loop.run_until_complete(loop.shutdown_asyncgens())
-    finally:
-        gc.enable()
-        loop.close()
-        logging.getLogger("asyncio").removeHandler(handler)
-    return handler.found
 
 
 @pytest.mark.parametrize("where", ["standalone", "cluster"])

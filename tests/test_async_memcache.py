@@ -2,8 +2,10 @@
 
 The contract and consistency suites run against it in tests/test_async_stores.py;
 this file covers what is specific: one cache shared with the synchronous store
-across several servers (both drivers), cancellation against a frozen server,
-the constructor's checks, and leases through an asyncio chain.
+across several servers (the native asyncio driver, and the synchronous drivers
+run in threads), cancellation against a frozen server, the constructor's
+checks, and leases through an asyncio chain.  The native driver's own faults,
+pools and event loops are in tests/test_aiomemcache.py.
 """
 
 from __future__ import annotations
@@ -17,12 +19,18 @@ import pytest
 
 from stockpyle import AsyncChainedStore, AsyncMemcacheStore, MemcacheStore, ProcessMemoryStore
 from stockpyle.exceptions import ConfigurationError
+from stockpyle.stores.drivers.aiomemcache import AsyncMemcacheDriver
+from stockpyle.stores.drivers.pymemcache import build_client, normalize_servers
+from stockpyle.stores.drivers.threaded import ThreadedDriver
 from stockpyle.testing import Item
 
 pytestmark = pytest.mark.memcache
 
+#: how the asyncio store reaches memcached: its own asyncio client (the default for servers=),
+#: pymemcache's client passed in (run in threads), or pylibmc (run in threads)
 DRIVERS = [
-    "pymemcache",
+    "asyncio",
+    "pymemcache-threads",
     pytest.param(
         "pylibmc",
         marks=pytest.mark.skipif(
@@ -32,19 +40,42 @@ DRIVERS = [
 ]
 
 
+def async_store(addresses: list[str], driver: str, **options: Any) -> AsyncMemcacheStore:
+    """An AsyncMemcacheStore on ``addresses`` through ``driver`` (one of :data:`DRIVERS`)."""
+    if driver == "asyncio":
+        store = AsyncMemcacheStore(addresses, **options)
+        assert isinstance(store._driver, AsyncMemcacheDriver)
+        return store
+    if driver == "pymemcache-threads":
+        timeouts = {name: options.pop(name) for name in ("timeout", "connect_timeout") if name in options}
+        client = build_client(
+            normalize_servers(addresses),
+            connect_timeout=timeouts.get("connect_timeout", 0.25),
+            timeout=timeouts.get("timeout", 0.5),
+            max_pool_size=options.pop("max_pool_size", None),
+        )
+        store = AsyncMemcacheStore(client=client, **options)
+    else:
+        store = AsyncMemcacheStore(addresses, driver=driver, **options)
+    assert isinstance(store._driver, ThreadedDriver)
+    return store
+
+
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_sync_and_async_stores_place_every_key_on_the_same_server(memcached_factory: Any, driver: str) -> None:
     """Written by the asyncio store over three servers, every object is found by the synchronous one, and back."""
     servers = memcached_factory.start(3)
     addresses = [server.address for server in servers]
     namespace = "place" + uuid.uuid4().hex[:8]
-    sync_store = MemcacheStore(addresses, namespace=namespace, driver=driver)
-    async_store = AsyncMemcacheStore(addresses, namespace=namespace, driver=driver)
+    sync_store = MemcacheStore(
+        addresses, namespace=namespace, driver="pylibmc" if driver == "pylibmc" else "pymemcache"
+    )
+    store = async_store(addresses, driver, namespace=namespace)
 
     async def write_and_read(objs: list[Item], wanted: list[str]) -> list[Any]:
-        await async_store.batch_put(objs)
-        found = await async_store.batch_get(Item, [{"key": key} for key in wanted])
-        await async_store.release()
+        await store.batch_put(objs)
+        found = await store.batch_get(Item, [{"key": key} for key in wanted])
+        await store.release()
         return found
 
     written = [Item(f"a{i}", i, -i, f"async {i}") for i in range(300)]
@@ -66,10 +97,16 @@ def test_sync_and_async_stores_place_every_key_on_the_same_server(memcached_fact
     sync_store.release()
 
 
-def test_a_call_cancelled_on_a_frozen_server_leaves_the_connections_clean(memcached_factory: Any) -> None:
-    """A get cancelled while memcached is frozen: once it thaws, every answer is the right key's."""
+@pytest.mark.parametrize("driver", DRIVERS[:2])
+def test_a_call_cancelled_on_a_frozen_server_leaves_the_connections_clean(memcached_factory: Any, driver: str) -> None:
+    """A get cancelled while memcached is frozen: once it thaws, every answer is the right key's.
+
+    One pooled connection: a reply left unread on it would answer the next
+    call.  The native driver closes the interrupted connection at once; the
+    threaded one lets its thread finish the read before the connection goes back.
+    """
     (server,) = memcached_factory.start(1)
-    store = AsyncMemcacheStore([server.address], namespace="cancel" + uuid.uuid4().hex[:8], max_pool_size=1, timeout=2)
+    store = async_store([server.address], driver, namespace="cancel" + uuid.uuid4().hex[:8], max_pool_size=1, timeout=2)
 
     async def scenario() -> list[Any]:
         await store.batch_put([Item("a", 1, 1, "value a"), Item("b", 2, 2, "value b")])
@@ -82,16 +119,24 @@ def test_a_call_cancelled_on_a_frozen_server_leaves_the_connections_clean(memcac
                 await task
         finally:
             server.resume()
-        await asyncio.sleep(0.5)  # the cancelled call's thread finishes its read and returns the connection
-        # one pooled connection: a reply left unread on it would answer the next call
-        return [await store.get(Item, {"key": key}) for key in ("b", "a", "b")]
+        if driver != "asyncio":
+            await asyncio.sleep(0.5)  # the cancelled call's thread finishes its read and returns the connection
+        found = [await store.get(Item, {"key": key}) for key in ("b", "a", "b")]
+        await store.release()
+        return found
 
     found = asyncio.run(scenario())
     assert [obj.payload for obj in found] == ["value b", "value a", "value b"]
 
 
 def test_the_constructor_checks_what_memcache_store_checks() -> None:
-    for bad in ({"timeout": 0}, {"connect_timeout": -1}, {"driver": "libmc"}, {"max_item_size": 10}):
+    for bad in (
+        {"timeout": 0},
+        {"connect_timeout": -1},
+        {"driver": "libmc"},
+        {"max_item_size": 10},
+        {"max_pool_size": 0},
+    ):
         with pytest.raises(ConfigurationError) as sync_error:
             MemcacheStore(["127.0.0.1:11211"], **bad)
         with pytest.raises(ConfigurationError) as async_error:
@@ -101,11 +146,12 @@ def test_the_constructor_checks_what_memcache_store_checks() -> None:
         AsyncMemcacheStore()
 
 
-def test_a_thousand_tasks_on_one_cold_key_create_it_once_across_chains(memcached_server: Any) -> None:
+@pytest.mark.parametrize("driver", DRIVERS[:2])
+def test_a_thousand_tasks_on_one_cold_key_create_it_once_across_chains(memcached_server: Any, driver: str) -> None:
     """Four asyncio chains (as four processes would) share memcached's lease: the creator runs once."""
     namespace = "alease" + uuid.uuid4().hex[:8]
     chains = [
-        AsyncChainedStore([ProcessMemoryStore(), AsyncMemcacheStore([memcached_server.address], namespace=namespace)])
+        AsyncChainedStore([ProcessMemoryStore(), async_store([memcached_server.address], driver, namespace=namespace)])
         for _ in range(4)
     ]
     calls: list[int] = []

@@ -5,7 +5,11 @@ key naming, envelopes and signing, stale-key cleanup, add with undo,
 version-checked writes, tombstones, lifetime caps) on the pymemcache driver
 (:mod:`stockpyle.stores.drivers.pymemcache`).  Its keys have the form
 ``{prefix}:{namespace}:{ClassName}.{generation}:{digest}`` and its entries are the engine's
-envelopes; see :mod:`stockpyle.stores.kv` for both.
+envelopes; see :mod:`stockpyle.stores.kv` for both.  :class:`AsyncMemcacheStore`
+is the same engine driven with ``await``, on stockpyle's own asyncio memcached
+client (:mod:`stockpyle.stores.drivers.aiomemcache`) for ``servers=``, or on
+the synchronous driver in worker threads for ``driver="pylibmc"`` and a
+``client=`` passed in.
 
 memcached specifics: lifetimes are whole seconds (rounded up; above 30 days
 they are sent as absolute unix times, as memcached requires), tombstones live
@@ -119,11 +123,16 @@ class _MemcacheOptions(KeyValueEngine):
             raise ConfigurationError(
                 "MemcacheStore(driver='pylibmc') builds its own clients: pass servers=, not client="
             )
+        if max_pool_size is not None and (
+            isinstance(max_pool_size, bool) or not isinstance(max_pool_size, int) or max_pool_size < 1
+        ):
+            raise ConfigurationError(f"max_pool_size must be a positive number of connections; got {max_pool_size!r}")
         #: the ``host:port`` names (``None`` for a client passed in)
         self.servers: list[str] | None = None
         #: the driver's name: ``"pymemcache"`` or ``"pylibmc"``
         self.driver_name = driver
         kv_driver: PymemcacheDriver | PylibmcDriver
+        engine_driver: Any = None
         if driver == "pylibmc":
             self.servers = _server_names(servers)  # type: ignore[arg-type]
             kv_driver = PylibmcDriver(
@@ -137,17 +146,32 @@ class _MemcacheOptions(KeyValueEngine):
             if servers is not None:
                 specs = normalize_servers(servers)
                 self.servers = [s if isinstance(s, str) else f"{s[0]}:{s[1]}" for s in specs]
-                client = build_client(
-                    specs, connect_timeout=connect_timeout, timeout=timeout, max_pool_size=max_pool_size
-                )
-            kv_driver = PymemcacheDriver(client, servers=self.servers, max_item_size=max_item_size)
-        #: the memcached client (pymemcache; ``None`` with the pylibmc driver, which pools its own per server)
-        self.client = client
-        engine_driver: Any = kv_driver
-        if self._asyncio:
-            from .drivers.threaded import ThreadedDriver  # asyncio is imported only by asyncio stores
+                if self._asyncio:
+                    # the native asyncio client (asyncio is imported only by asyncio stores)
+                    from .drivers.aiomemcache import AsyncMemcacheDriver
 
-            engine_driver = ThreadedDriver(kv_driver)
+                    engine_driver = AsyncMemcacheDriver(
+                        specs,
+                        connect_timeout=connect_timeout,
+                        timeout=timeout,
+                        max_pool_size=max_pool_size,
+                        max_item_size=max_item_size,
+                    )
+                else:
+                    client = build_client(
+                        specs, connect_timeout=connect_timeout, timeout=timeout, max_pool_size=max_pool_size
+                    )
+            if engine_driver is None:
+                kv_driver = PymemcacheDriver(client, servers=self.servers, max_item_size=max_item_size)
+        #: the memcached client (pymemcache; ``None`` with the pylibmc driver, which pools its own per server, and
+        #: with :class:`AsyncMemcacheStore`'s own asyncio driver)
+        self.client = client
+        if engine_driver is None:
+            engine_driver = kv_driver
+            if self._asyncio:  # pylibmc, or a synchronous client passed in: its calls run in threads
+                from .drivers.threaded import ThreadedDriver  # asyncio is imported only by asyncio stores
+
+                engine_driver = ThreadedDriver(kv_driver)
         super().__init__(
             engine_driver,
             polymorphic=polymorphic,
@@ -201,7 +225,8 @@ class MemcacheStore(_MemcacheOptions, KeyValueStore):
     :param signer: a ready :class:`~stockpyle.serializers.Signer` instead of ``secret``.
     :param connect_timeout: seconds to wait for a connection (``servers=`` only).
     :param timeout: seconds to wait for each response (``servers=`` only).
-    :param max_pool_size: connections per server (``servers=`` only; default unbounded).
+    :param max_pool_size: connections per server (``servers=`` only; default unbounded;
+        :class:`AsyncMemcacheStore`: per server and event loop, default 32).
     :param max_item_size: the servers' largest item (memcached ``-I``, 1 MiB by
         default); larger values raise :class:`~stockpyle.exceptions.ValueTooLargeError`
         before anything is sent.
@@ -257,17 +282,27 @@ class AsyncMemcacheStore(_MemcacheOptions, AsyncKeyValueStore):
     :class:`MemcacheStore` and an :class:`AsyncMemcacheStore` with the same
     servers, ``prefix``, ``namespace`` and ``secret`` share one cache.
 
-    The driver is the synchronous one, its calls run in worker threads
+    With ``servers=`` (and the default ``driver="pymemcache"``) the driver is
+    stockpyle's own asyncio memcached client,
+    :class:`~stockpyle.stores.drivers.aiomemcache.AsyncMemcacheDriver`: a
+    pool of asyncio streams per server and per event loop (``max_pool_size``
+    per server and loop, :data:`~stockpyle.stores.drivers.aiomemcache.DEFAULT_POOL_SIZE`
+    when not given; a caller past it waits up to ``timeout``), the
+    synchronous driver's commands, pinned placement and leases,
+    ``connect_timeout`` on every connect and ``timeout`` on every exchange,
+    and a cancelled or timed-out call closes its connection instead of
+    pooling it with a reply unread.  No client from the package index was
+    chosen: aiomcache 0.8 has no socket timeouts, fetches tokens one key at a
+    time, and returns a cancelled call's connection to its pool with the
+    reply still unread.
+
+    With ``driver="pylibmc"`` or a synchronous ``client=``, the synchronous
+    driver runs in worker threads
     (:class:`~stockpyle.stores.drivers.threaded.ThreadedDriver`): the event
     loop never waits for memcached, at the cost of a thread hand-off per call
-    (tens of microseconds), and the driver's own timeouts bound every call.
-    No asyncio memcached client was chosen instead: aiomcache 0.8 has no
-    socket timeouts (a frozen server hangs a call for ever), fetches tokens one
-    key at a time, and returns a cancelled call's connection to its pool with
-    the reply still unread, so the next call on it reads the wrong answer.
-    Here a cancelled call stops waiting at once; its thread finishes the
-    call, so the connection goes back to the pool clean.  A lease the
-    cancelled task held is released by
+    (tens of microseconds); a cancelled call stops waiting at once and its
+    thread finishes the call, so the connection goes back to the pool clean.
+    Either way, a lease the cancelled task held is released by
     :class:`~stockpyle.stores.achained.AsyncChainedStore`.
 
     .. versionadded:: 1.0

@@ -24,7 +24,10 @@ Rules every driver follows:
 The drivers shipped: :mod:`stockpyle.stores.drivers.pymemcache` (memcached
 through pymemcache, and python-memcached-style clients),
 :mod:`stockpyle.stores.drivers.pylibmc` (memcached through pylibmc, no leases)
-and :mod:`stockpyle.stores.drivers.redis` (Redis and Redis Cluster through redis-py).
+and :mod:`stockpyle.stores.drivers.redis` (Redis and Redis Cluster through redis-py); for
+asyncio, :mod:`stockpyle.stores.drivers.aiomemcache` (memcached, stockpyle's own
+asyncio client), :mod:`stockpyle.stores.drivers.aioredis` (``redis.asyncio``) and
+:mod:`stockpyle.stores.drivers.threaded` (any synchronous driver, in threads).
 
 Leases (optional)
     A driver may also offer *leases*, the cross-process half of stampede
