@@ -139,6 +139,7 @@ _STAMPED: Final = _STAMP.size
 #: length is, how to read it, and where the section starts.
 _SECTION: Final = 5 + _STAMPED
 _LENGTH: Final = struct.Struct(">I").unpack_from
+_LENGTH_BYTES: Final = struct.Struct(">I").pack
 _BODY: Final = _SECTION + _KEYS_LEN
 #: Clock difference tolerated between writers and readers when a signing store
 #: checks the signed times of an entry (seconds).
@@ -701,10 +702,11 @@ class KeyValueEngine:
         limit = self._item_limit
         can_cas = self._driver.can_cas
         failure: ObjectError | None = None
+        written = int(now * 1000)
         out = []
         for mkeys, obj, (ttl, expires) in keyed:
             version = version_of(obj) if can_cas else None
-            vbytes = encode_version(version)
+            vbytes = None if version is None else encode_version(version)
             item = _Prepared(mkeys, ttl, None if vbytes is None else version, vbytes)
             out.append(item)
             if ttl is None:  # already expired: store nothing, drop what is there
@@ -718,8 +720,8 @@ class KeyValueEngine:
             section = " ".join(mkeys).encode("ascii")
             if vbytes is not None:
                 section += b"\n" + vbytes
-            payload = self._stamp(now, expires) + len(section).to_bytes(_KEYS_LEN, "big") + section + body
-            item.written = int(now * 1000)
+            payload = b"".join((_STAMP.pack(_LAYOUT, written, expires), _LENGTH_BYTES(len(section)), section, body))
+            item.written = written
             values: dict[str, bytes] = {}
             for mkey in mkeys:
                 value = codec.seal(mkey, payload)

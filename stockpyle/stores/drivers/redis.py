@@ -638,6 +638,13 @@ class RedisDriver:
         return found
 
     def set_many(self, items: Mapping[str, bytes], ttl: Hashable) -> None:
+        if len(items) == 1 and not self.cluster:
+            # one key on one server: a plain SET, without building a pipeline
+            ((key, value),) = items.items()
+            client = self._client or self.client
+            if not self._once_more(client.execute_command, *set_command(key, value, ttl)):
+                raise StoreError("Redis did not store 1 of 1 keys")
+            return
         results = self._all(list(items), lambda key: set_command(key, items[key], ttl))
         refused = [key for key, done in results if not done]
         if refused:
