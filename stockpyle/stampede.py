@@ -95,12 +95,17 @@ DEFAULT_STAMPEDE: Final = Stampede()
 
 
 class _Flight:
-    """One read in progress, shared by the readers of one key."""
+    """One read in progress, shared by the readers of one key.
+
+    ``done`` is created by the first caller that waits (under the table's
+    lock): most flights have no follower, and an Event per read would cost
+    more than the rest of an L2 hit's bookkeeping.
+    """
 
     __slots__ = ("done", "error", "result")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        self.done: threading.Event | None = None
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -130,12 +135,17 @@ class SingleFlight:
         and when the wait runs out it returns ``on_timeout()``.
         """
         flights = self._table()
-        with self._lock:
+        lock = self._lock
+        with lock:
             flight = flights.get(key)
-            leader = flight is None
             if flight is None:
                 flight = flights[key] = _Flight()
-        if leader:
+                done = None
+            else:
+                done = flight.done
+                if done is None:
+                    done = flight.done = threading.Event()
+        if done is None:  # the leader
             try:
                 flight.result = load()
                 return flight.result  # type: ignore[no-any-return]
@@ -143,11 +153,15 @@ class SingleFlight:
                 flight.error = exc
                 raise
             finally:
-                with self._lock:
+                # under the lock, so a follower either made its Event before
+                # (and is woken) or finds no flight (and leads one of its own)
+                with lock:
                     if flights.get(key) is flight:
                         del flights[key]
-                flight.done.set()
-        if not flight.done.wait(wait):
+                    done = flight.done
+                if done is not None:
+                    done.set()
+        if not done.wait(wait):
             return on_timeout()
         if flight.error is not None:
             return load()  # the leader failed: try for ourselves
