@@ -62,6 +62,7 @@ AIOCACHE_MEM = "aiocache SimpleMemoryCache(timeout=None).get"
 AIOCACHE_MEM_DEFAULT = "aiocache SimpleMemoryCache().get (timeout=5 default)"
 CASHEWS_MEM = "cashews mem:// get"
 ASYNC_L1_BATCH = f"AsyncChainedStore([PM, {{shared}}]).batch_get({SIZE}) L1 hits"
+SYNC_L1_BATCH = f"ChainedStore([PM, {{shared}}]).batch_get({SIZE}) L1 hits"
 AIOCACHE_MEM_BATCH = f"aiocache SimpleMemoryCache(timeout=None).multi_get({SIZE})"
 CASHEWS_MEM_BATCH = f"cashews mem:// get_many({SIZE})"
 # redis
@@ -218,7 +219,13 @@ def _memory(suite: Suite, loop: asyncio.AbstractEventLoop, url: str | None, quic
         (SYNC_L1, sync_l1),
         (PM_DIRECT, pm_direct),
     ]
-    batches: list[tuple[str, Body]] = [(ASYNC_L1_BATCH, async_l1_batch)]
+
+    def sync_l1_batch(n: int) -> None:
+        batch_get = chain.batch_get
+        for _ in range(n):
+            batch_get(Item, keydicts)
+
+    batches: list[tuple[str, Body]] = [(ASYNC_L1_BATCH, async_l1_batch), (SYNC_L1_BATCH, sync_l1_batch)]
     keys = [f"Item:key={o.key}" for o in objs]  # the peers' memory caches take one string key
     peers: list[Any] = []
 
@@ -289,6 +296,7 @@ def _memory(suite: Suite, loop: asyncio.AbstractEventLoop, url: str | None, quic
     label = ASYNC_L1.format(shared=shared_name.split("|")[0])
     sync_label = SYNC_L1.format(shared=shared_name.split("|")[-1])
     batch_label = ASYNC_L1_BATCH.format(shared=shared_name.split("|")[0])
+    sync_batch_label = SYNC_L1_BATCH.format(shared=shared_name.split("|")[-1])
     suite.compare(
         one,
         ASYNC_L1,
@@ -313,6 +321,14 @@ def _memory(suite: Suite, loop: asyncio.AbstractEventLoop, url: str | None, quic
     suite.compare(one, ASYNC_L1, CASHEWS_MEM, label=label, note=reference_note + "; cashews mem:// is an LRU with TTL")
     suite.compare(one, PM_DIRECT, AIOCACHE_MEM, note="ProcessMemoryStore is not a coroutine: called without await")
     suite.compare(one, PM_DIRECT, CASHEWS_MEM, note="ProcessMemoryStore is not a coroutine: called without await")
+    suite.compare(
+        many,
+        ASYNC_L1_BATCH,
+        SYNC_L1_BATCH,
+        label=batch_label,
+        baseline_label=sync_batch_label,
+        note="100 hot keys, bus=None on both: the executors' batch paths compared",
+    )
     suite.compare(many, ASYNC_L1_BATCH, AIOCACHE_MEM_BATCH, label=batch_label, note=reference_note)
     suite.compare(many, ASYNC_L1_BATCH, CASHEWS_MEM_BATCH, label=batch_label, note=reference_note)
 
