@@ -190,6 +190,45 @@ def test_bench_redis_rows_compare_with_raw_redis_py(redis_server_factory: Any, t
     assert pairs[("RedisStore.get", "raw Redis.get + pickle.loads")]["target"] == "<= 1.20"
 
 
+@pytest.mark.redis
+def test_bench_async_rows_compare_with_the_sync_chain_and_the_peers(redis_server_factory: Any, tmp_path: Path) -> None:
+    redis_server_factory.start()  # skips (fails under CI=true) without redis-server; the suite starts its own
+    target = tmp_path / "bench.json"
+    result = stockpyle("bench", "--quick", "--only", "async", "--json", str(target), timeout=180)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(target.read_text(encoding="utf-8"))
+    assert document["suites"] == ["async"]
+    rows = document["rows"]
+    pairs = {(row["name"], row["baseline"]): row for row in rows}
+    l1 = pairs[("AsyncChainedStore([PM, AsyncRedisStore]).get L1 hit", "ChainedStore([PM, RedisStore]).get L1 hit")]
+    assert l1["target"] == "<= 1.3"
+    assert isinstance(l1["met"], bool)
+    expected = [
+        ("AsyncRedisStore.get", "raw redis.asyncio get + pickle.loads"),
+        ("AsyncRedisStore.batch_get(100)", "raw redis.asyncio mget(100) + unpickle"),
+    ]
+    for peer, name in (("aiocache", "aiocache SimpleMemoryCache(timeout=None).get"), ("cashews", "cashews mem:// get")):
+        if peer_installed(peer):
+            expected.append(("ProcessMemoryStore.get (called in a coroutine)", name))
+    if peer_installed("aiocache"):
+        expected.append(("AsyncRedisStore.get", "aiocache RedisCache(PickleSerializer, timeout=None).get"))
+    if peer_installed("cashews"):
+        expected.append(("AsyncRedisStore.batch_get(100)", "cashews redis:// get_many(100)"))
+    for pair in expected:
+        row = pairs[pair]
+        assert row["suite"] == "async"
+        assert row["median"] > 0 and row["baseline_median"] > 0
+        assert 0 < row["ratio"] < 1000
+    for row in rows:
+        assert row["met"] is None or row["target"]
+
+
+def peer_installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 @pytest.mark.parametrize(("pin", "said"), [("off", "not pinned"), ("split", "--pin split"), ("same", "--pin same")])
 def test_bench_pin_is_applied_and_reported(tmp_path: Path, pin: str, said: str) -> None:
     if pin != "off" and not hasattr(os, "sched_setaffinity"):

@@ -39,6 +39,8 @@ SUITES: dict[str, str] = {
     "meta-memcache when installed",
     "bus": "invalidation buses: staleness window per bus (Redis stream, PostgreSQL NOTIFY, memcached epochs) and "
     "the chain's L1 hit with a bus vs without",
+    "async": "asyncio: AsyncChainedStore L1 hit vs the sync chain's; in-process, AsyncRedisStore and "
+    "AsyncMemcacheStore get/batch_get(100) vs aiocache, cashews and raw redis.asyncio/aiomcache (private servers)",
 }
 
 PLOT_HINT = 'pip install "stockpyle[bench]"'
