@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
@@ -180,3 +181,86 @@ def test_misses_back_fills_and_breaker_transitions_log_at_debug(caplog: Any) -> 
     assert "no layer has Foo" in text
     assert "back-filled layer 0" in text
     assert "probed after its cool-down" in text and "its breaker closes" in text
+
+
+class Pair:
+    """Two alternate keys: batch lookups through either must count per key."""
+
+    __stockpyle_keys__: ClassVar[list[Any]] = ["key", "alias"]
+
+    def __init__(self, key: str, alias: str) -> None:
+        self.key = key
+        self.alias = alias
+
+
+@pytest.fixture(params=["memcached", "redis"])
+def kv_store(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A key-value store on a real server (they count inline, not through the generic wrapper)."""
+    if request.param == "memcached":
+        yield request.getfixturevalue("make_memcache_store")()
+        return
+    from stockpyle import RedisStore
+
+    store = RedisStore(request.getfixturevalue("redis_url"), namespace=request.getfixturevalue("redis_prefix"))
+    yield store
+    store.release()
+
+
+def test_key_value_stores_count_every_operation_like_the_generic_wrapper(kv_store: Any) -> None:
+    store = kv_store
+    store.put(Pair("a", "x"))
+    store.batch_put(iter([Pair("b", "y"), Pair("c", "z")]))  # an iterator: counted and still written
+    assert store.get(Pair, {"key": "a"}).alias == "x"
+    assert store.get(Pair, {"key": "nope"}) is None
+    # a repeated key and a miss: counted per position asked, as the caller sees the answer
+    found = store.batch_get(Pair, iter([{"key": "b"}, {"alias": "z"}, {"key": "b"}, {"key": "nope"}]))
+    assert [obj and obj.key for obj in found] == ["b", "c", "b", None]
+    assert store.batch_get(Pair, []) == []
+    store.delete(Pair("a", "x"))
+    store.batch_delete(iter([Pair("b", "y")]))
+    stats = store.stats()
+    assert (stats.hits, stats.misses, stats.puts, stats.deletes, stats.errors) == (4, 2, 3, 2, 0)
+    assert set(stats.latency) == {"put", "batch_put", "get", "batch_get", "delete", "batch_delete"}
+    assert stats.latency["get"].summary().samples == 2  # every call of a networked store is timed
+    store.reset_stats()
+    assert (store.stats().hits, store.stats().puts) == (0, 0)
+    assert store.stats().latency["get"].summary().samples == 0
+    store.get(Pair, {"key": "c"})
+    assert store.stats().hits == 1
+    assert store.stats().latency["get"].summary().samples == 1  # the window survives a reset
+
+
+def test_a_key_value_store_counts_a_failed_operation_as_an_error(memcached_factory: Any) -> None:
+    from stockpyle import MemcacheStore
+    from stockpyle.exceptions import StoreError
+
+    server = memcached_factory.one()
+    store = MemcacheStore([server.address], connect_timeout=0.5, timeout=0.5)
+    store.put(Pair("a", "x"))
+    server.stop()
+    for operation in (
+        lambda: store.get(Pair, {"key": "a"}),
+        lambda: store.batch_get(Pair, [{"key": "a"}]),
+        lambda: store.put(Pair("a", "x")),
+        lambda: store.delete(Pair("a", "x")),
+    ):
+        with pytest.raises(StoreError):
+            operation()
+    stats = store.stats()
+    assert (stats.errors, stats.hits, stats.puts, stats.deletes) == (4, 0, 1, 0)
+    store.release()
+
+
+def test_a_key_value_store_subclass_calling_super_is_counted_once(make_memcache_store: Any) -> None:
+    from stockpyle import MemcacheStore
+
+    class Logged(MemcacheStore):
+        def get(self, klass: type, keydict: Any) -> Any:
+            return super().get(klass, keydict)
+
+    base = make_memcache_store()
+    store = Logged(servers=base.servers, namespace=base.namespace)
+    store.put(Pair("a", "x"))
+    assert store.get(Pair, {"key": "a"}) is not None
+    assert (store.stats().hits, store.stats().puts) == (1, 1)
+    store.release()
