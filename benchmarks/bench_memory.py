@@ -120,7 +120,16 @@ def run(*, quick: bool = False) -> Suite:
     suite.compare(results, CHAIN, TTL)
     suite.compare(results, CHAIN, DOGPILE)
     suite.compare(results, PM_PUT, DOGPILE_SET, target="<= 2.00")
-    suite.compare(results, PM_PUT_COPY, DOGPILE_SET_COPY, target="<= 2.00")
+    # issue 17's target is the overwrite; a put that replaces another object
+    # also retires that object's entry under each of its keys and its identity
+    # record and builds a new entry, which dogpile's single dict store has no
+    # counterpart for
+    suite.compare(
+        results,
+        PM_PUT_COPY,
+        DOGPILE_SET_COPY,
+        note="no target: also retires the replaced object's entry (every alternate key, its identity record)",
+    )
     return suite
 
 
