@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -136,3 +137,107 @@ def test_release_keeps_the_contents_and_clear_empties(kind: type[Any]) -> None:
     store.put(Obj(2, "b"))  # still usable
     store.clear()
     assert len(store) == 0
+
+
+class Versioned:
+    __stockpyle_keys__: ClassVar[list[Any]] = ["ident", "name"]
+    __stockpyle_version__ = "version"
+
+    def __init__(self, ident: int, name: str, version: int) -> None:
+        self.ident, self.name, self.version = ident, name, version
+
+
+def _check_table(store: Any) -> None:
+    """Every index entry points at the live record holding that key, and every record's keys point back."""
+    tables = store._all_tables()
+    for table in tables:
+        for key, rec in table.index.items():
+            assert key in rec.keys
+            assert table.records[id(rec.obj)] is rec
+        for rec in table.records.values():
+            assert all(table.index[key] is rec for key in rec.keys)
+
+
+@pytest.mark.parametrize("kind", [ProcessMemoryStore, ThreadLocalStore])
+@pytest.mark.parametrize("renamed", [False, True], ids=["unchanged", "renamed"])
+def test_re_putting_a_stored_object_makes_it_most_recently_used(kind: type[Any], renamed: bool) -> None:
+    """A put of the object already stored (under the same keys or not) counts as a use for the LRU bound."""
+    store = kind(maxsize=2)
+    first, second = Obj(1, "a"), Obj(2, "b")
+    store.put(first)
+    store.put(second)
+    if renamed:
+        first.name = "a2"
+    store.put(first)  # first becomes the most recent
+    store.put(Obj(3, "c"))
+    assert store.get(Obj, {"ident": 1}) is first
+    assert store.get(Obj, {"ident": 2}) is None
+    assert len(store) == 2
+    _check_table(store)
+
+
+@pytest.mark.parametrize("kind", [ProcessMemoryStore, ThreadLocalStore])
+def test_re_putting_after_a_key_attribute_changed_drops_the_old_key(kind: type[Any]) -> None:
+    store = kind()
+    obj = Obj(1, "old")
+    store.put(obj)
+    obj.name = "new"
+    store.put(obj)
+    assert store.get(Obj, {"name": "old"}) is None
+    assert store.get(Obj, {"name": "new"}) is obj
+    assert store.get(Obj, {"ident": 1}) is obj
+    assert len(store) == 1
+    _check_table(store)
+
+
+@pytest.mark.parametrize("kind", [ProcessMemoryStore, ThreadLocalStore])
+def test_a_new_copy_replaces_the_stored_one_under_every_key(kind: type[Any]) -> None:
+    """A copy sharing one key with the stored object replaces it under all of its keys (the others are stale)."""
+    store = kind(maxsize=10)
+    stored = Obj(1, "old")
+    store.put(stored)
+    store.put(Obj(2, "other"))
+    same_keys = Obj(1, "old")
+    store.put(same_keys)
+    assert store.get(Obj, {"ident": 1}) is same_keys
+    assert store.get(Obj, {"name": "old"}) is same_keys
+    renamed = Obj(1, "renamed")
+    store.put(renamed)
+    assert store.get(Obj, {"name": "old"}) is None
+    assert store.get(Obj, {"ident": 1}) is renamed
+    assert store.get(Obj, {"name": "renamed"}) is renamed
+    # a copy holding keys of two stored objects replaces both
+    both = Obj(2, "renamed")
+    store.put(both)
+    assert store.get(Obj, {"ident": 1}) is None
+    assert store.get(Obj, {"name": "other"}) is None
+    assert store.get(Obj, {"ident": 2}) is both
+    assert len(store) == 1
+    _check_table(store)
+
+
+@pytest.mark.parametrize("kind", [ProcessMemoryStore, ThreadLocalStore])
+def test_re_putting_picks_up_a_lifetime_configured_since(kind: type[Any]) -> None:
+    store = kind()
+    obj = Obj(1, "a")
+    store.put(obj)
+    store.configure([Obj], 0.05)
+    store.put(obj)  # unchanged object, but it now has a lifetime
+    assert store.get(Obj, {"ident": 1}) is obj
+    time.sleep(0.1)
+    assert store.get(Obj, {"ident": 1}) is None
+    assert store.reclaim_expired() + len(store) <= 1
+    _check_table(store)
+
+
+@pytest.mark.parametrize("kind", [ProcessMemoryStore, ThreadLocalStore])
+def test_re_putting_a_stored_object_with_a_new_version_records_that_version(kind: type[Any]) -> None:
+    """The entry's version follows the object: an older copy written afterwards is refused."""
+    store = kind()
+    obj = Versioned(1, "a", 1)
+    store.put(obj)
+    obj.version = 2
+    store.put(obj)
+    store.put(Versioned(1, "a", 1))  # a copy read before the update
+    assert store.get(Versioned, {"ident": 1}) is obj
+    _check_table(store)

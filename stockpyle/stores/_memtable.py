@@ -127,31 +127,71 @@ class MemoryTable:
         if tombstones:
             for key in keys:
                 tombstones.pop(key, None)
-        self._install(obj, keys, expires, version)
+        held = tuple(keys)
+        old = self.records.get(id(obj))
+        if old is not None and expires is None and old.expires is None and old.version is version and old.keys == held:
+            # the object is stored again under the very keys it holds, with the
+            # same version and no lifetime: a new entry would equal this one
+            # field for field (the heap holds nothing for either), and every one
+            # of these keys already maps to it, so no other object holds them.
+            # Only its LRU position changes.
+            if self.maxsize is not None:
+                self.records.move_to_end(id(obj))  # type: ignore[attr-defined]
+            return True
+        self._install(obj, held, expires, version, old)
         return True
 
-    def _install(self, obj: object, keys: list[Key], expires: float | None, version: Any) -> None:
+    def _install(
+        self, obj: object, held: tuple[Key, ...], expires: float | None, version: Any, old: MemoryEntry | None
+    ) -> None:
+        """Store ``obj`` under the keys ``held``, replacing ``old`` (its entry, or None) and older copies."""
         index = self.index
         records = self.records
-        old = records.get(id(obj))
-        if old is not None:
-            self.drop(old)
-        for key in keys:
-            other = index.get(key)
-            if other is not None:
-                # another object held this key: it is an older copy of the same
-                # entity, so every key it occupied is stale now
-                self.drop(other)
+        oid = id(obj)
         if expires is not None and expires <= self.clock():
+            # stored already expired: nothing is installed, but the copies it
+            # replaces are stale all the same
+            if old is not None:
+                self.drop(old)
+            for key in held:
+                other = index.get(key)
+                if other is not None:
+                    self.drop(other)
             return
+        # Every entry this one replaces leaves the table under all of its keys:
+        # the object's own earlier entry (its key attributes may have changed
+        # since), and any other object holding one of these keys (an older copy
+        # of the same entity, so every key it occupied is stale now).  Their
+        # keys that the new entry holds too are overwritten below rather than
+        # deleted and inserted again, which would leave dead slots behind (and
+        # an entry holding exactly the new keys needs no key-by-key look).
+        if old is not None and old.keys != held:
+            for key in old.keys:
+                if key not in held and index.get(key) is old:
+                    del index[key]
+        displaced = old
+        for key in held:
+            other = index.get(key)
+            if other is not None and other is not displaced:
+                displaced = other
+                other_id = id(other.obj)
+                if records.get(other_id) is other:
+                    del records[other_id]
+                if other.keys == held:
+                    continue
+                for other_key in other.keys:
+                    if other_key not in held and index.get(other_key) is other:
+                        del index[other_key]
         self.seq = seq = self.seq + 1
-        rec = MemoryEntry(obj, expires, tuple(keys), version, seq)
-        for key in keys:
+        rec = MemoryEntry(obj, expires, held, version, seq)
+        for key in held:
             index[key] = rec
-        records[id(obj)] = rec
+        records[oid] = rec
+        if old is not None and self.maxsize is not None:
+            records.move_to_end(oid)  # type: ignore[attr-defined]
         if expires is not None:
             heap = self.heap
-            heapq.heappush(heap, (expires, seq, id(obj)))
+            heapq.heappush(heap, (expires, seq, oid))
             if heap[0][0] <= self.clock():
                 self.reclaim()
             elif len(heap) > 2 * len(records) + _HEAP_SLACK:
@@ -176,7 +216,7 @@ class MemoryTable:
             return False
         if self.class_stones and self._class_refused(obj, now):
             return False
-        self._install(obj, keys, expires, version)
+        self._install(obj, tuple(keys), expires, version, self.records.get(id(obj)))
         return expires is None or expires > now
 
     def delete(self, obj: object, keys: list[Key], version: Any = None) -> None:
