@@ -264,3 +264,37 @@ def test_a_key_value_store_subclass_calling_super_is_counted_once(make_memcache_
     assert store.get(Pair, {"key": "a"}) is not None
     assert (store.stats().hits, store.stats().puts) == (1, 1)
     store.release()
+
+
+def test_chain_counts_index_hits_exactly_across_sampling_cycles() -> None:
+    """Hits from the top layer's index are derived from the call countdown: exact for one thread."""
+    import asyncio
+
+    from stockpyle import AsyncChainedStore
+
+    for chain_class in (ChainedStore, AsyncChainedStore):
+        top, below = ProcessMemoryStore(), ProcessMemoryStore()
+        chain = chain_class([top, below])
+        below.put(Foo("deep"))
+        top.put(Foo("a"))
+
+        def get(key: str, chain: Any = chain, asynchronous: bool = chain_class is AsyncChainedStore) -> Any:
+            found = chain.get(Foo, {"key": key})
+            return asyncio.run(_awaited(found)) if asynchronous else found
+
+        for _ in range(3 * SAMPLE_EVERY + 7):  # three timed calls among them
+            assert get("a") is not None
+        assert get("missing") is None
+        assert get("deep") is not None  # an L1 miss, then an L2 hit (back-filled)
+        assert get("deep") is not None  # now an L1 hit
+        stats = chain.stats()
+        assert (stats.layers[0].hits, stats.layers[0].misses) == (3 * SAMPLE_EVERY + 8, 2), chain_class
+        assert stats.layers[1].hits == 1
+        chain.reset_stats()
+        for _ in range(5):
+            get("a")
+        assert chain.stats().layers[0].hits == 5, chain_class
+
+
+async def _awaited(found: Any) -> Any:
+    return await found

@@ -154,6 +154,7 @@ class AsyncChainedStore(ChainPolicy):
         self._countdown -= 1
         if self._countdown <= 0:  # one call in SAMPLE_EVERY is timed, layer by layer
             self._countdown = SAMPLE_EVERY
+            self._cycles += 1
             return self._timed_get(klass, keydict, stampede)
         index = self._fast_index
         if index is not None and type(keydict) is dict and len(keydict) == 1:
@@ -165,19 +166,20 @@ class AsyncChainedStore(ChainPolicy):
                     bus = self.bus
                     if bus is None:
                         if rec.expires is None or rec.expires > _monotonic():
-                            self._fast_hits += 1
-                            return _done(rec.obj)
+                            return _done(rec.obj)  # counted by the countdown (see ChainPolicy)
                     else:
                         now = _monotonic()  # the bus's deadline, on every hit (see ChainedStore.get)
                         if now < bus.trusted_until and (rec.expires is None or rec.expires > now):
-                            self._fast_hits += 1
                             return _done(rec.obj)
                         if now >= bus.trusted_until:
+                            self._others += 1
                             return self._miss(0, klass, keydict, stampede)
                 if not self._single:
+                    self._others += 1
                     canonical_value(value)
                     self._first_stats.misses += 1
                     return self._miss(1, klass, keydict, stampede)
+        self._others += 1
         return self._top(klass, keydict, stampede)
 
     def _top(self, klass: type[T], keydict: KeyDict, stampede: Any, timed: bool = False) -> Any:

@@ -998,8 +998,13 @@ class ChainPolicy:
         # hits the top layer served through its get(), and from its index (a
         # total the top layer counts as its own, see DirectIndex.count_with)
         self._l1_hits = 0
-        self._fast_hits = 0
         self._fast_hits_seen = 0
+        # Hits served from the index are not counted one by one (that is a
+        # tenth of a hit's cost): get() counts its calls anyway, through the
+        # sampling countdown and the cycles it completed, and counts every
+        # call that is not such a hit in _others; see _fast_hit_count().
+        self._cycles = 0
+        self._others = 0
         # the top layer's index, probed directly on the hit path when it offers (and the bus trusts) it
         self._fast_index: Mapping[Key, MemoryEntry] | None = None
         if self._first_in_process and callable(getattr(type(layers[0]), "direct_index", None)):
@@ -1015,7 +1020,7 @@ class ChainPolicy:
         ``chain.stats()[i]`` (or ``.layers[i]``) is the :class:`LayerStats` of layer ``i``.
         """
         hits, self._l1_hits = self._l1_hits, 0
-        fast = self._fast_hits
+        fast = self._fast_hit_count()
         hits += fast - self._fast_hits_seen
         self._fast_hits_seen = fast
         self._first_stats.hits += hits
@@ -1027,12 +1032,15 @@ class ChainPolicy:
 
     def _fast_hit_count(self) -> int:
         """Hits served from the top layer's index since the chain was built (never reset)."""
-        return self._fast_hits
+        # calls = SAMPLE_EVERY per completed cycle plus the current one's;
+        # one call per cycle (the timed one) and every counted other were not such hits
+        calls = SAMPLE_EVERY * self._cycles + SAMPLE_EVERY - self._countdown
+        return max(0, calls - self._cycles - self._others)
 
     def reset_stats(self) -> None:
         """Set the chain's and every layer's counters back to zero."""
         self._l1_hits = 0
-        self._fast_hits_seen = self._fast_hits
+        self._fast_hits_seen = self._fast_hit_count()
         self._totals.reset()
         for stats in self._layer_stats:
             stats.reset()
@@ -1194,6 +1202,7 @@ class ChainedStore(ChainPolicy, BaseStore):
         self._countdown -= 1
         if self._countdown <= 0:  # one call in SAMPLE_EVERY is timed, layer by layer
             self._countdown = SAMPLE_EVERY
+            self._cycles += 1
             began = perf_counter()
             found = self._get(klass, keydict, stampede, timed=True)
             self._totals.timer("get").add(perf_counter() - began)  # what the caller waited, end to end
@@ -1209,23 +1218,24 @@ class ChainedStore(ChainPolicy, BaseStore):
                     bus = self.bus
                     if bus is None:
                         if rec.expires is None or rec.expires > _monotonic():
-                            self._fast_hits += 1
-                            return rec.obj  # type: ignore[return-value]
+                            return rec.obj  # type: ignore[return-value]  # counted by the countdown
                     else:
                         # the bus's deadline is compared on every hit (one clock read),
                         # so the staleness bound holds whatever the scheduler does
                         now = _monotonic()
                         if now < bus.trusted_until and (rec.expires is None or rec.expires > now):
-                            self._fast_hits += 1
                             return rec.obj  # type: ignore[return-value]
                         if now >= bus.trusted_until:
+                            self._others += 1
                             return self._miss(0, klass, keydict, stampede)
                 if not self._single:
                     # L1 does not have it (its get() would probe the same index
                     # again): refuse a value no layer could take, then ask below
+                    self._others += 1
                     canonical_value(value)
                     self._first_stats.misses += 1
                     return self._miss(1, klass, keydict, stampede)
+        self._others += 1
         return self._get(klass, keydict, stampede)
 
     def _get(self, klass: type[T], keydict: KeyDict, stampede: Any, timed: bool = False) -> T | None:
