@@ -43,10 +43,11 @@ _CHAIN_POLICY: Any = object()
 
 
 async def _done(value: Any) -> Any:
-    """What a top-layer hit returns: a coroutine that finishes at once, so awaiting it never suspends.
+    """What :meth:`AsyncChainedStore._top` returns for a top-layer hit: a coroutine that finishes at once.
 
-    (A plain coroutine is the cheapest awaitable CPython has: cheaper than
-    a done future or a custom ``__await__``, measured.)
+    (``get`` itself is a coroutine function whose index hit has no
+    ``await`` in it: one coroutine per hit rather than a plain call plus
+    this coroutine, about 30% of the async hit's extra cost, measured.)
     """
     return value
 
@@ -145,17 +146,17 @@ class AsyncChainedStore(ChainPolicy):
 
     # -- reads --------------------------------------------------------------
 
-    def get(self, klass: type[T], keydict: KeyDict, *, stampede: Any = _CHAIN_POLICY) -> Any:
+    async def get(self, klass: type[T], keydict: KeyDict, *, stampede: Any = _CHAIN_POLICY) -> T | None:
         """``await chain.get(klass, keydict)``: the object, from the fastest layer that has it.
 
-        A hit in the top (in-process) layer returns an awaitable that is
-        already done: awaiting it does not suspend the caller.
+        A hit in the top (in-process) layer is answered without any ``await``
+        inside, so awaiting it does not suspend the caller.
         """
         self._countdown -= 1
         if self._countdown <= 0:  # one call in SAMPLE_EVERY is timed, layer by layer
             self._countdown = SAMPLE_EVERY
             self._cycles += 1
-            return self._timed_get(klass, keydict, stampede)
+            return await self._timed_get(klass, keydict, stampede)
         index = self._fast_index
         if index is not None and type(keydict) is dict and len(keydict) == 1:
             (name,) = keydict
@@ -166,21 +167,21 @@ class AsyncChainedStore(ChainPolicy):
                     bus = self.bus
                     if bus is None:
                         if rec.expires is None or rec.expires > _monotonic():
-                            return _done(rec.obj)  # counted by the countdown (see ChainPolicy)
+                            return rec.obj  # type: ignore[return-value]  # counted by the countdown (see ChainPolicy)
                     else:
                         now = _monotonic()  # the bus's deadline, on every hit (see ChainedStore.get)
                         if now < bus.trusted_until and (rec.expires is None or rec.expires > now):
-                            return _done(rec.obj)
+                            return rec.obj  # type: ignore[return-value]
                         if now >= bus.trusted_until:
                             self._others += 1
-                            return self._miss(0, klass, keydict, stampede)
+                            return await self._miss(0, klass, keydict, stampede)
                 if not self._single:
                     self._others += 1
                     canonical_value(value)
                     self._first_stats.misses += 1
-                    return self._miss(1, klass, keydict, stampede)
+                    return await self._miss(1, klass, keydict, stampede)
         self._others += 1
-        return self._top(klass, keydict, stampede)
+        return await self._top(klass, keydict, stampede)  # type: ignore[no-any-return]
 
     def _top(self, klass: type[T], keydict: KeyDict, stampede: Any, timed: bool = False) -> Any:
         """:meth:`get` without the index probe: the top layer is asked directly, outside the flight.
@@ -309,12 +310,12 @@ class AsyncChainedStore(ChainPolicy):
     ) -> T | None:
         found = await self.get(klass, keydict, stampede=stampede)
         if found is not None:
-            return found  # type: ignore[no-any-return]
+            return found
 
         async def create() -> T | None:
             again = await self.get(klass, keydict, stampede=None)  # another caller may have created it meanwhile
             if again is not None:
-                return again  # type: ignore[no-any-return]
+                return again
             made = creator()
             if inspect.isawaitable(made):
                 made = await made
