@@ -192,6 +192,10 @@ class ChainStats(StoreStats):
         """Totals and per-layer statistics as plain data."""
         out = super().as_dict()
         out["layers"] = [layer.as_dict() for layer in self.layers]
+        out["stampede"] = {
+            name: getattr(self, name)
+            for name in ("leases_won", "leases_lost", "lease_waits", "lease_timeouts", "stale_served", "refreshes")
+        }
         if self.bus is not None:
             out["bus"] = {
                 **self.bus.as_dict(),
