@@ -141,14 +141,16 @@ def _namespace() -> str:
     return "stale" + uuid.uuid4().hex[:10]
 
 
-def _prime_and_expire(fleet: Fleet, primer: subprocess.Popen[str], engine: sa.Engine) -> None:
+def _prime_and_expire(
+    fleet: Fleet, primer: subprocess.Popen[str], engine: sa.Engine, lifetime: float = LIFETIME
+) -> None:
     """Fill the caches with "widget", change the row to "widget v2", and wait until the lifetime ran out."""
     (primed,) = fleet.ask([primer], {"op": "prime"})
     filled = time.time()
     assert primed == {"value": "widget"}
     rename(engine, "widget v2")
     # past the lifetime (in process memory too), well inside the stale window
-    time.sleep(max(0.0, filled + LIFETIME + 1.5 - time.time()))
+    time.sleep(max(0.0, filled + lifetime + 1.5 - time.time()))
 
 
 def _reads(results: list[dict[str, Any]]) -> list[list[Any]]:
@@ -222,7 +224,10 @@ def _check_steady(results: list[dict[str, Any]], duration: float, lifetime: int,
 
 def _steady(fleet: Fleet, engine: sa.Engine, kind: str, address: str, duration: float) -> list[dict[str, Any]]:
     policy = {"refresh_ahead": 2.0, "max_poll": 0.05}
-    workers = fleet.start(4, kind=kind, address=address, namespace=_namespace(), stampede=policy, lifetime=4, threads=2)
+    # process memory keeps entries for less than lifetime - refresh_ahead, so that reads reach the lease layer in time
+    workers = fleet.start(
+        4, kind=kind, address=address, namespace=_namespace(), stampede=policy, lifetime=4, l1_lifetime=1, threads=2
+    )
     (primed,) = fleet.ask([workers[0]], {"op": "prime"})
     assert primed == {"value": "widget"}
     rename(engine, "widget v2")
@@ -256,16 +261,18 @@ def test_a_refresher_killed_mid_load_is_replaced_after_its_lease(
     )
     namespace = _namespace()
     policy = {"serve_stale_for": 20, "lease": 2.0, "wait": 5.0, "max_poll": 0.05}
-    (holder,) = fleet.start(1, kind=kind, address=address, namespace=namespace, stampede=policy, threads=1, load=30.0)
-    others = fleet.start(6, kind=kind, address=address, namespace=namespace, stampede=policy, threads=2)
-    _prime_and_expire(fleet, others[0], rows)
+    common = {"kind": kind, "address": address, "namespace": namespace, "stampede": policy, "lifetime": 3}
+    (holder,) = fleet.start(1, threads=1, load=30.0, **common)
+    others = fleet.start(6, threads=2, **common)
+    _prime_and_expire(fleet, others[0], rows, lifetime=3)
     at = time.time() + 0.2
     fleet.send([holder], {"op": "read", "at": at})  # it wins the refresh and never finishes its load
     time.sleep(max(0.0, at + 0.4 - time.time()))
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
     start = time.time() + 0.1
-    results = fleet.ask(others, {"op": "steady", "at": start, "until": start + 2.0 + 3.0, "interval": 0.1})
+    # the lease (2 s) ends; the reload's entry lives 3 s more: the reads end before that
+    results = fleet.ask(others, {"op": "steady", "at": start, "until": start + 4.0, "interval": 0.1})
     reads = _reads(results)
     assert {read[3] for read in reads} <= {"widget", "widget v2"}, [read for read in reads if read[3] is None][:3]
     assert any(read[3] == "widget" for read in reads)  # served stale while the dead refresher held the lease
@@ -488,6 +495,7 @@ def test_async_chain_refreshes_ahead_under_steady_reads(rows: Any, kind: str, re
         )
         await chain.get(Product, {"id": 1})
         loads.clear()
+        chain.reset_stats()  # the priming miss is no refresh
         latencies: list[tuple[float, Any]] = []
         end = time.monotonic() + 6.5
 

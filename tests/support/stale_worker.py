@@ -12,8 +12,9 @@ object:
 ``threads``, ``load``
     how many threads read, and how long one read of row 1 from the database
     takes (not while priming).
-``lifetime``
-    the entries' lifetime in seconds, in process memory and the shared layer.
+``lifetime``, ``l1_lifetime``
+    the entries' lifetime in seconds in the shared layer, and in process
+    memory (by default the same).
 ``stampede``
     keyword arguments of :class:`stockpyle.Stampede`.
 
@@ -95,7 +96,7 @@ def main() -> None:
     selects: list[str] = []
     memory, shared = ProcessMemoryStore(), shared_layer()
     chain = ChainedStore([memory, shared, SlowStore(engine=engine)], stampede=Stampede(**CONFIG["stampede"]), bus=None)
-    memory.configure([Product], CONFIG["lifetime"])
+    memory.configure([Product], CONFIG.get("l1_lifetime", CONFIG["lifetime"]))
     shared.configure([Product], CONFIG["lifetime"])
     chain.get(Product, {"id": 2})  # warm-up: connections, class generations
 
