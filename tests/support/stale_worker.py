@@ -91,6 +91,61 @@ def shared_layer() -> Any:
     return RedisStore(CONFIG["address"], namespace=CONFIG["namespace"], connect_timeout=0.3, socket_timeout=1.0)
 
 
+def run(chain: Any, command: dict[str, Any], selects: list[str]) -> dict[str, Any]:
+    """One ``read`` or ``steady`` command: what the threads read."""
+    op = command["op"]
+    SLOW.set()
+    selects.clear()
+    SLOW_READS.clear()
+    chain.reset_stats()
+    at = float(command["at"])
+    reads: list[list[Any]] = []
+    lock = threading.Lock()
+
+    def read(thread: int) -> None:
+        began = time.time()
+        try:
+            found: Any = chain.get(Product, {"id": 1})
+            value: Any = None if found is None else found.name
+        except Exception as exc:  # noqa: BLE001  # reported: the test fails on it
+            value = f"error: {exc!r}"
+        ended = time.time()
+        with lock:
+            reads.append([thread, began - at, ended - began, value])
+
+    def until(moment: float) -> None:
+        while time.time() < moment:
+            time.sleep(min(0.0005, max(0.0, moment - time.time())))
+
+    def one(thread: int) -> None:
+        until(at)
+        if op == "read":
+            read(thread)
+            if command.get("again") is not None:
+                until(float(command["again"]))
+                read(thread)
+            return
+        interval = float(command["interval"])
+        step = at
+        while step < float(command["until"]):
+            until(step)
+            read(thread)
+            step += interval
+
+    workers = [threading.Thread(target=one, args=(n,)) for n in range(CONFIG["threads"])]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    stats = chain.stats()
+    return {
+        "selects": len(selects),
+        "slow": [moment - at for moment in SLOW_READS],
+        "reads": reads,
+        "stats": {name: getattr(stats, name) for name in COUNTERS},
+    }
+
+
 def main() -> None:
     engine = sa.create_engine(CONFIG["database"], pool_size=CONFIG["threads"] + 2)
     selects: list[str] = []
@@ -116,56 +171,7 @@ def main() -> None:
             found = chain.get(Product, {"id": 1})
             print(json.dumps({"value": None if found is None else found.name}), flush=True)
             continue
-        SLOW.set()
-        selects.clear()
-        SLOW_READS.clear()
-        chain.reset_stats()
-        at = float(command["at"])
-        reads: list[list[Any]] = []
-        lock = threading.Lock()
-
-        def read(thread: int) -> None:
-            began = time.time()
-            try:
-                found: Any = chain.get(Product, {"id": 1})
-                value: Any = None if found is None else found.name
-            except Exception as exc:  # noqa: BLE001  # reported: the test fails on it
-                value = f"error: {exc!r}"
-            ended = time.time()
-            with lock:
-                reads.append([thread, began - at, ended - began, value])
-
-        def until(moment: float) -> None:
-            while time.time() < moment:
-                time.sleep(min(0.0005, max(0.0, moment - time.time())))
-
-        def one(thread: int) -> None:
-            until(at)
-            if op == "read":
-                read(thread)
-                if command.get("again") is not None:
-                    until(float(command["again"]))
-                    read(thread)
-                return
-            interval = float(command["interval"])
-            step = at
-            while step < float(command["until"]):
-                until(step)
-                read(thread)
-                step += interval
-
-        workers = [threading.Thread(target=one, args=(n,)) for n in range(CONFIG["threads"])]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        stats = chain.stats()
-        answer = {
-            "selects": len(selects),
-            "slow": [moment - at for moment in SLOW_READS],
-            "reads": reads,
-            "stats": {name: getattr(stats, name) for name in COUNTERS},
-        }
+        answer = run(chain, command, selects)
         print(json.dumps(answer), flush=True)
     chain.release()
     engine.dispose()
