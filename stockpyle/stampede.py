@@ -16,7 +16,10 @@ at two levels:
   voids the lease, so the winner's fill of the value it read is refused.
 
 :class:`Stampede` is the policy: how long a lease lasts, how long a loser
-waits, and what a loser does when the wait runs out.
+waits, what a loser does when the wait runs out, and -- with
+``serve_stale_for`` and ``refresh_ahead`` -- whether readers are answered
+with the value already cached while one reader of the fleet reloads it, so a
+popular key never makes anyone wait.
 """
 
 from __future__ import annotations
@@ -64,6 +67,22 @@ class Stampede:
         at the shared layer (pauses start short and grow, with jitter).
     :param leases: use cross-process leases where a shared layer supports
         them; ``False`` keeps the in-process protection only.
+    :param refresh_ahead: seconds before an entry's lifetime in the lease
+        layer ends at which its reload begins (``None``: off).  The first
+        reader of the fleet that finds the entry that close to its end wins
+        the key's lease and reloads it (its own call pays the load); every
+        other reader keeps getting the current value at once.  A key under
+        steady reads is thus reloaded once per lifetime and never goes cold.
+    :param serve_stale_for: seconds an entry is kept in the lease layer after
+        its lifetime ran out, as a *stale* value (``0``: off).  During that
+        window the first reader of the fleet wins the key's lease and reloads
+        it, and every other reader is answered at once with the stale value
+        instead of waiting.  After the window the entry is gone and readers
+        wait for one load as usual.  The window is written with the entries:
+        the chain's policy sets it on its lease layer; a per-call policy may
+        shorten it (accept less staleness) but not lengthen it.  Writes never
+        leave a stale value behind: a ``put`` replaces the entry and a
+        ``delete`` or an invalidation ends it for good.
     :raises ConfigurationError: for invalid values.
     """
 
@@ -72,6 +91,8 @@ class Stampede:
     on_timeout: OnTimeout = "load"
     max_poll: float = 0.05
     leases: bool = True
+    refresh_ahead: float | None = None
+    serve_stale_for: float = 0.0
 
     def __post_init__(self) -> None:
         _seconds("lease", self.lease)
@@ -81,6 +102,23 @@ class Stampede:
             raise ConfigurationError(f"Stampede on_timeout must be 'load', 'miss' or 'raise'; got {self.on_timeout!r}")
         if not isinstance(self.leases, bool):
             raise ConfigurationError(f"Stampede leases must be True or False; got {self.leases!r}")
+        if self.refresh_ahead is not None:
+            _seconds("refresh_ahead", self.refresh_ahead)
+            if self.refresh_ahead == float("inf"):
+                raise ConfigurationError(f"Stampede refresh_ahead must be finite; got {self.refresh_ahead!r}")
+        _seconds("serve_stale_for", self.serve_stale_for, positive=False)
+        if self.serve_stale_for == float("inf"):
+            raise ConfigurationError(f"Stampede serve_stale_for must be finite; got {self.serve_stale_for!r}")
+        if not self.leases and (self.refresh_ahead is not None or self.serve_stale_for):
+            raise ConfigurationError(
+                "Stampede refresh_ahead and serve_stale_for need leases=True: one reader of the fleet reloads "
+                "while the others are served, and that reader is the one that wins the key's lease"
+            )
+
+    @property
+    def refreshes(self) -> bool:
+        """Whether this policy reloads entries before readers would wait (``refresh_ahead`` or ``serve_stale_for``)."""
+        return self.refresh_ahead is not None or self.serve_stale_for > 0
 
     def pauses(self) -> Any:
         """A waiting reader's pauses: from 2 ms growing to ``max_poll``, each with +-50% jitter, never above it."""
@@ -102,12 +140,15 @@ class _Flight:
     more than the rest of an L2 hit's bookkeeping.
     """
 
-    __slots__ = ("done", "error", "result")
+    __slots__ = ("done", "error", "leader", "published", "result")
 
     def __init__(self) -> None:
         self.done: threading.Event | None = None
         self.result: Any = None
         self.error: BaseException | None = None
+        self.leader = threading.get_ident()
+        # the leader handed its waiting followers a result before its load ended (see SingleFlight.publish)
+        self.published = False
 
 
 class SingleFlight:
@@ -147,10 +188,13 @@ class SingleFlight:
                     done = flight.done = threading.Event()
         if done is None:  # the leader
             try:
-                flight.result = load()
-                return flight.result  # type: ignore[no-any-return]
+                result = load()
+                if not flight.published:
+                    flight.result = result
+                return result
             except BaseException as exc:
-                flight.error = exc
+                if not flight.published:
+                    flight.error = exc
                 raise
             finally:
                 # under the lock, so a follower either made its Event before
@@ -167,3 +211,21 @@ class SingleFlight:
             return load()  # the leader failed: try for ourselves
         self.shared += 1
         return flight.result  # type: ignore[no-any-return]
+
+    def publish(self, key: Hashable, result: Any) -> None:
+        """Answer the followers of this thread's flight of ``key`` now, while its load goes on.
+
+        The followers take ``result``; later callers of ``key`` start a new
+        flight.  Used by a reader that refreshes an entry: the value it already
+        has is good enough for the others, who need not wait for the reload.
+        Nothing happens when this thread leads no flight of ``key``.
+        """
+        flights = self._table()
+        with self._lock:
+            flight = flights.get(key)
+            if flight is None or flight.leader != threading.get_ident() or flight.published:
+                return
+            del flights[key]
+            flight.result = result
+            flight.published = True
+        flight.done.set()

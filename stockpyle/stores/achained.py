@@ -52,6 +52,10 @@ async def _done(value: Any) -> Any:
     return value
 
 
+def _no_publish(found: Any) -> None:
+    """The ``publish`` of a load that leads no flight."""
+
+
 def _is_async_layer(layer: Any) -> bool:
     """Whether ``layer``'s operations are coroutines (checked on its type)."""
     return inspect.iscoroutinefunction(getattr(type(layer), "get", None))
@@ -92,6 +96,7 @@ class AsyncChainedStore(ChainPolicy):
         self.stampede = stampede
         self.polymorphic = False
         self._setup_policy(layers, failure_threshold, cooldown, max_pending_invalidations, retry_interval, bus=bus)
+        self._check_stampede(stampede, configure=True)
         # networked layers that are synchronous stores: run in worker threads
         self._threaded = [not self._in_process[i] and not _is_async_layer(layer) for i, layer in enumerate(layers)]
         self._bus_is_async = self.bus is not None and inspect.iscoroutinefunction(type(self.bus).publish)
@@ -226,15 +231,35 @@ class AsyncChainedStore(ChainPolicy):
         return flights
 
     async def _single_flight(
-        self, key: Hashable, load: Callable[[], Any], wait: float, on_timeout: Callable[[], Any]
+        self,
+        key: Hashable,
+        load: Callable[..., Any],
+        wait: float,
+        on_timeout: Callable[[], Any],
+        *,
+        publishing: bool = False,
     ) -> Any:
-        """``await load()`` once for all concurrent callers of ``key`` in this event loop."""
+        """``await load()`` once for all concurrent callers of ``key`` in this event loop.
+
+        With ``publishing``, the leader's ``load`` is given a function that
+        answers the waiting followers at once with a value (the leader goes on
+        loading; later callers start a new flight), as
+        :meth:`stockpyle.stampede.SingleFlight.publish`.
+        """
         flights = self._loop_flights()
         flight = flights.get(key)
         if flight is None:
             flight = flights[key] = asyncio.get_running_loop().create_future()
+            leader = flight
+
+            def publish(found: Any) -> None:
+                if not leader.done():
+                    leader.set_result(found)
+                if flights.get(key) is leader:
+                    del flights[key]
+
             try:
-                result = await load()
+                result = await (load(publish) if publishing else load())
             except BaseException as exc:
                 if not flight.done():
                     flight.set_exception(exc)
@@ -254,13 +279,16 @@ class AsyncChainedStore(ChainPolicy):
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError) and not flight.cancelled():
                 raise
-            return await load()  # the leader failed (or was cancelled): try for ourselves
+            # the leader failed (or was cancelled): try for ourselves
+            return await (load(_no_publish) if publishing else load())
         return result
 
     async def _miss(self, start: int, klass: type[T], keydict: KeyDict, stampede: Any, timed: bool = False) -> T | None:
         policy: Stampede | None = self.stampede if stampede is _CHAIN_POLICY else stampede
         if policy is None:
             return await self._run(self._plan_get(start, klass, keydict, timed))
+        if policy is not self.stampede:
+            self._check_policy(policy)
         try:
             key: Any = lookup_key(klass, keydict)
         except UnknownKeyError:
@@ -270,8 +298,8 @@ class AsyncChainedStore(ChainPolicy):
         except TypeError:
             return await self._run(self._plan_get(start, klass, keydict, timed, policy=policy))
 
-        def load() -> Any:
-            return self._run(self._plan_get(start, klass, keydict, timed, policy=policy))
+        def load(publish: Callable[[Any], None]) -> Any:
+            return self._run(self._plan_get(start, klass, keydict, timed, policy=policy, publish=publish))
 
         async def waited_too_long() -> T | None:
             if policy.on_timeout == "miss":
@@ -282,7 +310,9 @@ class AsyncChainedStore(ChainPolicy):
                 )
             return await self._run(self._plan_get(start, klass, keydict, False, fill=False))
 
-        return await self._single_flight(key, load, self._follower_wait(policy), waited_too_long)  # type: ignore[no-any-return]
+        return await self._single_flight(  # type: ignore[no-any-return]
+            key, load, self._follower_wait(policy), waited_too_long, publishing=True
+        )
 
     async def batch_get(self, klass: type[T], keydicts: Iterable[KeyDict]) -> list[T | None]:
         return await self._timed("batch_get", self._plan_batch_get(klass, list(keydicts)))

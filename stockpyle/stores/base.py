@@ -86,14 +86,23 @@ class Lease:
 
     :ivar token: what :meth:`lease_fill` and :meth:`lease_release` need
         (``"won"`` only).
+    :ivar stale: ``obj`` is a stale value: its lifetime ran out (it is kept
+        for ``Stampede.serve_stale_for``) or it was marked stale.  A ``"won"``
+        answer with an ``obj`` that is not stale won the refresh of a current
+        value (``Stampede.refresh_ahead``); a ``"hit"`` may be stale when
+        another reader is refreshing it.
+    :ivar age: for a stale ``obj``: the seconds since its lifetime ran out
+        (``0.0`` for a value marked stale before that).
     """
 
-    __slots__ = ("obj", "status", "token")
+    __slots__ = ("age", "obj", "stale", "status", "token")
 
-    def __init__(self, status: str, obj: Any = None, token: Any = None) -> None:
+    def __init__(self, status: str, obj: Any = None, token: Any = None, stale: bool = False, age: float = 0.0) -> None:
         self.status = status
         self.obj = obj
         self.token = token
+        self.stale = stale
+        self.age = age
 
     def __repr__(self) -> str:
         return f"Lease({self.status!r}, obj={self.obj!r})"

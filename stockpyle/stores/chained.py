@@ -167,12 +167,17 @@ class ChainStats(StoreStats):
     lease_waits: int = 0
     #: waits that ran out (``Stampede.wait``) before the fill came
     lease_timeouts: int = 0
+    #: reads answered at once with a stale value while another reader refreshed it (``Stampede.serve_stale_for``)
+    stale_served: int = 0
+    #: leases won on a present value, to reload it: ahead of its expiry (``Stampede.refresh_ahead``) or stale
+    refreshes: int = 0
 
     def reset(self) -> None:
         """Set the chain's own counters back to zero (the layers' are reset by :meth:`ChainedStore.reset_stats`)."""
         super().reset()
         self.invalidated = self.flushes = self.fills_refused = 0
         self.leases_won = self.leases_lost = self.lease_waits = self.lease_timeouts = 0
+        self.stale_served = self.refreshes = 0
 
     def __iter__(self) -> Iterator[LayerStats]:
         return iter(self.layers)
@@ -187,6 +192,10 @@ class ChainStats(StoreStats):
         """Totals and per-layer statistics as plain data."""
         out = super().as_dict()
         out["layers"] = [layer.as_dict() for layer in self.layers]
+        out["stampede"] = {
+            name: getattr(self, name)
+            for name in ("leases_won", "leases_lost", "lease_waits", "lease_timeouts", "stale_served", "refreshes")
+        }
         if self.bus is not None:
             out["bus"] = {
                 **self.bus.as_dict(),
@@ -341,6 +350,42 @@ class ChainPolicy:
         self._per_thread = [bool(getattr(type(layer), "per_thread", False)) for layer in layers]
         self._totals = ChainStats(layers=self._layer_stats)
         self._setup_coherence(bus)
+
+    def _check_policy(self, policy: Any) -> None:
+        """A per-call ``stampede=``: a :class:`Stampede` this chain can honour."""
+        if not isinstance(policy, Stampede):
+            raise ConfigurationError(f"stampede= takes a stockpyle.Stampede or None; got {policy!r}")
+        if policy.refreshes:
+            self._check_stampede(policy)
+
+    def _check_stampede(self, policy: Stampede | None, *, configure: bool = False) -> None:
+        """Refuse a policy with ``refresh_ahead``/``serve_stale_for`` this chain cannot honour.
+
+        Both need a shared layer whose leases elect one refresher of a present
+        value; with ``configure``, the lease layer is told to keep stale values
+        for ``serve_stale_for``.
+
+        :raises ConfigurationError: naming what is missing.
+        """
+        if policy is None or not policy.refreshes:
+            return
+        index = self._lease_layer
+        if index is None:
+            raise ConfigurationError(
+                "Stampede(refresh_ahead=..., serve_stale_for=...) needs a shared cache layer with leases above the "
+                "last layer (MemcacheStore, RedisStore, or their asyncio twins): one reader of the fleet reloads "
+                f"under the key's lease while the others are served; this chain has none "
+                f"({' -> '.join(type(layer).__name__ for layer in self.stores)})"
+            )
+        layer = self.stores[index]
+        if not getattr(layer, "can_refresh", False):
+            raise ConfigurationError(
+                f"Stampede(refresh_ahead=..., serve_stale_for=...) needs leases that elect one refresher of a "
+                f"present value; the lease layer {index} ({layer!r}) cannot (pylibmc offers no leases; a driver "
+                f"must take lease_get(..., recache=...))"
+            )
+        if configure and policy.serve_stale_for:
+            layer.keep_stale_for(policy.serve_stale_for)
 
     # -- coherence of in-process layers (the invalidation bus) ---------------
 
@@ -632,6 +677,7 @@ class ChainPolicy:
         fill: bool = True,
         policy: Stampede | None = None,
         creator: Callable[[], Any] | None = None,
+        publish: Callable[[Any], None] | None = None,
     ) -> Plan[T | None]:
         """Ask the layers from ``start`` down; back-fill the layers above the hit (unless ``fill`` is false).
 
@@ -640,6 +686,14 @@ class ChainPolicy:
         missing key, the others wait for its fill (see :mod:`stockpyle.stampede`).
         With a ``creator`` (``get_or_create``), a miss in every layer calls it
         and stores its object in every layer.
+
+        With a policy that refreshes (``refresh_ahead``, ``serve_stale_for``),
+        a reader served a stale value returns it at once, filling nothing; the
+        reader elected to refresh hands the value it found to ``publish`` (the
+        followers of its single flight), then reloads inline and fills through
+        its lease.  A refresh that finds the object gone removes it from the
+        lease layer and those above; one whose load fails returns the value it
+        found (logged).
         """
         last = self._last
         in_process = self._in_process
@@ -648,6 +702,7 @@ class ChainPolicy:
         if policy is not None and policy.leases and fill:
             leased = self._create_lease_layer if creator is not None else self._lease_layer
         token: Any = None  # the lease this read holds in layer ``leased``
+        previous: Any = None  # the value this reader was elected to refresh
         try:
             for index in range(start, last + 1):
                 stats = self._layer_stats[index]
@@ -659,7 +714,20 @@ class ChainPolicy:
                         assert policy is not None
                         if index == last and self._breakers[index].pending:
                             yield from self._replay(index)
-                        obj, token, outcome = yield from self._plan_leased_read(index, klass, keydict, policy)
+                        obj, token, outcome = yield from self._plan_leased_read(
+                            index, klass, keydict, policy, creator is None
+                        )
+                        if outcome == "stale":  # another reader refreshes it: served as it is, filling nothing
+                            stats.hits += 1
+                            if clock:
+                                stats.latency.add(perf_counter() - began)
+                            return obj  # type: ignore[no-any-return]
+                        if outcome == "refresh":  # this reader reloads it; its followers take what it found
+                            previous = obj
+                            stats.hits += 1
+                            if publish is not None:
+                                publish(obj)
+                            continue
                         if outcome == "timeout":
                             if policy.on_timeout == "miss":
                                 return None
@@ -708,14 +776,24 @@ class ChainPolicy:
                     token = yield from self._backfill(last, made, flushes, leased, token)
             else:
                 log.debug("stockpyle: no layer has %s %r", klass.__qualname__, keydict)
+            if previous is not None and made is None and leased is not None:
+                # the refresh found the object gone: no cache may serve it any longer (this also ends the lease)
+                token = None
+                yield from self._plan_invalidate(range(leased, -1, -1), [previous])
+                return None
             if token is not None and leased is not None:  # nothing to fill the lease with: the next reader tries
                 yield from self._guarded(leased, "release a lease", "lease_release", token)
             return made
         except GeneratorExit:
             raise
-        except BaseException:
+        except BaseException as exc:
             if token is not None and leased is not None:  # the load failed: let the next reader try
                 yield from self._guarded(leased, "release a lease", "lease_release", token)
+            if previous is not None and isinstance(exc, StoreError):
+                # a refresh that failed: the value found is still the best answer (others are served it too)
+                log.warning("stockpyle: could not refresh %s %r; serving the value cached: %s",
+                            klass.__qualname__, keydict, exc)  # fmt: skip
+                return previous  # type: ignore[no-any-return]
             raise
 
     def _follower_wait(self, policy: Stampede) -> float:
@@ -730,34 +808,56 @@ class ChainPolicy:
         return policy.wait
 
     def _plan_leased_read(
-        self, index: int, klass: type, keydict: KeyDict, policy: Stampede
+        self, index: int, klass: type, keydict: KeyDict, policy: Stampede, refresh: bool = True
     ) -> Plan[tuple[Any, Any, str]]:
         """``lease_get`` on layer ``index``, waiting while another reader holds the lease.
 
         :returns: ``(obj, token, outcome)``: ``outcome`` is ``"read"`` (``obj``
             is the object, ``None`` for a miss -- with ``token`` when this
-            reader won the lease and is to load -- or :data:`_FAILED`) or
-            ``"timeout"``.  A reader that loses waits even where the layer
-            holds a stale value: it is served only what a load produced.
+            reader won the lease and is to load -- or :data:`_FAILED`),
+            ``"stale"`` (``obj`` is a stale value another reader refreshes:
+            serve it as it is), ``"refresh"`` (``obj`` is the value found,
+            current or stale, and this reader won the lease to reload it) or
+            ``"timeout"``.  Without ``serve_stale_for`` a reader is never
+            served a stale value: it waits for the load.
         """
         stats = self._totals
         deadline = _monotonic() + policy.wait
         pauses = policy.pauses()
         waited = False
+        args: tuple[Any, ...] = (klass, keydict, policy.lease)
+        if refresh:
+            ahead = policy.refresh_ahead
+            if ahead is None and (policy.serve_stale_for or getattr(self.stores[index], "stale_window", 0.0)):
+                ahead = 0.0  # stale values are told apart (and one refresher elected) even when not served
+            if ahead is not None:
+                args = (klass, keydict, policy.lease, ahead)
+        tolerance = policy.serve_stale_for
         while True:
-            found = yield from self._guarded(index, "get", "lease_get", klass, keydict, policy.lease)
+            found = yield from self._guarded(index, "get", "lease_get", *args)
             if found is _FAILED:
                 return _FAILED, None, "read"
             status = found.status
             if status == "hit":
-                if waited:
-                    stats.lease_waits += 1
-                return found.obj, None, "read"
-            if status == "absent":
+                if not found.stale:
+                    if waited:
+                        stats.lease_waits += 1
+                    return found.obj, None, "read"
+                if tolerance and found.age <= tolerance:
+                    stats.stale_served += 1
+                    return found.obj, None, "stale"
+                # staler than this reader accepts: wait for its refresher's fill, as for a lost lease
+            elif status == "absent":
                 return None, None, "read"
-            if status == "won":
+            elif status == "won":
                 stats.leases_won += 1
+                if found.obj is not None and (not found.stale or (tolerance and found.age <= tolerance)):
+                    stats.refreshes += 1
+                    return found.obj, found.token, "refresh"
                 return None, found.token, "read"
+            elif found.obj is not None and found.stale and tolerance and found.age <= tolerance:
+                stats.stale_served += 1  # lost, but a stale value is there to serve
+                return found.obj, None, "stale"
             # lost: another reader is loading it
             if not waited:
                 stats.leases_lost += 1
@@ -781,6 +881,11 @@ class ChainPolicy:
             elif above == leased and token is not None:
                 done = yield from self._guarded(above, "backfill", "lease_fill", obj, token)
                 token = None
+                if done is False:
+                    # a writer changed the key after the lease was taken: obj is older than its
+                    # write, and no layer above gets it either
+                    log.debug("stockpyle: lease fill of layer %d refused; layers above not back-filled", above)
+                    return None
             else:
                 done = yield from self._guarded(above, "backfill", self._add[above], obj)
             if done is not _FAILED:
@@ -1156,6 +1261,7 @@ class ChainedStore(ChainPolicy, BaseStore):
         self._flights = SingleFlight()
         layers = check_layers(stores if stores is not None else [], "ChainedStore")
         self._setup_policy(layers, failure_threshold, cooldown, max_pending_invalidations, retry_interval, bus=bus)
+        self._check_stampede(stampede, configure=True)
         self._setup_hit_path(layers)
 
     # -- the executor -------------------------------------------------------
@@ -1277,6 +1383,8 @@ class ChainedStore(ChainPolicy, BaseStore):
         policy: Stampede | None = self.stampede if stampede is _CHAIN_POLICY else stampede
         if policy is None:
             return self._run(self._plan_get(start, klass, keydict, timed))
+        if policy is not self.stampede:
+            self._check_policy(policy)
         try:
             key: Any = lookup_key(klass, keydict)
         except UnknownKeyError:
@@ -1286,9 +1394,13 @@ class ChainedStore(ChainPolicy, BaseStore):
             hash(key)
         except TypeError:
             return self._run(self._plan_get(start, klass, keydict, timed, policy=policy))
+        flights = self._flights
+
+        def publish(found: Any) -> None:
+            flights.publish(key, found)
 
         def load() -> T | None:
-            return self._run(self._plan_get(start, klass, keydict, timed, policy=policy))
+            return self._run(self._plan_get(start, klass, keydict, timed, policy=policy, publish=publish))
 
         def waited_too_long() -> T | None:
             return self._after_timeout(policy, start, klass, keydict)

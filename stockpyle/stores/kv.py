@@ -92,7 +92,7 @@ from ..lifetimes import LifetimeCallback, LifetimePolicy, seconds_remaining
 from ..serializers import Codec, HMACSigner, JSONSerializer, Serializer, Signer
 from ..stats import Latency
 from .base import MISS, AsyncBaseStore, BaseStore, KeyDict, Lease, check_storable, check_tombstone_lifetime
-from .drivers import AsyncKVDriver, KVDriver, LeaseStatus, supports_leases
+from .drivers import AsyncKVDriver, KVDriver, LeaseStatus, supports_leases, supports_recache
 
 __all__ = [
     "CAS_ATTEMPTS",
@@ -360,11 +360,47 @@ class KeyValueEngine:
         self._cap_is_fixed = self._max_seconds is None or self._max_seconds <= _RELATIVE_EVERYWHERE
         self._fixed_cap = driver.ttl(self._max_seconds) if self._cap_is_fixed else None
         self._item_limit = None if driver.max_item_size is None else driver.max_item_size - ITEM_OVERHEAD
+        # seconds entries are kept past their lifetime as stale values (see keep_stale_for)
+        self._stale_window = 0.0
 
     @property
     def driver(self) -> Any:
         """The driver this store moves its bytes through."""
         return self._driver
+
+    @property
+    def can_refresh(self) -> bool:
+        """Whether leases here can elect one refresher of a present value (``Stampede.refresh_ahead``,
+        ``Stampede.serve_stale_for``): the driver takes ``lease_get(..., recache=...)``."""
+        return supports_recache(self._driver)
+
+    @property
+    def stale_window(self) -> float:
+        """Seconds entries written here are kept past their lifetime as stale values (see :meth:`keep_stale_for`)."""
+        return self._stale_window
+
+    def keep_stale_for(self, seconds: float) -> None:
+        """Keep entries ``seconds`` past their lifetime, as stale values a lease read can serve.
+
+        A :class:`~stockpyle.ChainedStore` calls this on its lease layer with
+        its ``Stampede.serve_stale_for``; the window only grows (the longest
+        one asked for wins).  Entries written from now on live that much
+        longer in the backend; their envelope keeps the real lifetime, so
+        :meth:`lease_get` tells a stale value from a current one.  Plain reads
+        (``get``, ``batch_get``) keep serving such an entry until the window
+        ends, as they would a current one.
+
+        :raises ConfigurationError: for a negative or infinite window, or a
+            backend whose leases cannot elect a refresher.
+        """
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < math.inf:
+            raise ConfigurationError(f"a stale window is a finite number of seconds >= 0; got {seconds!r}")
+        if seconds and not self.can_refresh:
+            raise ConfigurationError(
+                f"{self.describe()} cannot keep stale values: its driver ({type(self._driver).__name__}) elects no "
+                f"refresher of a present value (no lease_get recache)"
+            )
+        self._stale_window = max(self._stale_window, float(seconds))
 
     def describe(self) -> str:
         return str(self._driver.describe())
@@ -624,7 +660,7 @@ class KeyValueEngine:
         if written is None:
             raise SignatureError(f"entry for {mkey!r} carries no signed write time (written before stockpyle 1.0)")
         now = time.time()
-        if expires and expires + REPLAY_TOLERANCE < now:
+        if expires and expires + self._stale_window + REPLAY_TOLERANCE < now:
             raise SignatureError(f"entry for {mkey!r} expired at {expires}: a replayed entry")
         if self._max_seconds is not None and written / 1000 + self._max_seconds + REPLAY_TOLERANCE < now:
             raise SignatureError(f"entry for {mkey!r} is older than max_lifetime: a replayed entry")
@@ -678,11 +714,14 @@ class KeyValueEngine:
         """
         cap = self._max_seconds
         remaining = None if self.lifetimes.trivial else seconds_remaining(self.lifetimes.lifetime_for(obj), now)
+        window = self._stale_window  # the backend keeps the entry that much longer, as a stale value
         if remaining is None or (cap is not None and remaining > cap):
+            if window and cap is not None:
+                return self._driver.ttl(cap + window), math.ceil(now + cap)
             return self._cap_ttl(), 0 if cap is None else math.ceil(now + cap)
         if remaining <= 0:
             return None, 0
-        return self._driver.ttl(remaining), math.ceil(now + remaining)
+        return self._driver.ttl(remaining + window), math.ceil(now + remaining)
 
     def _stamp(self, now: float, expires: int) -> bytes:
         return _STAMP.pack(_LAYOUT, int(now * 1000), expires)
@@ -1020,8 +1059,35 @@ class KeyValueEngine:
         ttl: Hashable = self._driver.ttl(max(float(lease), self._driver.min_lifetime))
         return ttl
 
-    def _plan_lease_get(self, klass: type, keydict: KeyDict, lease: float) -> Plan[Lease]:
-        """Read one key; on a miss take its lease in the backend (see :class:`~stockpyle.stores.base.Lease`)."""
+    def _recache(self, refresh_ahead: float | None) -> Hashable | None:
+        """The driver's recache threshold: a refresher is elected this long before the entry leaves the backend."""
+        if refresh_ahead is None or not supports_recache(self._driver):
+            return None
+        if (
+            isinstance(refresh_ahead, bool)
+            or not isinstance(refresh_ahead, (int, float))
+            or not 0 <= refresh_ahead < math.inf
+        ):
+            raise ValueError(f"refresh_ahead is a number of seconds >= 0; got {refresh_ahead!r}")
+        ahead = self._stale_window + float(refresh_ahead)
+        return self._driver.ttl(ahead) if ahead > 0 else None
+
+    def _expiry(self, mkey: str, data: bytes) -> int:
+        """The end of an entry's lifetime (unix seconds, 0: none) from its envelope."""
+        try:
+            return self._open(mkey, data)[2]
+        except SerializationError:
+            return 0
+
+    def _plan_lease_get(
+        self, klass: type, keydict: KeyDict, lease: float, refresh_ahead: float | None = None
+    ) -> Plan[Lease]:
+        """Read one key; on a miss take its lease in the backend (see :class:`~stockpyle.stores.base.Lease`).
+
+        With ``refresh_ahead`` (seconds, ``0`` for none beyond the stale
+        window), a present value within that long of its lifetime's end, or
+        past it (in the stale window), elects one refresher across processes.
+        """
         key = lookup_key(klass, keydict)
         mkey = self._mkeys.get(key) or self.storage_key(key)
         rejected: list[str] = []
@@ -1031,18 +1097,31 @@ class KeyValueEngine:
             if rejected:
                 yield from self._plan_discard(rejected)
             return Lease("absent") if obj is MISS else Lease("hit", obj)
-        read = yield ("lease_get", (mkey, self._lease_ttl(lease)), "lease_get")
+        recache = self._recache(refresh_ahead)
+        ttl = self._lease_ttl(lease)
+        read = yield ("lease_get", (mkey, ttl) if recache is None else (mkey, ttl, recache), "lease_get")
         value = read.value
         obj = MISS if value is None else self._decode(mkey, value, rejected)
         if rejected:
             yield from self._plan_discard(rejected)
+        stale, age = read.stale, 0.0
+        if obj is not MISS and refresh_ahead is not None:
+            expires = self._expiry(mkey, value)
+            now = time.time()
+            if expires and expires <= now:
+                stale, age = True, now - expires
         if read.status is LeaseStatus.HIT:
             # a tombstone (or an entry refused) is no lease: the caller loads and back-fills with add
-            return Lease("absent") if obj is MISS else Lease("hit", obj)
+            return Lease("absent") if obj is MISS else Lease("hit", obj, None, stale, age)
         previous = None if obj is MISS else obj
         if read.status is LeaseStatus.WON:
-            return Lease("won", previous, (mkey, read.token))
-        return Lease("lost", previous)
+            if previous is None and read.value:
+                # elected to refresh a tombstone (or an entry refused): no lease is needed for what
+                # is not there; the caller loads and back-fills with add, which a tombstone refuses
+                yield from self._plan_lease_release((mkey, read.token), "lease_get")
+                return Lease("absent")
+            return Lease("won", previous, (mkey, read.token), stale and previous is not None, age)
+        return Lease("lost", previous, None, stale and previous is not None, age)
 
     def _plan_lease_fill(self, obj: object, token: Any, action: str) -> Plan[bool]:
         """Store ``obj`` under the leased key only while the lease holds, then under its other keys with add."""
@@ -1199,18 +1278,24 @@ class KeyValueStore(KeyValueEngine, BaseStore):
         """The backend key ``get(klass, keydict)`` reads."""
         return self.storage_key(lookup_key(klass, keydict))
 
-    def lease_get(self, klass: type, keydict: KeyDict, lease: float) -> Lease:
+    def lease_get(self, klass: type, keydict: KeyDict, lease: float, refresh_ahead: float | None = None) -> Lease:
         """Read one object; when its key is empty, take the key's lease for ``lease`` seconds.
 
         Exactly one caller of all processes wins the lease of an empty key;
         see :class:`~stockpyle.stores.base.Lease` for what each answer means.
         A backend without leases answers ``"hit"`` or ``"absent"`` only.
 
+        :param refresh_ahead: seconds before the end of an entry's lifetime
+            from which one reader of all processes wins the key's lease to
+            refresh it (``"won"`` with the current value) while the others hit;
+            also past that end, while the entry is kept stale (see
+            :meth:`keep_stale_for`).  ``None``: only empty keys are leased, and
+            no answer is marked stale for having outlived its lifetime.
         :raises StoreError: when the backend fails.
         """
         if time.monotonic() >= self._generations_due:
             self._check_generations()
-        found = self._run(self._plan_lease_get(klass, keydict, lease), "lease_get")
+        found = self._run(self._plan_lease_get(klass, keydict, lease, refresh_ahead), "lease_get")
         self._count_lookup(found)
         return found
 
@@ -1448,10 +1533,10 @@ class AsyncKeyValueStore(KeyValueEngine, AsyncBaseStore):
         await self._ready([klass])
         return self.storage_key(lookup_key(klass, keydict))
 
-    async def lease_get(self, klass: type, keydict: KeyDict, lease: float) -> Lease:
+    async def lease_get(self, klass: type, keydict: KeyDict, lease: float, refresh_ahead: float | None = None) -> Lease:
         """:meth:`KeyValueStore.lease_get`."""
         await self._ready([klass])
-        found = await self._run(self._plan_lease_get(klass, keydict, lease), "lease_get")
+        found = await self._run(self._plan_lease_get(klass, keydict, lease, refresh_ahead), "lease_get")
         self._count_lookup(found)
         return found
 

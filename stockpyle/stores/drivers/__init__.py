@@ -52,7 +52,15 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from ...errors import ErrorTable
 
-__all__ = ["AsyncKVDriver", "KVDriver", "LeaseDriver", "LeaseRead", "LeaseStatus", "supports_leases"]
+__all__ = [
+    "AsyncKVDriver",
+    "KVDriver",
+    "LeaseDriver",
+    "LeaseRead",
+    "LeaseStatus",
+    "supports_leases",
+    "supports_recache",
+]
 
 
 @runtime_checkable
@@ -154,7 +162,9 @@ class LeaseRead(NamedTuple):
         the stale value when :attr:`stale` is true, otherwise ``None``.
     :ivar stale: the value was marked stale (:meth:`LeaseDriver.mark_stale`)
         and someone -- this caller when the status is
-        :attr:`~LeaseStatus.WON` -- is to refresh it.
+        :attr:`~LeaseStatus.WON` -- is to refresh it.  A :attr:`~LeaseStatus.WON`
+        read with a value that is not stale won the refresh of a present
+        value (``recache``).
     :ivar token: for :attr:`~LeaseStatus.WON` only: the opaque lease token to
         pass to :meth:`~LeaseDriver.lease_fill` or :meth:`~LeaseDriver.lease_release`.
     :ivar cas: the compare-and-set token of the value read (the same kind of
@@ -186,17 +196,28 @@ class LeaseDriver(KVDriver, Protocol):
     :ivar can_lease: whether this driver instance offers leases at all (a
         driver class may implement the methods yet not support them for some
         clients).  Check it with :func:`supports_leases`.
+    :ivar can_recache: whether :meth:`lease_get` takes ``recache`` (optional:
+        a driver without the attribute does not; see :func:`supports_recache`).
     """
 
     can_lease: bool
 
-    def lease_get(self, key: str, lease_ttl: Hashable) -> LeaseRead:
+    def lease_get(self, key: str, lease_ttl: Hashable, recache: Hashable | None = None) -> LeaseRead:
         """Read ``key``; on a miss (or a stale value nobody refreshes yet) try to take its lease.
 
         Exactly one of any number of concurrent callers, in every process, wins
         the lease of an absent key; it expires after ``lease_ttl`` unless filled.
 
         :param lease_ttl: the lease's lifetime (from :meth:`KVDriver.ttl`).
+        :param recache: drivers with ``can_recache`` only: also elect a
+            *refresher* of a present value whose remaining lifetime in the
+            backend is below ``recache`` (from :meth:`KVDriver.ttl`).  Exactly
+            one caller wins: :attr:`~LeaseStatus.WON` with the value (``stale``
+            false) and a token to fill with; the key's remaining lifetime is
+            then cut to ``lease_ttl`` at most, so a refresher that dies leaves
+            it to expire when its lease would have.  The others get
+            :attr:`~LeaseStatus.HIT` with the value.  A writer's change of the
+            key makes the refresher's fill fail, as for any lease.
         """
         ...
 
@@ -231,6 +252,11 @@ class LeaseDriver(KVDriver, Protocol):
 def supports_leases(driver: object) -> bool:
     """Whether ``driver`` offers leases (:class:`LeaseDriver` with ``can_lease`` true)."""
     return getattr(driver, "can_lease", False) is True and callable(getattr(driver, "lease_get", None))
+
+
+def supports_recache(driver: object) -> bool:
+    """Whether ``driver`` elects refreshers of present values (``lease_get(..., recache=...)``)."""
+    return supports_leases(driver) and getattr(driver, "can_recache", False) is True
 
 
 @runtime_checkable

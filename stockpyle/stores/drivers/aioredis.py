@@ -167,6 +167,7 @@ class AsyncRedisDriver:
     can_add = True
     can_cas = True
     can_lease = True
+    can_recache = True
 
     def __init__(
         self,
@@ -456,9 +457,13 @@ class AsyncRedisDriver:
             script = entry.scripts[source] = entry.client.register_script(source)
         return await self._again(lambda: script(keys=[key], args=list(args)))
 
-    async def lease_get(self, key: str, lease_ttl: Hashable) -> LeaseRead:
+    async def lease_get(self, key: str, lease_ttl: Hashable, recache: Hashable | None = None) -> LeaseRead:
         ttl = positive_ms(lease_ttl, "lease lifetime")
         entry = await self._entry()
+        if recache is not None:
+            holder = new_holder()
+            threshold = positive_ms(recache, "recache threshold")
+            return lease_taken(await self._run(entry, TAKE_SCRIPT, key, holder, ttl, threshold), holder)
         # the hit path is one GET; only a miss or a stale value runs the script
         data = await self._again(entry.client.get, key)
         if data is not None:

@@ -24,6 +24,12 @@ lives on:
   the one won; on a stale value, ``md <key> I C<cas>`` marks it stale again
   so that the next reader wins the refresh.
 * ``mark_stale``: ``md <key> I T<ttl>`` for each key, pipelined per server.
+* ``lease_get(..., recache=N)``: ``mg <key> v c t N<lease> R<N>``: of the
+  readers of a value whose remaining TTL is below ``N`` seconds, exactly one
+  gets ``W`` (it refreshes), the others ``Z`` with the value.  The winner then
+  cuts the item's TTL to the lease (``mg <key> T<lease>``): memcached keeps
+  the "won" flag until the item is replaced or expires, so a refresher that
+  dies blocks the refresh for one lease at most.
 
 Meta support is detected per server at first use (an ``mn``; later an
 ``mg`` answered with ``ERROR`` counts too).  A server without meta commands
@@ -31,7 +37,8 @@ Meta support is detected per server at first use (an ``mn``; later an
 warning: the lease is an empty value ``add``-ed under the entry's key, read
 back with ``gets`` for its token and filled with ``cas``, so a writer's
 delete or set in between still makes the fill fail; ``mark_stale`` then
-deletes the keys (such servers cannot keep stale values).  Clients that are
+deletes the keys (such servers cannot keep stale values), and ``recache``
+elects nobody (a value is a hit until it expires).  Clients that are
 not pymemcache's (python-memcached style) offer no leases.
 """
 
@@ -112,6 +119,9 @@ class MemcacheLease(NamedTuple):
 
     cas: bytes
     stale: bool = False
+    #: the lease was won on a present value (``recache``): a release leaves it
+    #: to expire at the end of the lease, which ``lease_get`` cut its lifetime to
+    refresh: bool = False
 
 
 def import_pymemcache() -> Any:
@@ -317,9 +327,10 @@ def _lease_read(response: MetaResponse) -> LeaseRead:
     if cas is None:
         raise MetaProtocolError("a lease read was answered without the cas token it asked for")
     if "W" in flags:
-        stale = bool(value) and "X" in flags
-        if stale:
+        if value and "X" in flags:
             return LeaseRead(LeaseStatus.WON, value, True, MemcacheLease(cas, True), cas)
+        if value:  # R<recache>: this caller refreshes a present value
+            return LeaseRead(LeaseStatus.WON, value, False, MemcacheLease(cas, False, True), cas)
         return LeaseRead(LeaseStatus.WON, None, False, MemcacheLease(cas, False))
     if not value:
         return _LOST  # another client's stub
@@ -382,6 +393,8 @@ class PymemcacheDriver:
         )
         # leases need gets/add/cas (the fallback) on pymemcache clients; meta commands also need raw connections
         self.can_lease = self.can_cas and self.can_add and callable(getattr(first, "gets", None))
+        # refreshers are elected with mg's R flag (servers without meta commands elect none, see lease_get)
+        self.can_recache = self.can_lease
         exceptions = import_pymemcache().exceptions if self.can_lease else None
         self._closed_error: type[Exception] = exceptions.MemcacheUnexpectedCloseError if exceptions else OSError
         self._unknown_command: type[Exception] = exceptions.MemcacheUnknownCommandError if exceptions else OSError
@@ -617,7 +630,8 @@ class PymemcacheDriver:
         if known is not False:
             log.warning(
                 "stockpyle: memcached at %s does not take meta commands (%s); its leases fall back to add-based "
-                "locks (no stale values: mark_stale deletes)",
+                "locks (no stale values: mark_stale deletes; Stampede.refresh_ahead and serve_stale_for elect no "
+                "refresher there: a value is served until it expires)",
                 _server_name(node),
                 why,
             )
@@ -709,18 +723,37 @@ class PymemcacheDriver:
         except UnicodeEncodeError:
             raise ValueError(f"memcached keys must be ASCII (allow_unicode_keys is off); got {key!r}") from None
 
-    def lease_get(self, key: str, lease_ttl: Hashable) -> LeaseRead:
+    def lease_get(self, key: str, lease_ttl: Hashable, recache: Hashable | None = None) -> LeaseRead:
         if not self.can_lease:
             self._require_leases()
         ttl = _positive_ttl(lease_ttl)
         node = self._node(key)
         if self._meta.get(id(node)) or self._uses_meta(node):
-            request = meta_get(self._key(node, key), b"v c N%d" % ttl)
+            # R: one caller wins the refresh of a value whose remaining TTL is below the threshold
+            flags = b"v c N%d" % ttl if recache is None else b"v c t N%d R%d" % (ttl, _positive_ttl(recache))
+            mkey = self._key(node, key)
             try:
-                return _lease_read(self._once_more(self._meta_call, node, [request])[0])
+                response = self._once_more(self._meta_call, node, [meta_get(mkey, flags)])[0]
+                read = _lease_read(response)
+                if read.won and read.value and not read.stale:
+                    self._cap_refresh(node, mkey, response, ttl)
+                return read
             except self._unknown_command as exc:  # e.g. a proxy that knows mn but not mg
                 self._no_meta(node, f"mg answered {exc}")
+        # the fallback elects no refreshers: a present value is a hit until it expires
         return self._once_more(self._add_lease_get, node, key, ttl)  # type: ignore[no-any-return]
+
+    def _cap_refresh(self, node: Any, mkey: bytes, response: MetaResponse, ttl: int) -> None:
+        """Cut a value whose refresh was just won to live ``ttl`` seconds at most.
+
+        memcached keeps the "won" flag on the item until it is replaced or
+        expires: a refresher that dies would otherwise leave every later reader
+        told "someone refreshes" until the item's end.  The cut makes the item
+        expire when the lease would have; the next reader then wins the miss.
+        """
+        remaining = response.flags.get("t", b"-1")
+        if remaining == b"-1" or not remaining.lstrip(b"-").isdigit() or int(remaining) > ttl:
+            self._once_more(self._meta_call, node, [meta_get(mkey, b"T%d" % ttl)])
 
     def _add_lease_get(self, node: Any, key: str, ttl: int) -> LeaseRead:
         """The fallback: an empty value ``add``-ed under the key is the lease; ``gets`` gives its token."""
@@ -754,6 +787,8 @@ class PymemcacheDriver:
     def lease_release(self, key: str, token: Any) -> None:
         self._require_leases()
         lease = _lease_token(token)
+        if lease.refresh:
+            return  # the value stays, told "being refreshed", until the end of the lease its lifetime was cut to
         node = self._node(key)
         if self._uses_meta(node):
             # a stub is deleted; a stale value is kept and marked stale again, so the next reader refreshes it

@@ -24,9 +24,13 @@ fill is a Lua script that writes only while the key still holds that
 holder's lease: the write in between makes it fail.  ``mark_stale`` (a
 script) rewrites a value as ``\\x00SPS`` + holder (none yet) + the old
 value with a new lifetime; the next ``lease_get`` claims it and refreshes.
+``lease_get(..., recache=ms)`` runs the take script on every read: a value
+whose remaining lifetime (``PTTL``) is below ``ms`` is rewritten as
+``\\x00SPR`` + holder + the value, its lifetime cut to the lease, and that
+caller refreshes it; the others read the value as it is.
 The plain reads hide both forms: a lease reads as ``b""`` (absent, as a
 memcached stub does), a stale value as the old value.  Values starting with
-``\\x00SPL`` or ``\\x00SPS`` are therefore reserved; stockpyle's own
+``\\x00SPL``, ``\\x00SPS`` or ``\\x00SPR`` are therefore reserved; stockpyle's own
 envelopes start with ``SP``.  Leases need ``EVAL``; ``KEEPTTL`` needs Redis 6.
 
 Compare-and-set compares values: the token of a key is the value read, and
@@ -59,6 +63,7 @@ __all__ = [
     "LEASE_MARK",
     "MARK_STALE_SCRIPT",
     "NO_EXPIRY",
+    "REFRESH_MARK",
     "RELEASE_SCRIPT",
     "RedisDriver",
     "RedisLease",
@@ -111,6 +116,9 @@ LEASE_MARK: Final = b"\x00SPL"
 #: A stale value starts with this, then the holder id of its refresher (or
 #: :data:`_NO_HOLDER`), then the old value.
 STALE_MARK: Final = b"\x00SPS"
+#: A value being refreshed (``lease_get(..., recache=...)``) starts with this,
+#: then the holder id of its refresher, then the value, which stays current.
+REFRESH_MARK: Final = b"\x00SPR"
 _HOLDER_SIZE: Final = 16
 _HEAD: Final = len(LEASE_MARK) + _HOLDER_SIZE
 _NO_HOLDER: Final = b"-" * _HOLDER_SIZE
@@ -120,9 +128,12 @@ _LOST: Final = LeaseRead(LeaseStatus.LOST)
 # a head is the mark and a holder: 20 bytes.
 
 #: ``KEYS[1]``: the key; ``ARGV``: a new holder id, the lease's lifetime in
-#: milliseconds.  An absent key gets a lease for the holder (``{1}``); a
-#: stale value nobody refreshes yet gets the holder as its refresher
-#: (``{1, value}``); otherwise ``{0, value}`` (the value may be a lease).
+#: milliseconds, and optionally the recache threshold in milliseconds.  An
+#: absent key gets a lease for the holder (``{1}``); a stale value nobody
+#: refreshes yet gets the holder as its refresher (``{1, value}``); a plain
+#: value whose remaining lifetime is below the threshold gets the holder as
+#: its refresher and a lifetime cut to the lease (``{2, value}``); otherwise
+#: ``{0, value}`` (the value may be a lease).
 TAKE_SCRIPT: Final = r"""
 local v = redis.call('GET', KEYS[1])
 if not v then
@@ -132,6 +143,15 @@ end
 if string.sub(v, 1, 20) == '\0SPS----------------' then
   redis.call('SET', KEYS[1], '\0SPS' .. ARGV[1] .. string.sub(v, 21), 'KEEPTTL')
   return {1, v}
+end
+local mark = string.sub(v, 1, 4)
+if ARGV[3] and mark ~= '\0SPL' and mark ~= '\0SPS' and mark ~= '\0SPR' then
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 and ttl < tonumber(ARGV[3]) then
+    local keep = math.min(ttl, tonumber(ARGV[2]))
+    redis.call('SET', KEYS[1], '\0SPR' .. ARGV[1] .. v, 'PX', keep)
+    return {2, v}
+  end
 end
 return {0, v}
 """
@@ -145,7 +165,7 @@ if not v then
   return 0
 end
 local head = string.sub(v, 1, 20)
-if head ~= '\0SPL' .. ARGV[1] and head ~= '\0SPS' .. ARGV[1] then
+if head ~= '\0SPL' .. ARGV[1] and head ~= '\0SPS' .. ARGV[1] and head ~= '\0SPR' .. ARGV[1] then
   return 0
 end
 if ARGV[3] == '0' then
@@ -157,7 +177,8 @@ return 1
 """
 
 #: ``KEYS[1]``: the key; ``ARGV[1]``: the holder id.  Deletes the holder's
-#: lease, or makes its stale value refreshable by the next reader again.
+#: lease, or makes its stale value refreshable by the next reader again, or
+#: gives a value it was refreshing back (keeping the lifetime cut to the lease).
 RELEASE_SCRIPT: Final = r"""
 local v = redis.call('GET', KEYS[1])
 if not v then
@@ -169,6 +190,10 @@ if v == '\0SPL' .. ARGV[1] then
 end
 if string.sub(v, 1, 20) == '\0SPS' .. ARGV[1] then
   redis.call('SET', KEYS[1], '\0SPS----------------' .. string.sub(v, 21), 'KEEPTTL')
+  return 1
+end
+if string.sub(v, 1, 20) == '\0SPR' .. ARGV[1] then
+  redis.call('SET', KEYS[1], string.sub(v, 21), 'KEEPTTL')
   return 1
 end
 return 0
@@ -187,7 +212,7 @@ if mark == '\0SPL' then
   redis.call('DEL', KEYS[1])
   return 1
 end
-if mark == '\0SPS' then
+if mark == '\0SPS' or mark == '\0SPR' then
   v = string.sub(v, 21)
 end
 redis.call('SET', KEYS[1], '\0SPS----------------' .. v, 'PX', ARGV[1])
@@ -204,6 +229,8 @@ class RedisLease(NamedTuple):
 
     holder: bytes
     stale: bool = False
+    #: the lease was won on a present value (``recache``)
+    refresh: bool = False
 
 
 # -- the pure rules shared with the asyncio driver (stockpyle.stores.drivers.aioredis) --
@@ -214,7 +241,7 @@ def visible(data: bytes) -> bytes:
     mark = data[:4]
     if mark == LEASE_MARK:
         return b""
-    if mark == STALE_MARK:
+    if mark in (STALE_MARK, REFRESH_MARK):
         return data[_HEAD:]
     return data
 
@@ -249,12 +276,18 @@ def lease_read(data: bytes) -> LeaseRead | None:
         if data[4:_HEAD] == _NO_HOLDER:
             return None
         return LeaseRead(LeaseStatus.LOST, data[_HEAD:], True, None, data)
+    if mark == REFRESH_MARK:  # another caller refreshes it: the value is served meanwhile
+        return LeaseRead(LeaseStatus.HIT, data[_HEAD:], False, None, data)
     return LeaseRead(LeaseStatus.HIT, data, False, None, data)
 
 
 def lease_taken(answer: Sequence[Any], holder: bytes) -> LeaseRead:
     """The lease read for :data:`TAKE_SCRIPT`'s ``answer`` to ``holder``."""
-    if int(answer[0]) == 1:
+    won = int(answer[0])
+    if won == 2:  # the refresh of a present value
+        value = bytes(answer[1])
+        return LeaseRead(LeaseStatus.WON, value, False, RedisLease(holder, False, True), REFRESH_MARK + holder + value)
+    if won == 1:
         if len(answer) == 1:
             return LeaseRead(LeaseStatus.WON, token=RedisLease(holder))
         old = bytes(answer[1])[_HEAD:]
@@ -439,6 +472,7 @@ class RedisDriver:
     can_add = True
     can_cas = True
     can_lease = True
+    can_recache = True
 
     def __init__(
         self,
@@ -738,8 +772,13 @@ class RedisDriver:
         script = self._lease_script(source)
         return self._once_more(lambda: script(keys=[key], args=list(args)))
 
-    def lease_get(self, key: str, lease_ttl: Hashable) -> LeaseRead:
+    def lease_get(self, key: str, lease_ttl: Hashable, recache: Hashable | None = None) -> LeaseRead:
         ttl = positive_ms(lease_ttl, "lease lifetime")
+        if recache is not None:
+            # the remaining lifetime decides: one script reads it with the value
+            holder = new_holder()
+            answer = self._run(TAKE_SCRIPT, key, holder, ttl, positive_ms(recache, "recache threshold"))
+            return lease_taken(answer, holder)
         # the hit path is one GET; only a miss or a stale value runs the script
         client = self._client or self.client
         data = self._once_more(client.get, key)

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-from . import KVDriver, LeaseRead, supports_leases
+from . import KVDriver, LeaseRead, supports_leases, supports_recache
 
 __all__ = ["ThreadedDriver"]
 
@@ -35,6 +35,7 @@ class ThreadedDriver:
         self.min_lifetime = driver.min_lifetime
         #: leases are forwarded when the synchronous driver offers them
         self.can_lease = supports_leases(driver)
+        self.can_recache = supports_recache(driver)
 
     def describe(self) -> str:
         return self.sync.describe()
@@ -71,8 +72,10 @@ class ThreadedDriver:
 
     # -- leases (when the synchronous driver is a LeaseDriver) ---------------
 
-    async def lease_get(self, key: str, lease_ttl: Hashable) -> LeaseRead:
-        return await asyncio.to_thread(self.sync.lease_get, key, lease_ttl)  # type: ignore[attr-defined]
+    async def lease_get(self, key: str, lease_ttl: Hashable, recache: Hashable | None = None) -> LeaseRead:
+        if recache is None:
+            return await asyncio.to_thread(self.sync.lease_get, key, lease_ttl)  # type: ignore[attr-defined]
+        return await asyncio.to_thread(self.sync.lease_get, key, lease_ttl, recache)  # type: ignore[attr-defined]
 
     async def lease_fill(self, key: str, value: bytes, token: Any, ttl: Hashable) -> bool:
         return await asyncio.to_thread(self.sync.lease_fill, key, value, token, ttl)  # type: ignore[attr-defined]
