@@ -228,4 +228,6 @@ class SingleFlight:
             del flights[key]
             flight.result = result
             flight.published = True
-        flight.done.set()
+            done = flight.done  # None: nobody waits yet (see _Flight)
+        if done is not None:
+            done.set()

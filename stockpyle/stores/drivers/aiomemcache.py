@@ -439,6 +439,8 @@ class AsyncMemcacheDriver:
     can_add = True
     can_cas = True
     can_lease = True
+    #: refreshers are elected with mg's R flag, as by the sync driver (none without meta commands)
+    can_recache = True
     ttl = staticmethod(PymemcacheDriver.ttl)
 
     def __init__(
@@ -828,14 +830,26 @@ class AsyncMemcacheDriver:
 
         return await self._call(server, exchange)  # type: ignore[no-any-return]
 
-    async def lease_get(self, key: str, lease_ttl: Hashable) -> LeaseRead:
+    async def lease_get(self, key: str, lease_ttl: Hashable, recache: Hashable | None = None) -> LeaseRead:
         ttl = _positive_ttl(lease_ttl)
         server = self._server(key)
         if self._meta.get(server) or await self._uses_meta(server):
+            # R: one caller wins the refresh of a value whose remaining TTL is below the threshold
+            flags = b"v c N%d" % ttl if recache is None else b"v c t N%d R%d" % (ttl, _positive_ttl(recache))
+            mkey = _key(key)
             try:
-                return _lease_read((await self._meta_call(server, [meta_get(_key(key), b"v c N%d" % ttl)]))[0])
+                response = (await self._meta_call(server, [meta_get(mkey, flags)]))[0]
+                read = _lease_read(response)
+                if read.won and read.value and not read.stale:
+                    # the sync driver's rule (PymemcacheDriver._cap_refresh): a refresher that
+                    # dies blocks the refresh for one lease at most
+                    remaining = response.flags.get("t", b"-1")
+                    if remaining == b"-1" or not remaining.lstrip(b"-").isdigit() or int(remaining) > ttl:
+                        await self._meta_call(server, [meta_get(mkey, b"T%d" % ttl)])
+                return read
             except MemcacheUnknownCommandError as exc:  # e.g. a proxy that knows mn but not mg
                 self._no_meta(server, f"mg answered {exc}")
+        # the fallback elects no refreshers: a present value is a hit until it expires
         return await self._add_lease_get(key, ttl)
 
     async def _gets(self, key: str) -> tuple[bytes | None, bytes | None]:
@@ -871,6 +885,8 @@ class AsyncMemcacheDriver:
 
     async def lease_release(self, key: str, token: Any) -> None:
         lease = _lease_token(token)
+        if lease.refresh:
+            return  # the value stays, told "being refreshed", until the end of the lease its lifetime was cut to
         server = self._server(key)
         if await self._uses_meta(server):
             # a stub is deleted; a stale value is kept and marked stale again, so the next reader refreshes it
