@@ -27,7 +27,7 @@ from stockpyle.testing import ConsistencyContract, Item, StoreContract, sync_bri
 def async_memcache(address: str, **options: Any) -> AsyncMemcacheStore:
     """An AsyncMemcacheStore: the key-value engine driven with await, on the native asyncio memcached driver."""
     options.setdefault("namespace", "a" + uuid.uuid4().hex[:12])
-    return AsyncMemcacheStore([address], connect_timeout=0.25, timeout=0.5, **options)
+    return AsyncMemcacheStore([address], connect_timeout=2.0, timeout=2.0, **options)
 
 
 @pytest.mark.memcache
