@@ -132,6 +132,10 @@ class _AsyncClusterBase:
 
     def make_store(self, **options: Any) -> Any:
         self.count += 1
+        # 2 s timeouts: a new client's COMMAND-table parse holds the loop ~0.3 s, and with two suites
+        # on two cores the cluster's connects outlasted the default 0.25 s (these tests check the
+        # contract; the frozen-server tests below check the timeouts)
+        options = {"socket_timeout": 2.0, "connect_timeout": 2.0, **options}
         store = AsyncRedisStore(self.url, cluster=True, namespace=f"{self.prefix}-{self.count}", **options)
         return sync_bridge(store)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from support.databases import create_tables, make_engine, table_name
 
 from stockpyle import ChainedStore, MemcacheStore, ProcessMemoryStore
 from stockpyle.ext.sqlalchemy import StockpyleSessionExtension, sessionmaker
+from stockpyle.stores._repair import RepairThread
 from stockpyle.testing import Item
 
 pytestmark = [pytest.mark.memcache, pytest.mark.slow]
@@ -139,3 +141,36 @@ def test_an_idle_writer_repairs_memcached_for_every_other_process(memcached_fact
     finally:
         writer.kill()
         writer.wait()
+
+
+class _RescheduledWhileRepairing:
+    """A chain whose first repair pass overlaps a failed write: it is scheduled again while it runs.
+
+    That pass saw nothing pending (the write's replay had taken the list) and
+    reports none; the write then failed and remembered its invalidation.  The
+    thread must repair the chain again rather than forget it.
+    """
+
+    retry_interval = 0.01
+
+    def __init__(self, thread: RepairThread) -> None:
+        self.thread = thread
+        self.passes = 0
+        self.repaired = threading.Event()
+
+    def repair(self) -> bool:
+        self.passes += 1
+        if self.passes == 1:
+            self.thread.schedule(self)  # the failed write, concurrent with this pass
+            return False
+        self.repaired.set()
+        return False
+
+
+def test_a_chain_scheduled_again_during_its_repair_is_repaired_again() -> None:
+    thread = RepairThread()
+    chain = _RescheduledWhileRepairing(thread)
+    thread.schedule(chain)
+    assert chain.repaired.wait(10), f"the chain was dropped after {chain.passes} pass(es)"
+    time.sleep(0.1)
+    assert chain.passes == 2  # then it is done: nothing more was scheduled

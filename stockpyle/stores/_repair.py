@@ -38,7 +38,9 @@ class RepairThread:
     """The process's repair thread (started on first use, again in a forked child)."""
 
     def __init__(self) -> None:
-        self._chains: weakref.WeakSet[Repairable] = weakref.WeakSet()
+        # chain -> how many times it was scheduled: a chain scheduled again
+        # while its repair ran (a write failed meanwhile) is kept
+        self._chains: weakref.WeakKeyDictionary[Repairable, int] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._pid = -1
@@ -46,8 +48,9 @@ class RepairThread:
     def schedule(self, chain: Repairable) -> None:
         """Retry ``chain``'s pending invalidations until none are left."""
         with self._lock:
-            new = chain not in self._chains
-            self._chains.add(chain)
+            requests = self._chains.get(chain)
+            new = requests is None
+            self._chains[chain] = (requests or 0) + 1
             if self._pid != os.getpid():
                 self._pid = os.getpid()
                 new = True
@@ -69,7 +72,9 @@ class RepairThread:
             # wait one interval first: the call that failed has just been made
             self._wake.wait(min(chain.retry_interval for chain in chains))
             self._wake.clear()
-            for chain in chains:
+            with self._lock:  # the counts as the repairs begin (schedule() may have run while we waited)
+                counted = [(chain, self._chains.get(chain, 0)) for chain in chains]
+            for chain, requests in counted:
                 try:
                     still = chain.repair()
                 except Exception:  # a bug must not end the thread
@@ -77,7 +82,8 @@ class RepairThread:
                     still = True
                 if not still:
                     with self._lock:
-                        self._chains.discard(chain)
+                        if self._chains.get(chain) == requests:
+                            del self._chains[chain]
 
 
 #: The repair thread of this process.
