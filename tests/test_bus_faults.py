@@ -161,6 +161,36 @@ def test_redis_stream_recreated_is_a_new_epoch(redis_client: Any, redis_url: str
 
 
 @pytest.mark.redis
+def test_redis_stream_started_again_at_our_entry_id_is_a_gap(redis_client: Any, redis_url: str) -> None:
+    """Deleted and started again within the same millisecond, the new stream's first entry has our entry's id.
+
+    A blocked XREAD after that id never returns it: only the probe can tell.
+    """
+    writer, reader, listener = redis_pair(redis_url)
+    try:
+        digests = digests_for("before", 1)
+        writer.publish(digests)
+        assert listener.wait_digests(digests)
+        position, epoch, _seq = reader.position()
+        flushes = len(listener.flushes)
+        redis_client.delete(writer.stream)
+        lost = digests_for("lost", 1)
+        fields = {"e": "0" * 16, "s": 1, "p": "another-writer", "o": "", "t": repr(time.time()), "d": lost[0]}
+        redis_client.xadd(writer.stream, fields, id=position)  # what XADD * gives in that millisecond
+        assert wait_until(lambda: reader.stats().gaps == 1, timeout=2.0)
+        assert listener.wait_flushes(flushes + 1)
+        assert reader.position() == (position, "0" * 16, 1) and epoch != "0" * 16
+        later = digests_for("later", 1)
+        writer.publish(later)  # the stream goes on from the new entry: delivered, no further gap
+        assert listener.wait_digests(later)
+        assert reader.stats().gaps == 1
+    finally:
+        writer.release()
+        reader.release()
+        redis_client.delete(writer.stream)
+
+
+@pytest.mark.redis
 def test_redis_entries_that_are_no_invalidations_flush(redis_client: Any, redis_url: str) -> None:
     writer, reader, listener = redis_pair(redis_url)
     try:

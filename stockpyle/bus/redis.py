@@ -94,6 +94,12 @@ def _fields(raw: Any) -> dict[str, Any]:
     return {_text(raw[i]): raw[i + 1] for i in range(0, len(raw) - 1, 2)}
 
 
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``<ms>-<seq>``) as numbers, for ordering."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _entries(reply: Any) -> list[tuple[str, dict[str, Any]]]:
     """The entries of a raw ``XREAD`` reply for one stream (RESP2 list or RESP3 map)."""
     if not reply:
@@ -255,13 +261,41 @@ class RedisStreamBus(ListeningBus):
             return
         if now - self._read_sent_at > _BLOCK_MS / 1000 + _BLOCK_SLACK + self.socket_timeout:
             raise self._redis.exceptions.TimeoutError(f"no answer to XREAD BLOCK within {_BLOCK_MS} ms")
-        # The probe: is anything newer than our position in the stream?  If not,
-        # every entry added before it was sent has been delivered here.
+        # The probe: the stream's last entry.  Newer than our position: the
+        # blocked read is about to deliver it.  Ours (or none): every entry
+        # added before the probe was sent has been delivered here.  Anything
+        # else is a stream deleted and started again at or below our position
+        # (its first entry can even take our entry's id, within the same
+        # millisecond): the blocked read would never see it.
         probed_at = time.monotonic()
         self._next_probe = probed_at + self.probe_interval
-        if not self._command(self._probe, "XREAD", "COUNT", 1, "STREAMS", self.stream, self._position):
+        tail = self._command(self._probe, "XREVRANGE", self.stream, "+", "-", "COUNT", 1)
+        if not tail:
             self._heard((), probed_at)
-        # otherwise the blocked read is about to deliver it
+            return
+        entry_id, fields = _text(tail[0][0]), _fields(tail[0][1])
+        if _entry_order(entry_id) > _entry_order(self._position):
+            return
+        epoch = _text(fields["e"]) if "e" in fields else None
+        seq = _text(fields["s"]) if "s" in fields else None
+        if entry_id == self._position and epoch == self._epoch and (epoch is None or seq == str(self._seq)):
+            self._heard((), probed_at)
+            return
+        self._gap(f"stream {self.stream!r} started again at or below entry {self._position}")
+        self._position, self._epoch = entry_id, epoch
+        self._seq = int(seq) if seq is not None and seq.isdigit() else 0
+        self._restart_read()
+
+    def _restart_read(self) -> None:
+        """Abandon the blocked read (it waits for entries after a position that is no longer ours)."""
+        pool = self.client.connection_pool
+        with self._conn_lock:
+            old, self._conn = self._conn, pool.get_connection()
+        if old is not None:
+            call_quietly(old.disconnect)
+            call_quietly(functools.partial(pool.release, old))
+        self._read_sent_at = None
+        self._command(self._conn, "CLIENT", "SETNAME", self.client_name)
 
     def _received(self, reply: Any, sent_at: float) -> None:
         entries = _entries(reply)
