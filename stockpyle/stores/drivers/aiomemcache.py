@@ -93,11 +93,13 @@ from .pymemcache import (
     MemcacheLease,
     PinnedRendezvousHash,
     PymemcacheDriver,
-    _fill_ttl,
-    _lease_read,
-    _lease_token,
-    _positive_ttl,
+    as_lease,
+    check_fill_ttl,
+    check_lease_ttl,
     check_placement,
+    lease_get_flags,
+    lease_read,
+    refresh_cut,
 )
 
 __all__ = [
@@ -548,15 +550,7 @@ class AsyncMemcacheDriver:
         else:
             pool.release(conn)
             return result
-        conn, _fresh = await pool.acquire()
-        try:
-            async with _deadline(self.timeout):
-                result = await exchange(conn)
-        except BaseException:
-            pool.discard(conn)
-            raise
-        pool.release(conn)
-        return result
+        return await self._on(pool, exchange)  # once more, on a new connection
 
     async def _check_placement(self, state: _LoopState) -> None:
         """Mark every server of the fleet with the pinned scheme, or refuse one another driver marked.
@@ -759,7 +753,7 @@ class AsyncMemcacheDriver:
 
     async def touch_many(self, keys: Sequence[str], ttl: Hashable) -> None:
         if keys:
-            expire = _fill_ttl(ttl)
+            expire = check_fill_ttl(ttl)
             await self._all(keys, self._keyed(lambda key: b"touch %s %d\r\n" % (key, expire), _TOUCH_REPLIES))
 
     async def _store_one(self, key: str, request: bytes) -> bytes:
@@ -831,21 +825,16 @@ class AsyncMemcacheDriver:
         return await self._call(server, exchange)  # type: ignore[no-any-return]
 
     async def lease_get(self, key: str, lease_ttl: Hashable, recache: Hashable | None = None) -> LeaseRead:
-        ttl = _positive_ttl(lease_ttl)
+        ttl = check_lease_ttl(lease_ttl)
         server = self._server(key)
         if self._meta.get(server) or await self._uses_meta(server):
-            # R: one caller wins the refresh of a value whose remaining TTL is below the threshold
-            flags = b"v c N%d" % ttl if recache is None else b"v c t N%d R%d" % (ttl, _positive_ttl(recache))
             mkey = _key(key)
             try:
-                response = (await self._meta_call(server, [meta_get(mkey, flags)]))[0]
-                read = _lease_read(response)
-                if read.won and read.value and not read.stale:
-                    # the sync driver's rule (PymemcacheDriver._cap_refresh): a refresher that
-                    # dies blocks the refresh for one lease at most
-                    remaining = response.flags.get("t", b"-1")
-                    if remaining == b"-1" or not remaining.lstrip(b"-").isdigit() or int(remaining) > ttl:
-                        await self._meta_call(server, [meta_get(mkey, b"T%d" % ttl)])
+                response = (await self._meta_call(server, [meta_get(mkey, lease_get_flags(ttl, recache))]))[0]
+                read = lease_read(response)
+                cut = refresh_cut(read, response, ttl)
+                if cut is not None:
+                    await self._meta_call(server, [meta_get(mkey, cut)])
                 return read
             except MemcacheUnknownCommandError as exc:  # e.g. a proxy that knows mn but not mg
                 self._no_meta(server, f"mg answered {exc}")
@@ -870,8 +859,8 @@ class AsyncMemcacheDriver:
         return _LOST
 
     async def lease_fill(self, key: str, value: bytes, token: Any, ttl: Hashable) -> bool:
-        lease = _lease_token(token)
-        expire = _fill_ttl(ttl)
+        lease = as_lease(token)
+        expire = check_fill_ttl(ttl)
         if not isinstance(value, bytes):
             raise TypeError(f"a memcached value must be bytes; got {type(value).__name__}")
         server = self._server(key)
@@ -884,7 +873,7 @@ class AsyncMemcacheDriver:
         return await self.cas(key, value, lease.cas, expire)
 
     async def lease_release(self, key: str, token: Any) -> None:
-        lease = _lease_token(token)
+        lease = as_lease(token)
         if lease.refresh:
             return  # the value stays, told "being refreshed", until the end of the lease its lifetime was cut to
         server = self._server(key)
@@ -900,7 +889,7 @@ class AsyncMemcacheDriver:
         await self.cas(key, b"", lease.cas, -1)
 
     async def mark_stale(self, keys: Sequence[str], ttl: Hashable) -> None:
-        expire = _positive_ttl(ttl)
+        expire = check_lease_ttl(ttl)
         if not keys:
             return
         flags = b"I T%d" % expire

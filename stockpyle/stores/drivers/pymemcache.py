@@ -63,10 +63,16 @@ __all__ = [
     "PLACEMENT_SCHEME",
     "PinnedRendezvousHash",
     "PymemcacheDriver",
+    "as_lease",
     "build_client",
+    "check_fill_ttl",
+    "check_lease_ttl",
     "check_placement",
     "error_table",
     "import_pymemcache",
+    "lease_get_flags",
+    "lease_read",
+    "refresh_cut",
 ]
 
 INSTALL_HINT: Final = "MemcacheStore requires pymemcache: pip install stockpyle[memcache]"
@@ -292,7 +298,11 @@ def _server_name(node: Any) -> str:
     return str(server) if server is not None else type(node).__name__
 
 
-def _positive_ttl(lease_ttl: Any) -> int:
+def check_lease_ttl(lease_ttl: Any) -> int:
+    """A lease's lifetime as memcached takes it (whole seconds from ``driver.ttl()``, at least 1).
+
+    :raises ValueError: for anything else.
+    """
     if type(lease_ttl) is not int or lease_ttl < 1:
         raise ValueError(
             f"a memcached lease lifetime must be a positive whole number of seconds (from driver.ttl()); got"
@@ -301,19 +311,53 @@ def _positive_ttl(lease_ttl: Any) -> int:
     return lease_ttl
 
 
-def _fill_ttl(ttl: Any) -> int:
+def check_fill_ttl(ttl: Any) -> int:
+    """A fill's lifetime as memcached takes it (whole seconds from ``driver.ttl()``, 0: none).
+
+    :raises ValueError: for anything else.
+    """
     if type(ttl) is not int or ttl < 0:
         raise ValueError(f"a memcached lifetime must be a whole number of seconds (from driver.ttl()); got {ttl!r}")
     return ttl
 
 
-def _lease_token(token: Any) -> MemcacheLease:
+def as_lease(token: Any) -> MemcacheLease:
+    """The token, checked to be the :class:`MemcacheLease` that ``lease_get`` returned.
+
+    :raises TypeError: for anything else.
+    """
     if not isinstance(token, MemcacheLease):
         raise TypeError(f"expected the MemcacheLease token lease_get returned; got {type(token).__name__}")
     return token
 
 
-def _lease_read(response: MetaResponse) -> LeaseRead:
+def lease_get_flags(ttl: int, recache: Hashable | None) -> bytes:
+    """The ``mg`` flags of a lease read: ``N<ttl>``, and with ``recache`` one refresher of a present value.
+
+    ``R<recache>``: one caller wins the refresh of a value whose remaining
+    lifetime is below ``recache`` seconds (``t`` returns that lifetime, for
+    :func:`refresh_cut`).
+    """
+    return b"v c N%d" % ttl if recache is None else b"v c t N%d R%d" % (ttl, check_lease_ttl(recache))
+
+
+def refresh_cut(read: LeaseRead, response: MetaResponse, ttl: int) -> bytes | None:
+    """The ``mg`` flags that cut a value whose refresh ``read`` won to ``ttl`` seconds, or None when none is needed.
+
+    memcached keeps the "won" flag on the item until it is replaced or
+    expires: a refresher that dies would otherwise leave every later reader
+    told "someone refreshes" until the item's end.  The cut makes the item
+    expire when the lease would have; the next reader then wins the miss.
+    """
+    if not (read.won and read.value and not read.stale):
+        return None
+    remaining = response.flags.get("t", b"-1")
+    if remaining == b"-1" or not remaining.lstrip(b"-").isdigit() or int(remaining) > ttl:
+        return b"T%d" % ttl
+    return None
+
+
+def lease_read(response: MetaResponse) -> LeaseRead:
     """What an ``mg <key> v c N<ttl>`` answer means."""
     if response.status != "VA":
         if response.status == "EN":
@@ -726,34 +770,21 @@ class PymemcacheDriver:
     def lease_get(self, key: str, lease_ttl: Hashable, recache: Hashable | None = None) -> LeaseRead:
         if not self.can_lease:
             self._require_leases()
-        ttl = _positive_ttl(lease_ttl)
+        ttl = check_lease_ttl(lease_ttl)
         node = self._node(key)
         if self._meta.get(id(node)) or self._uses_meta(node):
-            # R: one caller wins the refresh of a value whose remaining TTL is below the threshold
-            flags = b"v c N%d" % ttl if recache is None else b"v c t N%d R%d" % (ttl, _positive_ttl(recache))
             mkey = self._key(node, key)
             try:
-                response = self._once_more(self._meta_call, node, [meta_get(mkey, flags)])[0]
-                read = _lease_read(response)
-                if read.won and read.value and not read.stale:
-                    self._cap_refresh(node, mkey, response, ttl)
+                response = self._once_more(self._meta_call, node, [meta_get(mkey, lease_get_flags(ttl, recache))])[0]
+                read = lease_read(response)
+                cut = refresh_cut(read, response, ttl)
+                if cut is not None:
+                    self._once_more(self._meta_call, node, [meta_get(mkey, cut)])
                 return read
             except self._unknown_command as exc:  # e.g. a proxy that knows mn but not mg
                 self._no_meta(node, f"mg answered {exc}")
         # the fallback elects no refreshers: a present value is a hit until it expires
         return self._once_more(self._add_lease_get, node, key, ttl)  # type: ignore[no-any-return]
-
-    def _cap_refresh(self, node: Any, mkey: bytes, response: MetaResponse, ttl: int) -> None:
-        """Cut a value whose refresh was just won to live ``ttl`` seconds at most.
-
-        memcached keeps the "won" flag on the item until it is replaced or
-        expires: a refresher that dies would otherwise leave every later reader
-        told "someone refreshes" until the item's end.  The cut makes the item
-        expire when the lease would have; the next reader then wins the miss.
-        """
-        remaining = response.flags.get("t", b"-1")
-        if remaining == b"-1" or not remaining.lstrip(b"-").isdigit() or int(remaining) > ttl:
-            self._once_more(self._meta_call, node, [meta_get(mkey, b"T%d" % ttl)])
 
     def _add_lease_get(self, node: Any, key: str, ttl: int) -> LeaseRead:
         """The fallback: an empty value ``add``-ed under the key is the lease; ``gets`` gives its token."""
@@ -770,8 +801,8 @@ class PymemcacheDriver:
 
     def lease_fill(self, key: str, value: bytes, token: Any, ttl: Hashable) -> bool:
         self._require_leases()
-        lease = _lease_token(token)
-        expire = _fill_ttl(ttl)
+        lease = as_lease(token)
+        expire = check_fill_ttl(ttl)
         if not isinstance(value, bytes):
             raise TypeError(f"a memcached value must be bytes; got {type(value).__name__}")
         node = self._node(key)
@@ -786,7 +817,7 @@ class PymemcacheDriver:
 
     def lease_release(self, key: str, token: Any) -> None:
         self._require_leases()
-        lease = _lease_token(token)
+        lease = as_lease(token)
         if lease.refresh:
             return  # the value stays, told "being refreshed", until the end of the lease its lifetime was cut to
         node = self._node(key)
@@ -803,7 +834,7 @@ class PymemcacheDriver:
 
     def mark_stale(self, keys: Sequence[str], ttl: Hashable) -> None:
         self._require_leases()
-        expire = _positive_ttl(ttl)
+        expire = check_lease_ttl(ttl)
 
         def mark(node: Any, group: list[str]) -> None:
             if self._uses_meta(node):
