@@ -27,8 +27,10 @@ from __future__ import annotations
 import os
 import random
 import threading
+import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from threading import get_ident
 from typing import Any, Final, Literal, TypeVar
 
 from .exceptions import ConfigurationError, StockpyleError
@@ -142,11 +144,11 @@ class _Flight:
 
     __slots__ = ("done", "error", "leader", "published", "result")
 
-    def __init__(self) -> None:
+    def __init__(self, leader: int) -> None:
         self.done: threading.Event | None = None
         self.result: Any = None
         self.error: BaseException | None = None
-        self.leader = threading.get_ident()
+        self.leader = leader
         # the leader handed its waiting followers a result before its load ended (see SingleFlight.publish)
         self.published = False
 
@@ -157,16 +159,14 @@ class SingleFlight:
     def __init__(self) -> None:
         self._flights: dict[Hashable, _Flight] = {}
         self._lock = threading.Lock()
-        self._pid = os.getpid()
         #: calls that waited for another and took its result
         self.shared = 0
+        _EVERY_TABLE.add(self)
 
-    def _table(self) -> dict[Hashable, _Flight]:
-        if self._pid != os.getpid():  # a forked child: the parent's flights are not ours
-            self._flights = {}
-            self._lock = threading.Lock()
-            self._pid = os.getpid()
-        return self._flights
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's flights are not ours (their threads are gone), nor is its lock's state."""
+        self._flights = {}
+        self._lock = threading.Lock()
 
     def run(self, key: Hashable, load: Callable[[], T], wait: float, on_timeout: Callable[[], T]) -> T:
         """``load()`` once for all concurrent callers of ``key``.
@@ -175,12 +175,12 @@ class SingleFlight:
         for it and takes its result; when the flight failed it loads itself,
         and when the wait runs out it returns ``on_timeout()``.
         """
-        flights = self._table()
+        flights = self._flights
         lock = self._lock
         with lock:
             flight = flights.get(key)
             if flight is None:
-                flight = flights[key] = _Flight()
+                flight = flights[key] = _Flight(get_ident())
                 done = None
             else:
                 done = flight.done
@@ -220,10 +220,10 @@ class SingleFlight:
         has is good enough for the others, who need not wait for the reload.
         Nothing happens when this thread leads no flight of ``key``.
         """
-        flights = self._table()
+        flights = self._flights
         with self._lock:
             flight = flights.get(key)
-            if flight is None or flight.leader != threading.get_ident() or flight.published:
+            if flight is None or flight.leader != get_ident() or flight.published:
                 return
             del flights[key]
             flight.result = result
@@ -231,3 +231,16 @@ class SingleFlight:
             done = flight.done  # None: nobody waits yet (see _Flight)
         if done is not None:
             done.set()
+
+
+#: every single-flight table of the process, reset in a forked child
+_EVERY_TABLE: weakref.WeakSet[SingleFlight] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for table in list(_EVERY_TABLE):
+        table._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_reset_after_fork)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import warnings
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ from support.databases import QueryCounter, create_tables, drop_tables, table_na
 
 from stockpyle import ChainedStore, LeaseTimeoutError, ProcessMemoryStore, Stampede
 from stockpyle.exceptions import ConfigurationError
+from stockpyle.stampede import SingleFlight
 from stockpyle.stores.sqlalchemy import SqlAlchemyStore
 from stockpyle.testing import Item
 
@@ -159,6 +162,38 @@ def test_a_failed_flight_lets_every_reader_try_for_itself() -> None:
     assert chain.get(Item, {"key": "k"}).payload == "v1"  # type: ignore[union-attr]
     leader.join()
     assert len(errors) == 1
+
+
+def test_a_forked_child_does_not_wait_for_a_flight_of_its_parent() -> None:
+    """gunicorn --preload: a flight under way in the parent has no thread in the child to finish it."""
+    flights = SingleFlight()
+    inside, release = threading.Event(), threading.Event()
+
+    def slow() -> str:
+        inside.set()
+        release.wait(10)
+        return "the parent's"
+
+    leader = threading.Thread(target=lambda: flights.run("k", slow, 10.0, lambda: "timed out"))
+    leader.start()
+    try:
+        assert inside.wait(5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() of a process with threads
+            pid = os.fork()
+        if pid == 0:  # the child: its own flight, at once, then leave
+            code = 3
+            try:
+                began = time.monotonic()
+                found = flights.run("k", lambda: "the child's", 5.0, lambda: "timed out")
+                code = 0 if found == "the child's" and time.monotonic() - began < 1.0 else 1
+            finally:
+                os._exit(code)
+        _pid, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        leader.join()
 
 
 def test_get_or_create_calls_the_creator_once_for_a_herd() -> None:

@@ -210,9 +210,12 @@ class MemoryTable:
         index, tombstones = self.index, self.tombstones
         # when no key holds an entry or a tombstone every slot is absent, which
         # the rule always allows: only otherwise are the slots worth building
-        if (any(key in index for key in keys) or (tombstones and any(key in tombstones for key in keys))) and (
-            not add_allowed(self._slots(keys, now))
-        ):
+        if len(keys) == 1:  # the common case, without the generators
+            (key,) = keys
+            taken = key in index or (bool(tombstones) and key in tombstones)
+        else:
+            taken = any(key in index for key in keys) or (bool(tombstones) and any(key in tombstones for key in keys))
+        if taken and not add_allowed(self._slots(keys, now)):
             return False
         if self.class_stones and self._class_refused(obj, now):
             return False

@@ -889,8 +889,7 @@ class ChainPolicy:
             else:
                 done = yield from self._guarded(above, "backfill", self._add[above], obj)
             if done is not _FAILED:
-                self._layer_stats[above].backfills += 1
-                log.debug("stockpyle: back-filled layer %d with %s", above, type(obj).__qualname__)
+                self._layer_stats[above].backfills += 1  # (counted, not logged: a log call per fill is a tenth of it)
         return token
 
     def _check_created(self, klass: type, keydict: KeyDict, made: Any) -> None:
@@ -1386,18 +1385,20 @@ class ChainedStore(ChainPolicy, BaseStore):
         if policy is not self.stampede:
             self._check_policy(policy)
         try:
-            key: Any = lookup_key(klass, keydict)
+            key: Any = lookup_key(klass, keydict)  # hashable: declared keys hold canonical values
         except UnknownKeyError:
             # a lookup only the system of record can answer (any mapped columns)
             key = (klass, tuple(sorted(keydict.items())))
-        try:
-            hash(key)
-        except TypeError:
-            return self._run(self._plan_get(start, klass, keydict, timed, policy=policy))
+            try:
+                hash(key)
+            except TypeError:
+                return self._run(self._plan_get(start, klass, keydict, timed, policy=policy))
         flights = self._flights
+        publish: Callable[[Any], None] | None = None
+        if policy.refreshes:  # only a refreshing reader hands its followers a value early
 
-        def publish(found: Any) -> None:
-            flights.publish(key, found)
+            def publish(found: Any) -> None:
+                flights.publish(key, found)
 
         def load() -> T | None:
             return self._run(self._plan_get(start, klass, keydict, timed, policy=policy, publish=publish))

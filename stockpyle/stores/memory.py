@@ -298,6 +298,12 @@ class ProcessMemoryStore(_InProcessStore):
             self._table.put(obj, keys, expires, version)
         self._counters.puts += 1
 
+    def add(self, obj: object) -> bool:
+        # _InProcessStore.add without the guard object (every back-fill of a chain's L2 hit)
+        prepared = self._prepare(obj)
+        with self._lock:
+            return self._table.add(*prepared)
+
     def direct_index(self) -> DirectIndex | None:
         """The index, for a :class:`~stockpyle.ChainedStore` with this store on top to probe on its hit path.
 
