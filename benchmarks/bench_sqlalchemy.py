@@ -19,7 +19,10 @@ ratios stockpyle / hand-written:
 * ``chain ... hit``: ``ChainedStore([ProcessMemoryStore(), MemcacheStore,
   SqlAlchemyStore])`` when the object is in process memory, only in
   memcached, or only in the database, vs hand-written cache-aside code (a
-  dict in front of a pymemcache client in front of a session) doing the same.
+  dict in front of a pymemcache client in front of a session) doing the same;
+  the same chain with ``stampede=None`` is reported beside it, without a
+  target: the difference is what the default stampede protection costs a
+  read (in-process single flight, memcached leases on the L2 read).
 
 PostgreSQL comes from ``STOCKPYLE_POSTGRES_URL`` (default
 ``postgresql+psycopg://postgres@127.0.0.1:5432/test``) and is skipped with a
@@ -252,6 +255,8 @@ def _chain(
     memory = ProcessMemoryStore()
     cache = MemcacheStore([address], namespace=f"bench-{os.getpid()}-{label}")
     chain = ChainedStore([memory, cache, store], bus=None)  # one process: no bus
+    # the same layers without stampede protection: what single flight and leases cost a read
+    unprotected = ChainedStore([memory, cache, store], bus=None, stampede=None)
     host, port = address.split(":")
     # The hand-written code gets the client configuration a service needs and
     # MemcacheStore uses: thread-safe (pooled), with timeouts. A pooled client
@@ -286,6 +291,11 @@ def _chain(
         for pk in pks:
             get(model, {"id": pk})
 
+    def ours_unprotected() -> None:
+        get = unprotected.get
+        for pk in pks:
+            get(model, {"id": pk})
+
     def theirs() -> None:
         for pk in pks:
             cache_aside(pooled, pk)
@@ -303,7 +313,12 @@ def _chain(
         memory.clear()
         local.clear()
 
-    rows = [("ours", ours), ("theirs", theirs), ("theirs, bare client", theirs_bare)]
+    rows = [
+        ("ours", ours),
+        ("ours, stampede=None", ours_unprotected),
+        ("theirs", theirs),
+        ("theirs, bare client", theirs_bare),
+    ]
     depths = (
         ("database", empty_all, 1, "<= 1.10"),
         ("L2 (memcached)", empty_memory, 1, "<= 1.10"),
@@ -327,6 +342,13 @@ def _chain(
             "theirs, bare client",
             label=f"[{label}] chain get, {depth} hit",
             baseline_label="hand-written cache-aside (one bare connection)",
+        )
+        suite.compare(
+            results,
+            "ours, stampede=None",
+            "theirs",
+            label=f"[{label}] chain get (stampede=None), {depth} hit",
+            baseline_label="hand-written cache-aside (pooled client, timeouts)",
         )
     # -- a write through every layer ------------------------------------------
     copies = [chain.get(model, {"id": pk}) for pk in pks[:50]]
