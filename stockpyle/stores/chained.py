@@ -889,7 +889,8 @@ class ChainPolicy:
             else:
                 done = yield from self._guarded(above, "backfill", self._add[above], obj)
             if done is not _FAILED:
-                self._layer_stats[above].backfills += 1  # (counted, not logged: a log call per fill is a tenth of it)
+                self._layer_stats[above].backfills += 1
+                log.debug("stockpyle: back-filled layer %d with %s", above, type(obj).__qualname__)
         return token
 
     def _check_created(self, klass: type, keydict: KeyDict, made: Any) -> None:
