@@ -227,17 +227,32 @@ def _check_steady(results: list[dict[str, Any]], duration: float, lifetime: int,
     assert max(read[2] for read in reads if read not in slow_reads) < LOAD / 2
 
 
-def _steady(fleet: Fleet, engine: sa.Engine, kind: str, address: str, duration: float) -> list[dict[str, Any]]:
-    policy = {"refresh_ahead": 2.0, "max_poll": 0.05}
+# lifetime 6 s, refreshed 3 s ahead: memcached's clock has whole seconds (an entry may live up to 1 s
+# less than asked), and a loaded CI machine (two suites on two cores) once let a 4 s entry refreshed
+# 2 s ahead expire before any reader reached it
+STEADY_LIFETIME = 6
+STEADY_AHEAD = 3.0
+STEADY_DURATION = 13.0
+
+
+def _steady(fleet: Fleet, engine: sa.Engine, kind: str, address: str) -> list[dict[str, Any]]:
+    policy = {"refresh_ahead": STEADY_AHEAD, "max_poll": 0.05}
     # process memory keeps entries for less than lifetime - refresh_ahead, so that reads reach the lease layer in time
     workers = fleet.start(
-        4, kind=kind, address=address, namespace=_namespace(), stampede=policy, lifetime=4, l1_lifetime=1, threads=2
+        4,
+        kind=kind,
+        address=address,
+        namespace=_namespace(),
+        stampede=policy,
+        lifetime=STEADY_LIFETIME,
+        l1_lifetime=1,
+        threads=2,
     )
     (primed,) = fleet.ask([workers[0]], {"op": "prime"})
     assert primed == {"value": "widget"}
     rename(engine, "widget v2")
     at = time.time() + 0.3
-    return fleet.ask(workers, {"op": "steady", "at": at, "until": at + duration, "interval": 0.05})
+    return fleet.ask(workers, {"op": "steady", "at": at, "until": at + STEADY_DURATION, "interval": 0.05})
 
 
 @pytest.mark.memcache
@@ -245,13 +260,15 @@ def _steady(fleet: Fleet, engine: sa.Engine, kind: str, address: str, duration: 
 def test_refresh_ahead_keeps_a_hot_key_warm_with_one_reload_per_lifetime(
     rows: Any, fleet: Fleet, memcached_server: Any
 ) -> None:
-    _check_steady(_steady(fleet, rows, "memcache", memcached_server.address, 9.0), 9.0, 4, 2.0)
+    _check_steady(
+        _steady(fleet, rows, "memcache", memcached_server.address), STEADY_DURATION, STEADY_LIFETIME, STEADY_AHEAD
+    )
 
 
 @pytest.mark.redis
 @pytest.mark.slow
 def test_refresh_ahead_on_redis(rows: Any, fleet: Fleet, redis_url: str) -> None:
-    _check_steady(_steady(fleet, rows, "redis", redis_url, 9.0), 9.0, 4, 2.0)
+    _check_steady(_steady(fleet, rows, "redis", redis_url), STEADY_DURATION, STEADY_LIFETIME, STEADY_AHEAD)
 
 
 @pytest.mark.parametrize("kind", ["memcache", "redis"])
