@@ -23,13 +23,13 @@ import redis.asyncio.cluster
 from support.asyncio_debug import slow_callbacks
 
 from stockpyle import AsyncChainedStore, AsyncRedisStore, ProcessMemoryStore, RedisStore, Stampede
-from stockpyle.exceptions import ConfigurationError, StoreUnavailableError
+from stockpyle.exceptions import ConfigurationError, StoreError, StoreUnavailableError
 from stockpyle.stores.drivers import LeaseStatus
 from stockpyle.stores.drivers.aioredis import AsyncRedisDriver
 from stockpyle.stores.drivers.aioredis import build_client as async_client
 from stockpyle.stores.drivers.redis import RedisDriver
 from stockpyle.stores.drivers.redis import build_client as sync_client
-from stockpyle.testing import ConsistencyContract, Item, StoreContract, Versioned, sync_bridge
+from stockpyle.testing import Automobile, ConsistencyContract, Item, StoreContract, Versioned, sync_bridge
 
 pytestmark = pytest.mark.redis
 
@@ -445,6 +445,30 @@ def test_a_client_passed_in_belongs_to_one_event_loop(redis_client: Any, redis_p
     run(first())
     run(second())
     run(client.aclose())
+
+
+def test_a_refused_put_never_leaves_the_old_entry(redis_server_factory: Any) -> None:
+    """As RedisStore: a write the server refuses (out of memory) invalidates the keys; one key or several."""
+    server = redis_server_factory.start("--maxmemory-policy", "noeviction")
+    store = AsyncRedisStore(server.url, namespace="oom")
+    admin = redis.Redis(port=server.port)
+
+    async def scenario() -> None:
+        await store.batch_put([Item("o", 1, 2, "before"), Automobile("ONE-1", "before")])
+        admin.config_set("maxmemory", 1)  # every write that adds data is refused from now on
+        try:
+            for obj in (Item("o", 1, 2, "after"), Automobile("ONE-1", "after")):
+                with pytest.raises(StoreError, match="out of memory") as caught:
+                    await store.put(obj)
+                assert not isinstance(caught.value, StoreUnavailableError)
+            assert await store.batch_get(Item, [{"key": "o"}, {"zap": 1, "bar": 2}]) == [None, None]
+            assert await store.get(Automobile, {"license_plate": "ONE-1"}) is None
+        finally:
+            admin.config_set("maxmemory", 0)
+            admin.close()
+        await store.release()
+
+    run(scenario())
 
 
 def test_a_call_cancelled_mid_request_leaves_no_broken_connection(redis_server_factory: Any) -> None:

@@ -546,6 +546,35 @@ def test_server_side_size_refusal_is_mapped(memcached_factory: Any) -> None:
     store.release()
 
 
+def test_a_refused_write_of_a_one_key_object_drops_its_old_entry(memcached_factory: Any) -> None:
+    # a one-key object's put is one write with no plan around it: its failure rules are the same
+    server = memcached_factory.one(item_size="1m")
+    store = MemcacheStore([server.address], max_item_size=4 * 1024 * 1024)
+    store.put(Automobile("ONE-1", "red"))
+    with pytest.raises(ValueTooLargeError) as caught:
+        store.put(Automobile("ONE-1", "y" * (2 * 1024 * 1024)))
+    assert caught.value.__cause__ is not None
+    assert store.get(Automobile, {"license_plate": "ONE-1"}) is None
+    assert store.stats().errors == 0  # the server answered: a refused object, not an outage
+    store.put(Automobile("ONE-1", "blue"))
+    assert store.get(Automobile, {"license_plate": "ONE-1"}) == Automobile("ONE-1", "blue")
+    store.release()
+
+
+def test_oversized_or_unpicklable_one_key_objects_drop_their_old_entry(
+    make_store: Callable[..., MemcacheStore],
+) -> None:
+    store = make_store()
+    store.put(Automobile("ONE-2", "red"))
+    with pytest.raises(ValueTooLargeError, match="bytes serialized"):
+        store.put(Automobile("ONE-2", "x" * (2 * 1024 * 1024)))
+    assert store.get(Automobile, {"license_plate": "ONE-2"}) is None
+    store.put(Automobile("ONE-2", "red"))
+    with pytest.raises(SerializationError, match="cannot serialize Automobile"):
+        store.put(Automobile("ONE-2", threading.Lock()))
+    assert store.get(Automobile, {"license_plate": "ONE-2"}) is None
+
+
 def test_value_just_under_the_limit_is_stored(make_store: Callable[..., MemcacheStore]) -> None:
     store = make_store()
     item = Item("fits", 1, 2, b"z" * (1024 * 1024 - 2048))

@@ -621,6 +621,7 @@ def test_out_of_memory_is_a_store_error_and_never_leaves_a_stale_entry(redis_ser
     server = redis_server_factory.start("--maxmemory-policy", "noeviction")
     store = RedisStore(server.url, namespace="oom")
     store.batch_put([Item("o", 1, 2, "before"), Item("d", 3, 4, "doomed")])
+    store.put(Automobile("ONE-1", "before"))
     admin = redis.Redis(port=server.port)
     admin.config_set("maxmemory", 1)  # every write that adds data is refused from now on
     try:
@@ -628,6 +629,9 @@ def test_out_of_memory_is_a_store_error_and_never_leaves_a_stale_entry(redis_ser
             store.put(Item("o", 1, 2, "after"))
         assert not isinstance(caught.value, StoreUnavailableError)  # the layer answers; it refuses writes
         assert store.batch_get(Item, [{"key": "o"}, {"zap": 1, "bar": 2}]) == [None, None]  # invalidated by DEL
+        with pytest.raises(StoreError, match="out of memory"):
+            store.put(Automobile("ONE-1", "after"))  # a one-key object: one write, the same rule
+        assert store.get(Automobile, {"license_plate": "ONE-1"}) is None
         with pytest.raises(StoreError, match="out of memory"):
             store.delete(Item("d", 3, 4))  # its tombstones are refused: the keys are deleted plainly
         assert store.batch_get(Item, [{"key": "d"}, {"zap": 3, "bar": 4}]) == [None, None]

@@ -195,6 +195,11 @@ def _owned(owner: str, version: bytes | None) -> bytes | None:
     return None if version is None else owner.encode("ascii") + b"\n" + version
 
 
+def _payload(written: int, expires: int, section: bytes, body: bytes) -> bytes:
+    """An entry before sealing: the stamp (layout, write time, expiry), the key record and the serialized object."""
+    return b"".join((_STAMP.pack(_LAYOUT, written, expires), _LENGTH_BYTES(len(section)), section, body))
+
+
 def check_max_lifetime(max_lifetime: Any) -> float | None:
     """Validate ``max_lifetime`` (seconds, a timedelta, or ``None``); return seconds or ``None``.
 
@@ -759,7 +764,7 @@ class KeyValueEngine:
             section = " ".join(mkeys).encode("ascii")
             if vbytes is not None:
                 section += b"\n" + vbytes
-            payload = b"".join((_STAMP.pack(_LAYOUT, written, expires), _LENGTH_BYTES(len(section)), section, body))
+            payload = _payload(written, expires, section, body)
             item.written = written
             values: dict[str, bytes] = {}
             for mkey in mkeys:
@@ -777,6 +782,43 @@ class KeyValueEngine:
             else:
                 item.values = values
         return out, failure
+
+    def _prepare_single(self, obj: object) -> tuple[str, bytes, Hashable, int] | None:
+        """The one entry of the most common write, prepared without the general plan.
+
+        The object has one key and no version the backend checks, and is to
+        be stored (not yet expired, serializable, small enough): its entry is
+        then the whole write, with no old keys to look for and nothing to
+        bury.  The entry is exactly what :meth:`_prepare` builds.
+
+        :returns: ``(backend key, envelope, driver lifetime, write time in
+            ms)``, or ``None`` for any other object (:meth:`_prepare` and
+            :meth:`_plan_put` handle it, including its errors).
+        """
+        if obj is None:
+            return None
+        model = key_model(type(obj))
+        if len(model.specs) != 1 or (self.polymorphic and len(model.bases) > 1):
+            return None
+        if model.version_attr is not None and self._driver.can_cas:
+            return None
+        key = model.keys_of(obj)[0]
+        mkey = self._mkeys.get(key) or self.storage_key(key)
+        now = time.time()
+        ttl, expires = self._ttl_for(obj, now)
+        if ttl is None:
+            return None
+        try:
+            body = self.codec.dumps(obj)
+        except SerializationError:
+            return None
+        written = int(now * 1000)
+        section = mkey.encode("ascii")
+        value = self.codec.seal(mkey, _payload(written, expires, section, body))
+        limit = self._item_limit
+        if limit is not None and len(value) + len(mkey) > limit:
+            return None
+        return mkey, value, ttl, written
 
     def _prepare_add(self, objs: list[object]) -> list[_Prepared]:
         items, failure = self._prepare(objs)
@@ -858,20 +900,12 @@ class KeyValueEngine:
                     stale.update(k for k in self._inspect(mkey, data)[1] if k not in current)
         return stale
 
+    def _plan_write_failed(self, mkeys: list[str], exc: BaseException, action: str) -> Plan[None]:
+        """After a write failed with ``exc``: a refused write (not an outage) must not leave older entries behind."""
+        if not isinstance(exc, StoreUnavailableError):
+            yield from self._plan_invalidate(mkeys, action)
+
     def _plan_put(self, items: list[_Prepared], failure: ObjectError | None, action: str) -> Plan[None]:
-        if len(items) == 1 and failure is None:
-            one = items[0]
-            if one.values is not None and one.version is None and len(one.mkeys) == 1:
-                # the common write: one unversioned object under one key, so
-                # no old keys to find and nothing to bury (the rules below, short)
-                try:
-                    yield ("set_many", (one.values, one.ttl), action)
-                except (StoreError, ObjectError) as exc:
-                    if not isinstance(exc, StoreUnavailableError):
-                        yield from self._plan_invalidate(one.mkeys, action)
-                    raise
-                self._saw_written(items)
-                return
         plain: list[_Prepared] = []
         versioned: list[_Prepared] = []
         doomed: list[_Prepared] = []
@@ -911,9 +945,7 @@ class KeyValueEngine:
             if versioned:
                 yield from self._plan_put_versioned(versioned, action)
         except (StoreError, ObjectError) as exc:
-            if not isinstance(exc, StoreUnavailableError):
-                # The server refused a write: don't leave older entries behind.
-                yield from self._plan_invalidate(everything, action)
+            yield from self._plan_write_failed(everything, exc, action)
             raise
         if failure is not None:
             raise failure
@@ -1393,14 +1425,28 @@ class KeyValueStore(KeyValueEngine, BaseStore):
         if objs:
             if time.monotonic() >= self._generations_due:
                 self._check_generations()
-            items, failure = self._prepare(objs)
+            single = self._prepare_single(objs[0]) if len(objs) == 1 else None
             try:
-                self._run(self._plan_put(items, failure, action), action)
+                if single is None:
+                    items, failure = self._prepare(objs)
+                    self._run(self._plan_put(items, failure, action), action)
+                else:
+                    self._put_single(*single, action)
             except StoreError:
                 self._stockpyle_stats.errors += 1
                 raise
         self._timed(action, start)
         self._stockpyle_stats.puts += len(objs)
+
+    def _put_single(self, mkey: str, value: bytes, ttl: Hashable, written: int, action: str) -> None:
+        """Write an entry of :meth:`_prepare_single`: one call to the driver, no plan."""
+        try:
+            self._errors.call(self, action, self._driver.set_many, {mkey: value}, ttl)
+        except (StoreError, ObjectError) as exc:
+            self._run(self._plan_write_failed([mkey], exc, action), action)
+            raise
+        if self._guard_replays:
+            self._saw(mkey, written)
 
     def put(self, obj: object) -> None:
         self._put_many([obj], "put")
@@ -1588,8 +1634,19 @@ class AsyncKeyValueStore(KeyValueEngine, AsyncBaseStore):
             for obj in objs:
                 check_storable(obj)
             await self._ready(self._key_classes(objs))
-            items, failure = self._prepare(objs)
-            await self._run(self._plan_put(items, failure, action), action)
+            single = self._prepare_single(objs[0]) if len(objs) == 1 else None
+            if single is None:
+                items, failure = self._prepare(objs)
+                await self._run(self._plan_put(items, failure, action), action)
+                return
+            mkey, value, ttl, written = single
+            try:
+                await self._call(action, "set_many", {mkey: value}, ttl)
+            except (StoreError, ObjectError) as exc:
+                await self._run(self._plan_write_failed([mkey], exc, action), action)
+                raise
+            if self._guard_replays:
+                self._saw(mkey, written)
 
     async def put(self, obj: object) -> None:
         await self._put_many([obj], "put")
