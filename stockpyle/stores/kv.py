@@ -805,9 +805,15 @@ class KeyValueEngine:
         key = model.keys_of(obj)[0]
         mkey = self._mkeys.get(key) or self.storage_key(key)
         now = time.time()
-        ttl, expires = self._ttl_for(obj, now)
-        if ttl is None:
-            return None
+        cap = self._max_seconds
+        if self._cap_is_fixed and not self._stale_window and self.lifetimes.trivial:
+            # every entry lives max_lifetime: _ttl_for's first answer, without the call
+            ttl: Hashable | None = self._fixed_cap
+            expires = 0 if cap is None else math.ceil(now + cap)
+        else:
+            ttl, expires = self._ttl_for(obj, now)
+            if ttl is None:
+                return None
         try:
             body = self.codec.dumps(obj)
         except SerializationError:
@@ -1425,31 +1431,36 @@ class KeyValueStore(KeyValueEngine, BaseStore):
         if objs:
             if time.monotonic() >= self._generations_due:
                 self._check_generations()
-            single = self._prepare_single(objs[0]) if len(objs) == 1 else None
+            items, failure = self._prepare(objs)
             try:
-                if single is None:
-                    items, failure = self._prepare(objs)
-                    self._run(self._plan_put(items, failure, action), action)
-                else:
-                    self._put_single(*single, action)
+                self._run(self._plan_put(items, failure, action), action)
             except StoreError:
                 self._stockpyle_stats.errors += 1
                 raise
         self._timed(action, start)
         self._stockpyle_stats.puts += len(objs)
 
-    def _put_single(self, mkey: str, value: bytes, ttl: Hashable, written: int, action: str) -> None:
-        """Write an entry of :meth:`_prepare_single`: one call to the driver, no plan."""
+    def put(self, obj: object) -> None:
+        # the most common write (see _prepare_single) is one driver call, here; every other goes through the plan
+        start = perf_counter()
+        if time.monotonic() >= self._generations_due:
+            self._check_generations()
+        single = self._prepare_single(obj)
+        if single is None:
+            self._put_many([obj], "put")
+            return
+        mkey, value, ttl, written = single
         try:
-            self._errors.call(self, action, self._driver.set_many, {mkey: value}, ttl)
+            self._errors.call(self, "put", self._driver.set_many, {mkey: value}, ttl)
         except (StoreError, ObjectError) as exc:
-            self._run(self._plan_write_failed([mkey], exc, action), action)
+            self._run(self._plan_write_failed([mkey], exc, "put"), "put")
+            if isinstance(exc, StoreError):
+                self._stockpyle_stats.errors += 1
             raise
         if self._guard_replays:
             self._saw(mkey, written)
-
-    def put(self, obj: object) -> None:
-        self._put_many([obj], "put")
+        self._timed("put", start)
+        self._stockpyle_stats.puts += 1
 
     def batch_put(self, objs: Iterable[object]) -> None:
         self._put_many(list(objs), "batch_put")
@@ -1634,22 +1645,25 @@ class AsyncKeyValueStore(KeyValueEngine, AsyncBaseStore):
             for obj in objs:
                 check_storable(obj)
             await self._ready(self._key_classes(objs))
-            single = self._prepare_single(objs[0]) if len(objs) == 1 else None
-            if single is None:
-                items, failure = self._prepare(objs)
-                await self._run(self._plan_put(items, failure, action), action)
-                return
-            mkey, value, ttl, written = single
-            try:
-                await self._call(action, "set_many", {mkey: value}, ttl)
-            except (StoreError, ObjectError) as exc:
-                await self._run(self._plan_write_failed([mkey], exc, action), action)
-                raise
-            if self._guard_replays:
-                self._saw(mkey, written)
+            items, failure = self._prepare(objs)
+            await self._run(self._plan_put(items, failure, action), action)
 
     async def put(self, obj: object) -> None:
-        await self._put_many([obj], "put")
+        # as KeyValueStore.put: the most common write is one driver call
+        check_storable(obj)
+        await self._ready(self._key_classes([obj]))
+        single = self._prepare_single(obj)
+        if single is None:
+            await self._put_many([obj], "put")
+            return
+        mkey, value, ttl, written = single
+        try:
+            await self._call("put", "set_many", {mkey: value}, ttl)
+        except (StoreError, ObjectError) as exc:
+            await self._run(self._plan_write_failed([mkey], exc, "put"), "put")
+            raise
+        if self._guard_replays:
+            self._saw(mkey, written)
 
     async def batch_put(self, objs: Iterable[object]) -> None:
         await self._put_many(list(objs), "batch_put")

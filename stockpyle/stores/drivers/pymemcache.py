@@ -555,6 +555,13 @@ class PymemcacheDriver:
         return found
 
     def set_many(self, items: Mapping[str, bytes], ttl: Hashable) -> None:
+        if len(items) == 1 and not self._legacy:
+            # one key (the most common write): a plain set on its server, without the multi-key result list
+            ((key, value),) = items.items()
+            if not self._once_more(self._node(key).set, key, value, ttl, False):
+                raise StoreError("memcached did not store 1 of 1 keys")
+            return
+
         def write(node: Any, group: list[str] | None) -> list[str]:
             values = items if group is None else {k: items[k] for k in group}
             if self._legacy:
