@@ -147,6 +147,7 @@ class ClassFacts:
 
     __slots__ = (
         "_database_cascades",
+        "_new",
         "_read_back",
         "_unhandled_cascades",
         "columns",
@@ -155,6 +156,7 @@ class ClassFacts:
         "key_names",
         "key_specs",
         "klass",
+        "make_detached",
         "mapper",
         "pk_names",
     )
@@ -164,8 +166,13 @@ class ClassFacts:
             from sqlalchemy.orm import configure_mappers
 
             configure_mappers()  # relationships get their loaders only now
+        from sqlalchemy.orm import make_transient_to_detached
+
         self.klass = klass
         self.mapper = mapper
+        self._new = mapper.class_manager.new_instance
+        #: SQLAlchemy's make_transient_to_detached (bound here: a cached copy is built on every cache hit)
+        self.make_detached: Callable[[Any], None] = make_transient_to_detached
         self.columns: tuple[str, ...] = tuple(prop.key for prop in mapper.column_attrs)
         self.pk_names: tuple[str, ...] = tuple(mapper.get_property_by_column(c).key for c in mapper.primary_key)
         self.key_specs = key_specs
@@ -181,6 +188,14 @@ class ClassFacts:
         self._database_cascades: frozenset[type] | None = None
         self._unhandled_cascades: frozenset[type] | None = None
         self._read_back: Any = None
+
+    def new_instance(self) -> Any:
+        """A new, empty instance of the class (no constructor call), mappers configured first."""
+        if not self.mapper.configured:
+            from sqlalchemy.orm import configure_mappers
+
+            configure_mappers()  # e.g. a cache reader unpickling before its first query
+        return self._new()
 
     def read_back(self, condition: Any = None) -> Any:
         """``SELECT`` of every column; by ``condition``, or by a single primary key in ``:stockpyle_idents``.
@@ -372,15 +387,21 @@ def column_copy(klass: type, values: Mapping[str, Any]) -> Any:
     attaches it without a query, and its relationships raise
     :class:`~stockpyle.exceptions.RelationshipNotCachedError` while detached.
     """
-    from sqlalchemy.orm import make_transient_to_detached
+    facts = _FACTS.get(klass) or class_facts(klass)
+    if facts is None:  # a mapped class without stockpyle keys (e.g. inside another object's entry)
+        from sqlalchemy.orm import make_transient_to_detached
 
-    copy = _new_instance(klass)
+        copy = _new_instance(klass)
+        detach: Callable[[Any], None] = make_transient_to_detached
+    else:
+        copy = facts.new_instance()
+        detach = facts.make_detached
     # what set_committed_value() does per attribute, at once: the values go
     # into the instance dictionary and make_transient_to_detached() commits
     # them all (no history, nothing modified)
     copy.__dict__.update(values)
-    make_transient_to_detached(copy)
-    return guard_relationships(copy)
+    detach(copy)
+    return guard_relationships(copy, facts)
 
 
 def partial_copy(klass: type, values: Mapping[str, Any]) -> Any:
