@@ -90,7 +90,7 @@ from ..exceptions import (
 from ..keys import Key, class_name, encode_key, key_model, lookup_key, lookup_keys, object_keys, version_of
 from ..lifetimes import LifetimeCallback, LifetimePolicy, seconds_remaining
 from ..serializers import Codec, HMACSigner, JSONSerializer, Serializer, Signer
-from ..stats import Latency
+from ..stats import Latency, StoreStats
 from .base import MISS, AsyncBaseStore, BaseStore, KeyDict, Lease, check_storable, check_tombstone_lifetime
 from .drivers import AsyncKVDriver, KVDriver, LeaseStatus, supports_leases, supports_recache
 
@@ -288,6 +288,7 @@ class KeyValueEngine:
     # set by the store base class (BaseStore or AsyncBaseStore) the engine is mixed with
     polymorphic: bool
     lifetimes: LifetimePolicy
+    _stockpyle_stats: StoreStats
 
     def __init__(
         self,
@@ -367,6 +368,7 @@ class KeyValueEngine:
         self._item_limit = None if driver.max_item_size is None else driver.max_item_size - ITEM_OVERHEAD
         # seconds entries are kept past their lifetime as stale values (see keep_stale_for)
         self._stale_window = 0.0
+        self._lease_ttls: dict[float, Hashable] = {}  # lease seconds -> the driver's lifetime for it
 
     @property
     def driver(self) -> Any:
@@ -1085,16 +1087,22 @@ class KeyValueEngine:
     # -- leases (one loader of a missing key across processes) ------------
 
     def _count_lookup(self, found: Lease) -> None:
-        stats = self.stats()  # type: ignore[attr-defined]  # both stores of the engine have stats()
+        stats = self._stockpyle_stats
         if found.status == "hit":
             stats.hits += 1
         else:
             stats.misses += 1
 
     def _lease_ttl(self, lease: float) -> Hashable:
+        # every lease_get asks: the answer for a float is kept (a policy has one or two lease lengths)
+        known = self._lease_ttls.get(lease) if type(lease) is float else None
+        if known is not None:
+            return known
         if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease < math.inf:
             raise ValueError(f"a lease lasts a positive number of seconds; got {lease!r}")
         ttl: Hashable = self._driver.ttl(max(float(lease), self._driver.min_lifetime))
+        if type(lease) is float and len(self._lease_ttls) < 64:
+            self._lease_ttls[lease] = ttl
         return ttl
 
     def _recache(self, refresh_ahead: float | None) -> Hashable | None:
