@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import subprocess
 import sys
 import textwrap
@@ -15,9 +17,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from support.databases import create_tables, make_engine, table_name
 
-from stockpyle import ChainedStore, MemcacheStore, ProcessMemoryStore
+from stockpyle import AsyncChainedStore, AsyncMemcacheStore, ChainedStore, MemcacheStore, ProcessMemoryStore
+from stockpyle.exceptions import StoreError
 from stockpyle.ext.sqlalchemy import StockpyleSessionExtension, sessionmaker
-from stockpyle.stores._repair import RepairThread
+from stockpyle.stores._repair import RepairThread, repairs
 from stockpyle.testing import Item
 
 pytestmark = [pytest.mark.memcache, pytest.mark.slow]
@@ -174,3 +177,76 @@ def test_a_chain_scheduled_again_during_its_repair_is_repaired_again() -> None:
     assert chain.repaired.wait(10), f"the chain was dropped after {chain.passes} pass(es)"
     time.sleep(0.1)
     assert chain.passes == 2  # then it is done: nothing more was scheduled
+
+
+def _stale_after_a_partition(server: Any, namespace: str, retry_interval: float) -> tuple[ChainedStore, MemcacheStore]:
+    """A chain whose memcached layer missed the write of v2 (remembered), and v1 there (another process's write)."""
+    memcache = MemcacheStore([server.address], namespace=namespace, **QUICK)
+    chain = ChainedStore([ProcessMemoryStore(), memcache], retry_interval=retry_interval)
+    chain.put(Item("r", 1, 2, "v1"))
+    server.pause()
+    try:
+        with pytest.raises(StoreError):
+            chain.put(Item("r", 1, 2, "v2"))
+    finally:
+        server.resume()
+    assert chain.stats()[1].pending_invalidations == 1
+    reader = MemcacheStore([server.address], namespace=namespace)
+    time.sleep(0.2)  # memcached works off the frozen requests first
+    reader.put(Item("r", 1, 2, "v1"))
+    return chain, reader
+
+
+def test_release_applies_the_pending_invalidations_once_more_and_ends_the_repairs(memcached_factory: Any) -> None:
+    server = memcached_factory.one()
+    # the repair thread would wait a minute: only release() can have applied the invalidation
+    chain, reader = _stale_after_a_partition(server, "release-repairs", retry_interval=60)
+    assert repairs.scheduled(chain)
+    chain.release()
+    assert reader.get(Item, {"key": "r"}) is None
+    assert chain.stats()[1].pending_invalidations == 0
+    assert not repairs.scheduled(chain)
+    reader.release()
+
+
+def test_a_chain_released_during_an_outage_says_what_it_leaves_and_is_no_longer_retried(
+    memcached_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = memcached_factory.one()
+    chain, reader = _stale_after_a_partition(server, "release-outage", retry_interval=60)
+    server.pause()
+    try:
+        began = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="stockpyle.chained"):
+            chain.release()
+        assert time.monotonic() - began < 2  # one attempt, bounded by the layer's timeouts
+    finally:
+        server.resume()
+    assert "released with 1 invalidation still pending" in caplog.text
+    assert not repairs.scheduled(chain)
+    reader.release()
+
+
+def test_an_asyncio_chain_applies_the_pending_invalidations_on_release(memcached_factory: Any) -> None:
+    server = memcached_factory.one()
+    reader = MemcacheStore([server.address], namespace="release-async")
+
+    async def scenario() -> None:
+        memcache = AsyncMemcacheStore([server.address], namespace="release-async", **QUICK)
+        chain = AsyncChainedStore([ProcessMemoryStore(), memcache], retry_interval=60)
+        await chain.put(Item("r", 1, 2, "v1"))
+        server.pause()
+        try:
+            with pytest.raises(StoreError):
+                await chain.put(Item("r", 1, 2, "v2"))
+        finally:
+            server.resume()
+        assert chain.stats()[1].pending_invalidations == 1
+        await asyncio.sleep(0.2)  # memcached works off the frozen requests first
+        reader.put(Item("r", 1, 2, "v1"))  # another process's write of the old value
+        await chain.release()  # the repair task would wait a minute
+        assert chain.stats()[1].pending_invalidations == 0
+
+    asyncio.run(scenario())
+    assert reader.get(Item, {"key": "r"}) is None
+    reader.release()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from typing import Protocol
 
@@ -35,12 +36,17 @@ class Repairable(Protocol):
 
 
 class RepairThread:
-    """The process's repair thread (started on first use, again in a forked child)."""
+    """The process's repair thread (started on first use, again in a forked child).
+
+    Each chain is retried on its own clock: first one ``retry_interval``
+    after it was scheduled (the call that failed has just been made), then
+    one interval after each attempt that left something pending.
+    """
 
     def __init__(self) -> None:
-        # chain -> how many times it was scheduled: a chain scheduled again
-        # while its repair ran (a write failed meanwhile) is kept
-        self._chains: weakref.WeakKeyDictionary[Repairable, int] = weakref.WeakKeyDictionary()
+        # chain -> [how many times it was scheduled, when it is due]: a chain
+        # scheduled again while its repair ran (a write failed meanwhile) is kept
+        self._chains: weakref.WeakKeyDictionary[Repairable, list[float]] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._pid = -1
@@ -48,42 +54,57 @@ class RepairThread:
     def schedule(self, chain: Repairable) -> None:
         """Retry ``chain``'s pending invalidations until none are left."""
         with self._lock:
-            requests = self._chains.get(chain)
-            new = requests is None
-            self._chains[chain] = (requests or 0) + 1
+            entry = self._chains.get(chain)
+            new = entry is None
+            if entry is None:
+                self._chains[chain] = [1, time.monotonic() + chain.retry_interval]
+            else:
+                # an already scheduled chain keeps its clock (a failed retry
+                # re-schedules it: moving it sooner would spin)
+                entry[0] += 1
             if self._pid != os.getpid():
                 self._pid = os.getpid()
                 new = True
                 threading.Thread(target=self._serve, name="stockpyle-repair", daemon=True).start()
-        if new:
-            # a chain already scheduled waits for its next interval (a failed
-            # retry re-schedules it: waking for that would spin)
+        if new:  # the thread may be waiting for a later chain, or for none
             self._wake.set()
+
+    def scheduled(self, chain: Repairable) -> bool:
+        """Whether ``chain`` is retried by this thread (it has, or recently had, pending invalidations)."""
+        with self._lock:
+            return chain in self._chains
+
+    def cancel(self, chain: Repairable) -> None:
+        """Retry ``chain`` no more (a released chain); a later :meth:`schedule` brings it back."""
+        with self._lock:
+            self._chains.pop(chain, None)
 
     def _serve(self) -> None:
         me = os.getpid()
         while self._pid == me:
             with self._lock:
-                chains = list(self._chains)
-            if not chains:
-                self._wake.wait()
-                self._wake.clear()
+                now = time.monotonic()
+                # the counts as the repairs begin (schedule() may run while they do)
+                due = [(chain, entry[0]) for chain, entry in self._chains.items() if entry[1] <= now]
+                soonest = min((entry[1] for entry in self._chains.values()), default=None)
+            if not due:
+                self._wake.wait(None if soonest is None else soonest - now)
+                self._wake.clear()  # a schedule() from here on is seen: the loop looks again
                 continue
-            # wait one interval first: the call that failed has just been made
-            self._wake.wait(min(chain.retry_interval for chain in chains))
-            self._wake.clear()
-            with self._lock:  # the counts as the repairs begin (schedule() may have run while we waited)
-                counted = [(chain, self._chains.get(chain, 0)) for chain in chains]
-            for chain, requests in counted:
+            for chain, requests in due:
                 try:
                     still = chain.repair()
                 except Exception:  # a bug must not end the thread
                     log.exception("stockpyle: repairing %r failed", chain)
                     still = True
-                if not still:
-                    with self._lock:
-                        if self._chains.get(chain) == requests:
-                            del self._chains[chain]
+                with self._lock:
+                    entry = self._chains.get(chain)
+                    if entry is None:  # cancelled meanwhile
+                        continue
+                    if not still and entry[0] == requests:
+                        del self._chains[chain]
+                    else:
+                        entry[1] = time.monotonic() + chain.retry_interval
 
 
 #: The repair thread of this process.

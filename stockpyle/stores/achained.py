@@ -437,6 +437,12 @@ class AsyncChainedStore(ChainPolicy):
             self.bus.unsubscribe(self)
         for task in list(self._repairing.values()):
             task.cancel()
+        if self._pending_count():  # a last attempt, as ChainedStore.release
+            try:
+                await self.repair()
+            except Exception as exc:  # noqa: BLE001 - the release goes on; what is left is reported
+                log.debug("stockpyle: the last repair of %r failed: %s", self, exc)
+            self._report_unrepaired()
         first_error: BaseException | None = None
         for layer in self.stores:
             try:

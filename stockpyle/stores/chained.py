@@ -1150,6 +1150,21 @@ class ChainPolicy:
         for stats in self._layer_stats:
             stats.reset()
 
+    def _pending_count(self) -> int:
+        """Pending invalidations of every layer (remembered, or taken by a replay under way)."""
+        return sum(len(breaker.pending) + breaker.replaying for breaker in self._breakers)
+
+    def _report_unrepaired(self) -> None:
+        left = self._pending_count()
+        if left:
+            log.warning(
+                "stockpyle: %r released with %d invalidation%s still pending (a layer did not answer): those"
+                " entries may be served stale until they expire",
+                self,
+                left,
+                "" if left == 1 else "s",
+            )
+
     def _refresh_totals(self) -> ChainStats:
         for layer, breaker in zip(self._layer_stats, self._breakers, strict=True):
             layer.pending_invalidations = len(breaker.pending) + breaker.replaying
@@ -1507,6 +1522,16 @@ class ChainedStore(ChainPolicy, BaseStore):
     def _schedule_repair(self) -> None:
         repairs.schedule(self)
 
+    def _repair_before_release(self) -> None:
+        """release()'s last attempt at the pending invalidations; the repair thread retries this chain no more."""
+        if self._pending_count():
+            try:
+                self.repair()
+            except Exception as exc:  # noqa: BLE001 - the release goes on; what is left is reported
+                log.debug("stockpyle: the last repair of %r failed: %s", self, exc)
+            self._report_unrepaired()
+        repairs.cancel(self)
+
     def repair(self) -> bool:
         """Invalidate, in every layer that answers, the writes it missed; True when some are still pending.
 
@@ -1542,11 +1567,17 @@ class ChainedStore(ChainPolicy, BaseStore):
 
         A chain with a bus stops listening to it: it keeps working, reading
         its shared layers only (its in-process layers are no longer trusted).
+        Pending invalidations (writes a layer missed) are tried once more,
+        and the background repair of this chain ends: what is still pending
+        then is logged as a warning (those entries may be served stale until
+        they expire).  A chain used again after release() schedules its
+        repair again when a write fails.
         """
         if self.bus is not None:
             self._trusted = False
             self._fast_index = None
             self.bus.unsubscribe(self)
+        self._repair_before_release()
         first_error: BaseException | None = None
         for layer in self.stores:
             try:
