@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import pickle
 import re
 import sys
 import threading
@@ -655,3 +656,28 @@ def test_batch_add_is_one_round_trip_and_never_leaves_half_an_object(
     assert store.get(Item, {"key": "p"}) is None  # its free key was added, then undone
     assert store.get(Item, {"zap": 3, "bar": -3}).key == "b3"  # type: ignore[union-attr]
     assert store.get(Item, {"key": "fresh"}) is not None
+
+
+def test_a_one_key_entry_does_not_repeat_its_key_and_older_entries_that_do_still_read(
+    make_store: Callable[..., MemcacheStore], raw: Client
+) -> None:
+    store = make_store()
+    car = Automobile("SMALL-1", "red")
+    store.put(car)
+    mkey = store.key_for(Automobile, {"license_plate": "SMALL-1"})
+    entry = raw.get(mkey)
+    assert entry is not None and mkey.encode() not in entry
+    body = pickle.dumps(car, pickle.HIGHEST_PROTOCOL)
+    assert entry.endswith(b"\x00\x00\x00\x00" + body)  # an empty key list, then the object
+    # objects with several keys keep the list (a later put deletes the keys it no longer has)
+    store.put(Item("multi", 1, 2))
+    first, second = (store.key_for(Item, keydict) for keydict in ({"key": "multi"}, {"zap": 1, "bar": 2}))
+    assert f"{first} {second}".encode() in raw.get(first)
+    store.put(Item("multi", 3, 4))
+    assert store.get(Item, {"zap": 1, "bar": 2}) is None  # the old alternate key was found and buried
+    # an entry written with the key in its list (stockpyle 1.0rc1) reads the same, and is replaced
+    cut = len(entry) - len(body) - 4
+    raw.set(mkey, entry[:cut] + len(mkey).to_bytes(4, "big") + mkey.encode() + body)
+    assert store.get(Automobile, {"license_plate": "SMALL-1"}) == car
+    store.put(Automobile("SMALL-1", "blue"))
+    assert store.get(Automobile, {"license_plate": "SMALL-1"}) == Automobile("SMALL-1", "blue")

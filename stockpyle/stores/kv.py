@@ -23,7 +23,10 @@ Entries
 
     The key list lets a later ``put`` find and delete the entries an object
     occupied under key values that have since changed (stale alternate
-    keys), without deserializing the old object.  The version (present when
+    keys), without deserializing the old object.  An unversioned object with
+    one key has nothing to find there, and its section is empty: it is read
+    as the key the entry is stored under (which keeps small entries small:
+    a backend key is up to ~230 bytes, often more than the object).  The version (present when
     the object's class has one, see :func:`stockpyle.keys.version_of`) lets a
     ``put`` compare versions without deserializing the object; it is JSON, so
     reading it never runs code even in an unsigned store.
@@ -703,7 +706,8 @@ class KeyValueEngine:
             return Slot(SlotKind.TOMBSTONE, owner.decode("ascii", "replace"), decode_version(version)), []
         names, newline, version = data[start : start + length].partition(b"\n")
         try:
-            recorded = names.decode("ascii").split(" ")
+            # an empty list: an unversioned object with one key, the one read here
+            recorded = names.decode("ascii").split(" ") if names else [mkey]
         except UnicodeDecodeError:
             recorded = []
         first = recorded[0] if recorded else None
@@ -763,9 +767,10 @@ class KeyValueEngine:
                 exc.store, exc.action = self, "serialize"
                 failure = failure or exc
                 continue
-            section = " ".join(mkeys).encode("ascii")
             if vbytes is not None:
-                section += b"\n" + vbytes
+                section = " ".join(mkeys).encode("ascii") + b"\n" + vbytes
+            else:  # an unversioned object's one key is the key its entry is read under
+                section = b"" if len(mkeys) == 1 else " ".join(mkeys).encode("ascii")
             payload = _payload(written, expires, section, body)
             item.written = written
             values: dict[str, bytes] = {}
@@ -821,8 +826,7 @@ class KeyValueEngine:
         except SerializationError:
             return None
         written = int(now * 1000)
-        section = mkey.encode("ascii")
-        value = self.codec.seal(mkey, _payload(written, expires, section, body))
+        value = self.codec.seal(mkey, _payload(written, expires, b"", body))  # one key, no version: no key list
         limit = self._item_limit
         if limit is not None and len(value) + len(mkey) > limit:
             return None
