@@ -23,10 +23,13 @@ Entries
 
     The key list lets a later ``put`` find and delete the entries an object
     occupied under key values that have since changed (stale alternate
-    keys), without deserializing the old object.  An unversioned object with
-    one key has nothing to find there, and its section is empty: it is read
-    as the key the entry is stored under (which keeps small entries small:
-    a backend key is up to ~230 bytes, often more than the object).  The version (present when
+    keys), without deserializing the old object.  The list is kept short, as
+    it is in every entry of the object (a backend key is up to ~230 bytes,
+    often more than a small object): when all the keys share the first one's
+    part before its digest (one class, the usual case), each is written as
+    its digest alone and read under the prefix of the key the entry is stored
+    under; and an unversioned object with one key has nothing to find there,
+    so its list is empty, read as the key the entry is stored under.  The version (present when
     the object's class has one, see :func:`stockpyle.keys.version_of`) lets a
     ``put`` compare versions without deserializing the object; it is JSON, so
     reading it never runs code even in an unsigned store.
@@ -196,6 +199,24 @@ def key_part(text: Any, what: str, store_name: str) -> str:
 def _owned(owner: str, version: bytes | None) -> bytes | None:
     """A tombstone's version record: the owner's first key and the version JSON (``None`` when unversioned)."""
     return None if version is None else owner.encode("ascii") + b"\n" + version
+
+
+def _key_list(mkeys: list[str]) -> bytes:
+    """An entry's list of its object's keys: digests alone when the keys share a prefix (see the module docs)."""
+    first = mkeys[0]
+    cut = first.rindex(":") + 1
+    prefix = first[:cut]
+    if all(mkey.startswith(prefix) for mkey in mkeys):
+        return " ".join([mkey[cut:] for mkey in mkeys]).encode("ascii")
+    return " ".join(mkeys).encode("ascii")
+
+
+def _read_key_list(mkey: str, names: str) -> list[str]:
+    """The keys an entry read under ``mkey`` records (:func:`_key_list`'s, or empty: ``mkey`` alone)."""
+    if not names:
+        return [mkey]
+    prefix = mkey[: mkey.rindex(":") + 1]
+    return [name if ":" in name else prefix + name for name in names.split(" ")]
 
 
 def _payload(written: int, expires: int, section: bytes, body: bytes) -> bytes:
@@ -706,8 +727,7 @@ class KeyValueEngine:
             return Slot(SlotKind.TOMBSTONE, owner.decode("ascii", "replace"), decode_version(version)), []
         names, newline, version = data[start : start + length].partition(b"\n")
         try:
-            # an empty list: an unversioned object with one key, the one read here
-            recorded = names.decode("ascii").split(" ") if names else [mkey]
+            recorded = _read_key_list(mkey, names.decode("ascii"))
         except UnicodeDecodeError:
             recorded = []
         first = recorded[0] if recorded else None
@@ -768,9 +788,9 @@ class KeyValueEngine:
                 failure = failure or exc
                 continue
             if vbytes is not None:
-                section = " ".join(mkeys).encode("ascii") + b"\n" + vbytes
+                section = _key_list(mkeys) + b"\n" + vbytes
             else:  # an unversioned object's one key is the key its entry is read under
-                section = b"" if len(mkeys) == 1 else " ".join(mkeys).encode("ascii")
+                section = b"" if len(mkeys) == 1 else _key_list(mkeys)
             payload = _payload(written, expires, section, body)
             item.written = written
             values: dict[str, bytes] = {}
