@@ -29,10 +29,12 @@ Entries
     part before its digest (one class, the usual case), each is written as
     its digest alone and read under the prefix of the key the entry is stored
     under; and an unversioned object with one key has nothing to find there,
-    so its list is empty, read as the key the entry is stored under.  The version (present when
-    the object's class has one, see :func:`stockpyle.keys.version_of`) lets a
-    ``put`` compare versions without deserializing the object; it is JSON, so
-    reading it never runs code even in an unsigned store.
+    so its list is empty, read as the key the entry is stored under.
+
+    The version (present when the object's class has one, see
+    :func:`stockpyle.keys.version_of`) lets a ``put`` compare versions
+    without deserializing the object; it is JSON, so reading it never runs
+    code even in an unsigned store.
 
 Lease stubs
     An empty value is never an entry: it is a lease stub (see
