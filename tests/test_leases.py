@@ -122,6 +122,9 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
         prefix = request.getfixturevalue("redis_prefix")
 
         def make(**options: Any) -> KeyValueStore:
+            # nothing here is about timeouts: under a loaded CI machine (two suites on two
+            # cores) the default 0.5 s socket timeout was once too short for a plain GET
+            options.setdefault("socket_timeout", 5.0)
             return RedisStore(url=url, cluster=cluster, **options)
 
         result = Env(name, "redis-cluster" if cluster else "redis", url, prefix, make, short_lease=0.5)
