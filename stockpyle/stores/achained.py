@@ -151,7 +151,7 @@ class AsyncChainedStore(ChainPolicy):
 
     # -- reads --------------------------------------------------------------
 
-    async def get(self, klass: type[T], keydict: KeyDict, *, stampede: Any = _CHAIN_POLICY) -> T | None:
+    async def get(self, klass: type[T], keydict: KeyDict, stampede: Any = _CHAIN_POLICY) -> T | None:
         """``await chain.get(klass, keydict)``: the object, from the fastest layer that has it.
 
         A hit in the top (in-process) layer is answered without any ``await``
