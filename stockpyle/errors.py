@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NoReturn
 
 from .exceptions import ObjectError, StockpyleError, StoreError, StoreUnavailableError
 
@@ -169,10 +169,23 @@ class ErrorTable:
         try:
             return fn(*args)
         except self.catches as exc:
-            mapped = self.map(exc, store, action)
-            if mapped is None:
-                raise
-            raise mapped from exc
+            self.raise_for(exc, store, action)
+
+    def raise_for(self, exc: BaseException, store: Any = None, action: str = "operate") -> NoReturn:
+        """Raise the stockpyle error for ``exc`` (chained to it), or ``exc`` itself when no row applies.
+
+        For the hottest paths, which call the driver directly and translate
+        only what they catch::
+
+            try:
+                data = driver.get(key)
+            except table.catches as exc:
+                table.raise_for(exc, store, "get")
+        """
+        mapped = self.map(exc, store, action)
+        if mapped is None:
+            raise exc
+        raise mapped from exc
 
 
 _MESSAGE_LIMIT: Final = 300
