@@ -12,8 +12,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from support.databases import QueryCounter, create_tables, drop_tables, table_name
+from support.memcached import fresh_namespace
 
-from stockpyle import ChainedStore, LeaseTimeoutError, ProcessMemoryStore, Stampede
+from stockpyle import ChainedStore, LeaseTimeoutError, MemcacheStore, ProcessMemoryStore, Stampede
 from stockpyle.exceptions import ConfigurationError
 from stockpyle.stampede import SingleFlight
 from stockpyle.stores.sqlalchemy import SqlAlchemyStore
@@ -259,3 +260,58 @@ def test_a_waiting_reader_never_pauses_longer_than_max_poll() -> None:
     assert max(seen) <= policy.max_poll
     assert min(seen) >= 0.001  # the first pause, 2 ms, less half of it
     assert max(seen) > 0.04  # they do grow to the cap
+
+
+class CountingMemcacheStore(MemcacheStore):
+    """A real MemcacheStore that counts the lease reads the chain makes of it."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.lease_reads = 0
+
+    def lease_get(self, *args: Any, **kwargs: Any) -> Any:
+        self.lease_reads += 1
+        return super().lease_get(*args, **kwargs)
+
+
+@pytest.mark.memcache
+def test_an_l1_miss_reads_the_shared_layer_once_whatever_it_answers(
+    engine: sa.Engine, memcached_factory: Any
+) -> None:
+    # The chain's common read ([memory, memcached, database]) makes its first
+    # lease_get outside the plan; the plan must take that answer over, never
+    # read again: a second lease_get after a lease won would find the
+    # reader's own lease and wait for itself.
+    create_tables(engine, HerdBase.metadata)
+    server = memcached_factory.one()
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.insert(Product), [{"id": 1, "name": "widget"}])
+        memory = ProcessMemoryStore()
+        shared = CountingMemcacheStore(servers=[server.address], namespace=fresh_namespace())
+        chain = ChainedStore([memory, shared, SqlAlchemyStore(engine=engine)], bus=None)
+        with QueryCounter(engine, selects_only=True) as queries:
+            # absent: the lease is won, the database read, memcached filled through the lease
+            started = time.monotonic()
+            assert chain.get(Product, {"id": 1}).name == "widget"
+            assert time.monotonic() - started < 1.0  # it did not wait for its own lease
+            assert (shared.lease_reads, queries.count) == (1, 1)
+            stats = chain.stats()
+            assert (stats.leases_won, stats.leases_lost, stats[1].misses) == (1, 0, 1)
+            assert (stats[0].backfills, stats[1].backfills) == (1, 1)
+            # a plain hit: counted in layer 1, back-filled into memory
+            memory.clear()
+            assert chain.get(Product, {"id": 1}).name == "widget"
+            assert (shared.lease_reads, queries.count) == (2, 1)
+            stats = chain.stats()
+            assert (stats[1].hits, stats[0].backfills, stats[1].backfills) == (1, 2, 1)
+            assert memory.get(Product, {"id": 1}) is not None
+            # a failure: absorbed by the layer's breaker, the database answers
+            memory.clear()
+            server.stop()
+            assert chain.get(Product, {"id": 1}).name == "widget"
+            assert (shared.lease_reads, queries.count) == (3, 2)
+            assert chain.stats()[1].errors == 2  # the read, and the back-fill after the database's answer
+        shared.release()
+    finally:
+        drop_tables(engine, HerdBase.metadata)

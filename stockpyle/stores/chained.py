@@ -55,6 +55,8 @@ class _Failed:
 _FAILED: Any = _Failed()
 #: The default of a call's ``stampede=``: the chain's own policy.
 _CHAIN_POLICY: Any = object()
+#: A read not made yet (see ``_plan_leased_read``'s ``first``).
+_UNASKED: Any = object()
 #: The default of ``bus=``: no bus, and a warning when in-process layers sit above shared ones.
 NO_BUS: Final[Any] = object()
 #: Key names remembered for invalidations before the in-process layers are flushed and it starts afresh.
@@ -586,6 +588,20 @@ class ChainPolicy:
             self._recovered(index)
         return result
 
+    def _take_answer(self, index: int, action: str, answer: Any) -> Any:
+        """:meth:`_guarded`'s rules for a call already made (its result, or the exception it raised).
+
+        The caller checked the breaker before the call (closed, nothing to
+        replay), as :meth:`_guarded` does.
+        """
+        if isinstance(answer, BaseException):
+            if isinstance(answer, (ObjectError, StoreError)):
+                return self._absorb(index, action, answer)
+            raise answer
+        if self._breakers[index].failures:
+            self._recovered(index)
+        return answer
+
     def _failed(self, index: int, action: str, exc: BaseException) -> None:
         self._layer_stats[index].errors += 1
         breaker = self._breakers[index]
@@ -695,6 +711,7 @@ class ChainPolicy:
         policy: Stampede | None = None,
         creator: Callable[[], Any] | None = None,
         publish: Callable[[Any], None] | None = None,
+        answered: tuple[int, float, Any] | None = None,
     ) -> Plan[T | None]:
         """Ask the layers from ``start`` down; back-fill the layers above the hit (unless ``fill`` is false).
 
@@ -711,10 +728,16 @@ class ChainPolicy:
         its lease.  A refresh that finds the object gone removes it from the
         lease layer and those above; one whose load fails returns the value it
         found (logged).
+
+        ``answered``: ``start`` is the lease layer and its first ``lease_get``
+        was already made (see :meth:`ChainedStore._read_shared`): the flush
+        count and the clock when that read began, and its answer.
         """
         last = self._last
         in_process = self._in_process
         flushes = self._flushes  # a fill is skipped if the in-process layers were flushed meanwhile
+        if answered is not None:
+            flushes = answered[0]
         leased = None
         if policy is not None and policy.leases and fill:
             leased = self._create_lease_layer if creator is not None else self._lease_layer
@@ -729,10 +752,13 @@ class ChainPolicy:
                 try:
                     if index == leased:
                         assert policy is not None
-                        if index == last and self._breakers[index].pending:
+                        first: Any = _UNASKED
+                        if answered is not None:
+                            _, began, first = answered
+                        elif index == last and self._breakers[index].pending:
                             yield from self._replay(index)
                         obj, token, outcome = yield from self._plan_leased_read(
-                            index, klass, keydict, policy, creator is None
+                            index, klass, keydict, policy, creator is None, first=first
                         )
                         if outcome == "stale":  # another reader refreshes it: served as it is, filling nothing
                             stats.hits += 1
@@ -825,7 +851,14 @@ class ChainPolicy:
         return policy.wait
 
     def _plan_leased_read(
-        self, index: int, klass: type, keydict: KeyDict, policy: Stampede, refresh: bool = True
+        self,
+        index: int,
+        klass: type,
+        keydict: KeyDict,
+        policy: Stampede,
+        refresh: bool = True,
+        *,
+        first: Any = _UNASKED,
     ) -> Plan[tuple[Any, Any, str]]:
         """``lease_get`` on layer ``index``, waiting while another reader holds the lease.
 
@@ -837,6 +870,9 @@ class ChainPolicy:
             current or stale, and this reader won the lease to reload it) or
             ``"timeout"``.  Without ``serve_stale_for`` a reader is never
             served a stale value: it waits for the load.
+
+        ``first``: the answer of a first ``lease_get`` already made with these
+        arguments (see :meth:`ChainedStore._read_shared`), or the exception it raised.
         """
         stats = self._totals
         deadline = _monotonic() + policy.wait
@@ -851,7 +887,10 @@ class ChainPolicy:
                 args = (klass, keydict, policy.lease, ahead)
         tolerance = policy.serve_stale_for
         while True:
-            found = yield from self._guarded(index, "get", "lease_get", *args)
+            if first is _UNASKED:
+                found = yield from self._guarded(index, "get", "lease_get", *args)
+            else:
+                found, first = self._take_answer(index, "get", first), _UNASKED
             if found is _FAILED:
                 return _FAILED, None, "read"
             status = found.status
@@ -890,12 +929,9 @@ class ChainPolicy:
         in_process = self._in_process
         for above in range(top, -1, -1):
             if in_process[above]:
-                if not self._fill_allowed(flushes):
-                    continue
-                if self.bus is not None:
-                    self._digest_keys([obj])
-                done = self._in_process_call(above, "backfill", self._add[above], obj)
-            elif above == leased and token is not None:
+                self._fill_in_process(above, obj, flushes)
+                continue
+            if above == leased and token is not None:
                 done = yield from self._guarded(above, "backfill", "lease_fill", obj, token)
                 token = None
                 if done is False:
@@ -909,6 +945,16 @@ class ChainPolicy:
                 self._layer_stats[above].backfills += 1
                 log.debug("stockpyle: back-filled layer %d with %s", above, type(obj).__qualname__)
         return token
+
+    def _fill_in_process(self, index: int, obj: Any, flushes: int) -> None:
+        """Back-fill in-process layer ``index`` with ``obj`` (add-only), read by a read that began at ``flushes``."""
+        if not self._fill_allowed(flushes):
+            return
+        if self.bus is not None:
+            self._digest_keys([obj])
+        if self._in_process_call(index, "backfill", self._add[index], obj) is not _FAILED:
+            self._layer_stats[index].backfills += 1
+            log.debug("stockpyle: back-filled layer %d with %s", index, type(obj).__qualname__)
 
     def _check_created(self, klass: type, keydict: KeyDict, made: Any) -> None:
         if lookup_key(klass, keydict) not in object_keys(made, True):
@@ -1295,6 +1341,8 @@ class ChainedStore(ChainPolicy, BaseStore):
         self._setup_policy(layers, failure_threshold, cooldown, max_pending_invalidations, retry_interval, bus=bus)
         self._check_stampede(stampede, configure=True)
         self._setup_hit_path(layers)
+        # the common chain: [in-process, the lease layer, ...] (see _read_shared)
+        self._shared_second = self._first_in_process and self._lease_layer == 1
 
     # -- the executor -------------------------------------------------------
 
@@ -1437,13 +1485,58 @@ class ChainedStore(ChainPolicy, BaseStore):
             def publish(found: Any) -> None:
                 flights.publish(key, found)
 
-        def load() -> T | None:
-            return self._run(self._plan_get(start, klass, keydict, timed, policy=policy, publish=publish))
+        if start == 1 and self._shared_second and not timed and policy.leases and publish is None:
+
+            def load() -> T | None:
+                return self._read_shared(klass, keydict, policy)
+
+        else:
+
+            def load() -> T | None:
+                return self._run(self._plan_get(start, klass, keydict, timed, policy=policy, publish=publish))
 
         def waited_too_long() -> T | None:
             return self._after_timeout(policy, start, klass, keydict)
 
         return self._flights.run(key, load, self._follower_wait(policy), waited_too_long)
+
+    def _read_shared(self, klass: type[T], keydict: KeyDict, policy: Stampede) -> T | None:
+        """:meth:`_plan_get` from layer 1, the lease layer under an in-process top, for the common read.
+
+        The read of every L1 miss.  Its first ``lease_get`` is made here,
+        without the plan, and a current hit is counted and back-filled here
+        (into layer 0, add-only, as :meth:`_backfill` does); every other answer
+        (a miss, a lease won or lost, a failure) goes on in the plan, which
+        takes the answer instead of reading again.  Any state the plan would
+        handle differently -- the layer's breaker open or failing, writes to
+        replay, stale values told apart -- takes the plan from the start.
+        """
+        store = self.stores[1]
+        breaker = self._breakers[1]
+        if (
+            breaker.open_until
+            or breaker.pending
+            or breaker.failures
+            or policy.serve_stale_for
+            or getattr(store, "stale_window", 0.0)
+        ):
+            return self._run(self._plan_get(1, klass, keydict, False, policy=policy))
+        flushes = self._flushes
+        began = perf_counter()
+        answer: Any
+        try:
+            answer = store.lease_get(klass, keydict, policy.lease)
+        except BaseException as exc:  # noqa: BLE001 - the plan decides what a failure means
+            answer = exc
+        else:
+            if answer.status == "hit" and not answer.stale and answer.obj is not None:
+                stats = self._layer_stats[1]
+                stats.latency.add(perf_counter() - began)
+                stats.hits += 1
+                obj = answer.obj
+                self._fill_in_process(0, obj, flushes)
+                return obj  # type: ignore[no-any-return]
+        return self._run(self._plan_get(1, klass, keydict, False, policy=policy, answered=(flushes, began, answer)))
 
     def _after_timeout(self, policy: Stampede, start: int, klass: type[T], keydict: KeyDict) -> T | None:
         if policy.on_timeout == "miss":

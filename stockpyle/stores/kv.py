@@ -100,7 +100,7 @@ from ..lifetimes import LifetimeCallback, LifetimePolicy, seconds_remaining
 from ..serializers import Codec, HMACSigner, JSONSerializer, Serializer, Signer
 from ..stats import Latency, StoreStats
 from .base import MISS, AsyncBaseStore, BaseStore, KeyDict, Lease, check_storable, check_tombstone_lifetime
-from .drivers import AsyncKVDriver, KVDriver, LeaseStatus, supports_leases, supports_recache
+from .drivers import AsyncKVDriver, KVDriver, LeaseRead, LeaseStatus, supports_leases, supports_recache
 
 __all__ = [
     "CAS_ATTEMPTS",
@@ -321,6 +321,7 @@ class KeyValueEngine:
         "_guard_replays",
         "_item_limit",
         "_lease_ttls",
+        "_leases",
         "_max_seconds",
         "_mkeys",
         "_raw_loads",
@@ -411,6 +412,7 @@ class KeyValueEngine:
         self._driver: Any = driver
         self._errors = driver.errors
         self._get = driver.get
+        self._leases = supports_leases(driver)
         self._tomb_ttl: Hashable | None = None
         if self.tombstone_lifetime:
             self._tomb_ttl = driver.ttl(max(driver.min_lifetime, self.tombstone_lifetime))
@@ -1201,10 +1203,17 @@ class KeyValueEngine:
         read = yield ("lease_get", (mkey, ttl) if recache is None else (mkey, ttl, recache), "lease_get")
         value = read.value
         obj = MISS if value is None else self._decode(mkey, value, rejected)
+        return (yield from self._plan_lease_answer(mkey, read, obj, rejected, refresh_ahead))
+
+    def _plan_lease_answer(
+        self, mkey: str, read: LeaseRead, obj: Any, rejected: list[str], refresh_ahead: float | None
+    ) -> Plan[Lease]:
+        """:meth:`_plan_lease_get` after the read: ``obj`` is the decoded value (or MISS), ``rejected`` its refusals."""
+        value = read.value
         if rejected:
             yield from self._plan_discard(rejected)
         stale, age = read.stale, 0.0
-        if obj is not MISS and refresh_ahead is not None:
+        if obj is not MISS and value is not None and refresh_ahead is not None:
             expires = self._expiry(mkey, value)
             now = time.time()
             if expires and expires <= now:
@@ -1394,7 +1403,28 @@ class KeyValueStore(KeyValueEngine, BaseStore):
         """
         if time.monotonic() >= self._generations_due:
             self._check_generations()
-        found = self._run(self._plan_lease_get(klass, keydict, lease, refresh_ahead), "lease_get")
+        if refresh_ahead is not None or not self._leases:
+            found = self._run(self._plan_lease_get(klass, keydict, lease, refresh_ahead), "lease_get")
+        else:
+            # The read of every chain's L2 miss: the driver is called here,
+            # and only an answer other than a plain hit goes through the plan
+            # (_plan_lease_get's second half), which this saves a hit.
+            key = lookup_key(klass, keydict)
+            mkey = self._mkeys.get(key) or self.storage_key(key)
+            ttl = self._lease_ttl(lease)
+            try:
+                read = self._driver.lease_get(mkey, ttl)
+            except StockpyleError:
+                raise  # a driver's own stockpyle error is never re-mapped (as in _run)
+            except self._errors.catches as exc:
+                self._errors.raise_for(exc, self, "lease_get")
+            rejected: list[str] = []
+            value = read.value
+            obj = MISS if value is None else self._decode(mkey, value, rejected)
+            if obj is not MISS and read.status is LeaseStatus.HIT and not rejected:
+                self._stockpyle_stats.hits += 1
+                return Lease("hit", obj, None, read.stale, 0.0)
+            found = self._run(self._plan_lease_answer(mkey, read, obj, rejected, None), "lease_get")
         self._count_lookup(found)
         return found
 
