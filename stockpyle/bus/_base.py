@@ -155,6 +155,11 @@ class ListeningBus:
         last evidence that every earlier message was delivered.
     """
 
+    # trusted_until is read by every L1 hit of a chain with a bus: a slot, since
+    # a bus has more attributes than CPython keeps in an instance's shared-key
+    # values (30), past which each one is looked up in the instance's own dict
+    __slots__ = ("__dict__", "__weakref__", "trusted_until")
+
     #: The bus's name in messages and thread names.
     kind: ClassVar[str] = "bus"
     #: How the bus's driver exceptions map into the stockpyle tree.
