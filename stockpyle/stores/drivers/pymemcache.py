@@ -558,7 +558,12 @@ class PymemcacheDriver:
         if len(items) == 1 and not self._legacy:
             # one key (the most common write): a plain set on its server, without the multi-key result list
             ((key, value),) = items.items()
-            if not self._once_more(self._node(key).set, key, value, ttl, False):
+            node = self.client if self._hasher is None else self._node(key)
+            try:  # (_once_more inline, as in get: a frame less on every put)
+                stored = node.set(key, value, ttl, False)
+            except self._retry:
+                stored = node.set(key, value, ttl, False)
+            if not stored:
                 raise StoreError("memcached did not store 1 of 1 keys")
             return
 
