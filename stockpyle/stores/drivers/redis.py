@@ -48,7 +48,7 @@ import math
 import re
 import secrets
 import threading
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 from ...errors import ErrorRule, ErrorTable
@@ -665,11 +665,15 @@ class RedisDriver:
         return {key: value for key, value in self._all(keys, lambda key: ("GET", key)) if value is not None}
 
     def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]:
-        found = self._get_raw(keys)
-        for key, value in found.items():
-            if value[:1] == b"\x00":
-                found[key] = visible(value)
-        return found
+        if not keys:
+            return {}
+        pairs: Iterable[tuple[str, Any]]
+        if not self.cluster:
+            pairs = zip(keys, self._once_more(self.client.mget, keys), strict=True)
+        else:
+            pairs = self._all(keys, lambda key: ("GET", key))
+        # _get_raw's answer with stubs and marks read as visible() does, in the same pass
+        return {key: value if value[:1] != b"\x00" else visible(value) for key, value in pairs if value is not None}
 
     def set_many(self, items: Mapping[str, bytes], ttl: Hashable) -> None:
         if len(items) == 1 and not self.cluster:
