@@ -275,9 +275,7 @@ class CountingMemcacheStore(MemcacheStore):
 
 
 @pytest.mark.memcache
-def test_an_l1_miss_reads_the_shared_layer_once_whatever_it_answers(
-    engine: sa.Engine, memcached_factory: Any
-) -> None:
+def test_an_l1_miss_reads_the_shared_layer_once_whatever_it_answers(engine: sa.Engine, memcached_factory: Any) -> None:
     # The chain's common read ([memory, memcached, database]) makes its first
     # lease_get outside the plan; the plan must take that answer over, never
     # read again: a second lease_get after a lease won would find the
