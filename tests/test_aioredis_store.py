@@ -327,7 +327,12 @@ def test_a_thousand_tasks_on_one_cold_key_load_it_once(
     if where == "cluster":
         url, cluster = request.getfixturevalue("redis_cluster").url, True
         request.getfixturevalue("redis_cluster_client")
-    stores = [AsyncRedisStore(url, cluster=cluster, namespace=redis_prefix) for _ in range(4)]
+    # timeouts well above a loaded machine's stalls: the test is about the lease, and a
+    # connect that timed out would let that chain load on its own, as it should
+    stores = [
+        AsyncRedisStore(url, cluster=cluster, namespace=redis_prefix, connect_timeout=5, socket_timeout=5)
+        for _ in range(4)
+    ]
     chains = [AsyncChainedStore([ProcessMemoryStore(), store], stampede=Stampede(lease=5, wait=5)) for store in stores]
     loads = 0
 

@@ -127,7 +127,7 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
             options.setdefault("socket_timeout", 5.0)
             return RedisStore(url=url, cluster=cluster, **options)
 
-        result = Env(name, "redis-cluster" if cluster else "redis", url, prefix, make, short_lease=0.5)
+        result = Env(name, "redis-cluster" if cluster else "redis", url, prefix, make, short_lease=2.0)
     try:
         yield result
     finally:
