@@ -24,9 +24,8 @@ JSON command per line on stdin and answers each with one JSON line:
 
 ``{"op": "prime"}``
     read row 1 once, without the slow load (fills the caches); answers ``value``.
-``{"op": "read", "at": T, "again": T2}``
-    every thread reads row 1 at UNIX time ``T`` and, when ``again`` is given,
-    once more at ``T2``.
+``{"op": "read", "at": T}``
+    every thread reads row 1 once, at UNIX time ``T``.
 ``{"op": "steady", "at": T, "until": T2, "interval": S}``
     every thread reads row 1 from ``T`` to ``T2``, one read every ``S`` seconds.
 ``{"op": "quit"}``
@@ -121,9 +120,6 @@ def run(chain: Any, command: dict[str, Any], selects: list[str]) -> dict[str, An
         until(at)
         if op == "read":
             read(thread)
-            if command.get("again") is not None:
-                until(float(command["again"]))
-                read(thread)
             return
         interval = float(command["interval"])
         step = at
