@@ -1234,6 +1234,14 @@ class KeyValueEngine:
     def _plan_lease_fill(self, obj: object, token: Any, action: str) -> Plan[bool]:
         """Store ``obj`` under the leased key only while the lease holds, then under its other keys with add."""
         mkey, lease = token
+        single = self._prepare_single(obj)
+        if single is not None and single[0] == mkey and not self._class_refused(obj, time.time()):
+            # the common fill (one key, the leased one): its entry is the whole write
+            _, value, ttl, written = single
+            filled = yield ("lease_fill", (mkey, value, lease, ttl), action)
+            if filled and self._guard_replays:
+                self._saw(mkey, written)
+            return bool(filled)
         items = self._prepare_add([obj])
         item = items[0]
         if item.values is None or item.ttl is None or mkey not in item.values:
