@@ -176,17 +176,11 @@ class SingleFlight:
         and when the wait runs out it returns ``on_timeout()``.
         """
         flights = self._flights
-        lock = self._lock
-        with lock:
-            flight = flights.get(key)
-            if flight is None:
-                flight = flights[key] = _Flight(get_ident())
-                done = None
-            else:
-                done = flight.done
-                if done is None:
-                    done = flight.done = threading.Event()
-        if done is None:  # the leader
+        flight = _Flight(get_ident())
+        # setdefault is one atomic step: exactly one caller of a key leads, and
+        # the leader (the only caller of most flights) takes no lock
+        found = flights.setdefault(key, flight)
+        if found is flight:
             try:
                 result = load()
                 if not flight.published:
@@ -197,15 +191,20 @@ class SingleFlight:
                     flight.error = exc
                 raise
             finally:
-                # under the lock, so a follower either made its Event before
-                # (and is woken) or finds no flight (and leads one of its own)
-                with lock:
-                    if flights.get(key) is flight:
-                        del flights[key]
-                    done = flight.done
+                # The flight leaves the table, its result set, before its Event
+                # is read: a follower that makes the Event after this read finds
+                # the flight gone and takes the result without waiting.
+                if flights.get(key) is flight:
+                    del flights[key]
+                done = flight.done
                 if done is not None:
                     done.set()
-        if not done.wait(wait):
+        flight = found
+        with self._lock:  # followers only: one Event per flight, made by the first of them
+            done = flight.done
+            if done is None:
+                done = flight.done = threading.Event()
+        if flights.get(key) is flight and not done.wait(wait):  # still under way, and it took too long
             return on_timeout()
         if flight.error is not None:
             return load()  # the leader failed: try for ourselves
@@ -225,9 +224,9 @@ class SingleFlight:
             flight = flights.get(key)
             if flight is None or flight.leader != get_ident() or flight.published:
                 return
-            del flights[key]
             flight.result = result
             flight.published = True
+            del flights[key]  # after the result: a follower that finds the flight gone takes it (see run)
             done = flight.done  # None: nobody waits yet (see _Flight)
         if done is not None:
             done.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -195,6 +196,45 @@ def test_a_forked_child_does_not_wait_for_a_flight_of_its_parent() -> None:
     finally:
         release.set()
         leader.join()
+
+
+def test_followers_joining_as_flights_end_take_their_result_and_never_wait_out_the_timeout() -> None:
+    """Many threads on a few keys, flights of microseconds: followers keep arriving just as leaders finish.
+
+    A follower that makes its Event after the leader looked for one must find
+    the flight gone and take its result; were it to wait, it would wait the
+    whole timeout and be answered "timed out".
+    """
+    flights = SingleFlight()
+    counter = itertools.count()
+    threads, rounds = 8, 3000
+    barrier = threading.Barrier(threads)
+    wrong: list[Any] = []
+
+    def load(key: int) -> tuple[int, int]:
+        n = next(counter)
+        if n % 2:
+            time.sleep(0)  # let other threads in while this flight is under way
+        return key, n
+
+    def reader(n: int) -> None:
+        barrier.wait()
+        for i in range(rounds):
+            key = i % 3
+            found = flights.run(key, lambda key=key: load(key), 5.0, lambda: "timed out")
+            if not (isinstance(found, tuple) and found[0] == key):
+                wrong.append(found)
+
+    began = time.monotonic()
+    workers = [threading.Thread(target=reader, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert wrong == []
+    assert time.monotonic() - began < 5.0  # not one caller sat out a timeout
+    assert flights.shared > 0  # followers did join flights under way
+    assert next(counter) + flights.shared == threads * rounds  # every call loaded or shared, once
 
 
 def test_get_or_create_calls_the_creator_once_for_a_herd() -> None:
