@@ -225,14 +225,12 @@ def test_followers_joining_as_flights_end_take_their_result_and_never_wait_out_t
             if not (isinstance(found, tuple) and found[0] == key):
                 wrong.append(found)
 
-    began = time.monotonic()
     workers = [threading.Thread(target=reader, args=(n,)) for n in range(threads)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
-    assert wrong == []
-    assert time.monotonic() - began < 5.0  # not one caller sat out a timeout
+    assert wrong == []  # not one caller sat out a timeout ("timed out") or took another key's result
     assert flights.shared > 0  # followers did join flights under way
     assert next(counter) + flights.shared == threads * rounds  # every call loaded or shared, once
 
